@@ -1,0 +1,62 @@
+"""hf_tae: Hugging Face Trainer extensions for gradient-based task affinity estimation.
+
+The public API is imported lazily (as transformers does) so that ``import hf_tae`` is cheap
+and so that test utilities in :mod:`hf_tae.testing` can configure ``HF_ENDPOINT`` before any
+Hugging Face library is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0.dev0"
+
+# public name -> submodule that defines it
+_LAZY_ATTRS: dict[str, str] = {
+    "TaeError": "hf_tae.errors",
+    # tasks
+    "TaskSet": "hf_tae.tasks.taskset",
+    "TaskBalancedSampler": "hf_tae.tasks.sampling",
+    "CommunityGraph": "hf_tae.tasks.graph",
+    "load_snap_communities": "hf_tae.tasks.snap",
+    "generate_community_graph": "hf_tae.tasks.synthetic",
+    "sign_features": "hf_tae.tasks.features",
+    # models
+    "SignConfig": "hf_tae.models.sign.configuration_sign",
+    "SignForMultiTaskNodeClassification": "hf_tae.models.sign.modeling_sign",
+    "MultiTaskOutput": "hf_tae.models.sign.modeling_sign",
+    # trainers
+    "MultitaskTrainingArguments": "hf_tae.trainers.arguments",
+    "MultitaskTrainer": "hf_tae.trainers.multitask",
+    "MultiLabelTaskMetrics": "hf_tae.trainers.metrics",
+}
+
+__all__ = ["__version__", *_LAZY_ATTRS]
+
+if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
+    from hf_tae.errors import TaeError
+    from hf_tae.models.sign.configuration_sign import SignConfig
+    from hf_tae.models.sign.modeling_sign import MultiTaskOutput, SignForMultiTaskNodeClassification
+    from hf_tae.tasks.features import sign_features
+    from hf_tae.tasks.graph import CommunityGraph
+    from hf_tae.tasks.sampling import TaskBalancedSampler
+    from hf_tae.tasks.snap import load_snap_communities
+    from hf_tae.tasks.synthetic import generate_community_graph
+    from hf_tae.tasks.taskset import TaskSet
+    from hf_tae.trainers.arguments import MultitaskTrainingArguments
+    from hf_tae.trainers.metrics import MultiLabelTaskMetrics
+    from hf_tae.trainers.multitask import MultitaskTrainer
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY_ATTRS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hf_tae' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

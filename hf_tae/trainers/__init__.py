@@ -1,0 +1,7 @@
+"""Trainer subclasses, TrainingArguments subclasses and callbacks."""
+
+from hf_tae.trainers.arguments import MultitaskTrainingArguments
+from hf_tae.trainers.metrics import MultiLabelTaskMetrics
+from hf_tae.trainers.multitask import MultitaskTrainer
+
+__all__ = ["MultiLabelTaskMetrics", "MultitaskTrainer", "MultitaskTrainingArguments"]

@@ -1,0 +1,50 @@
+"""``TrainingArguments`` for multitask training (TRL-style dataclass; fields become CLI flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class MultitaskTrainingArguments(TrainingArguments):
+    r"""Arguments of :class:`~hf_tae.MultitaskTrainer`.
+
+    Adds the task selection, task-balanced sampling and the decision threshold, and changes
+    defaults so that training evaluates every epoch and keeps the checkpoint with the best
+    average per-task F1 (Grad-TAE notes A.1: "best average validation F1").
+    """
+
+    tasks: list[str] | None = field(
+        default=None,
+        metadata={"help": "Names (or ids) of the tasks to train on; all tasks of the task set when omitted."},
+    )
+    task_balanced_sampling: bool = field(
+        default=False,
+        metadata={"help": "Draw training rows so that every task appears equally often (TaskBalancedSampler)."},
+    )
+    decision_threshold: float = field(
+        default=0.0,
+        metadata={"help": "Logit above which a multi-label prediction counts as positive for F1 and accuracy."},
+    )
+    # Defaults that differ from TrainingArguments (redeclared, as TRL does).
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save: 'no', 'steps', 'epoch' or 'best'."})
+    load_best_model_at_end: bool = field(
+        default=True, metadata={"help": "Restore the checkpoint with the best metric_for_best_model at the end."}
+    )
+    metric_for_best_model: str | None = field(
+        default="avg_f1", metadata={"help": "Metric that picks the best checkpoint (average of per-task F1)."}
+    )
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Keep at most this many checkpoints (the best one is always kept)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep dataset columns such as label_mask that the loss needs."}
+    )
+    label_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "Input keys that hold labels; defaults to ['labels', 'label_mask'] for multi-label tasks."},
+    )
+    logging_strategy: str = field(default="epoch", metadata={"help": "When to log: 'no', 'steps' or 'epoch'."})

@@ -1,0 +1,89 @@
+"""``MultitaskTrainer``: train one model on all tasks or a subset, evaluated per task.
+
+Step 1 of the pipeline (the meta-initialization θ0, Grad-TAE notes A.1) and the workhorse
+of subset fine-tuning and group training later on. Adds to ``transformers.Trainer``, never
+forks it: datasets come from a :class:`~hf_tae.TaskSet`, metrics are per task (scikit-learn),
+and the best checkpoint is chosen by the average over tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, Trainer
+
+from hf_tae.errors import TaeError
+from hf_tae.tasks.taskset import TaskSet
+from hf_tae.trainers.arguments import MultitaskTrainingArguments
+from hf_tae.trainers.metrics import MultiLabelTaskMetrics
+
+
+def _model_num_tasks(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "num_tasks", None)
+
+
+class MultitaskTrainer(Trainer):
+    """A ``Trainer`` over a :class:`~hf_tae.TaskSet`.
+
+    Args:
+        model: a multitask model, e.g. :class:`~hf_tae.SignForMultiTaskNodeClassification`.
+        args: :class:`~hf_tae.MultitaskTrainingArguments` (``args.tasks`` narrows the task set).
+        task_set: where the tasks, splits and labels come from. ``train_dataset`` and
+            ``eval_dataset`` default to its ``train`` and ``validation`` views and
+            ``compute_metrics`` to per-task F1/accuracy/loss.
+        **kwargs: anything ``transformers.Trainer`` accepts.
+
+    Per-task metrics are logged as ``eval_<task>_f1``, ``eval_<task>_accuracy``,
+    ``eval_<task>_loss`` with their averages ``eval_avg_*``.
+    """
+
+    _tag_names = ["hf-tae", "multitask"]
+
+    def __init__(
+        self,
+        model: PreTrainedModel | torch.nn.Module | None = None,
+        args: MultitaskTrainingArguments | None = None,
+        task_set: TaskSet | None = None,
+        **kwargs: Any,
+    ):
+        if args is None:
+            args = MultitaskTrainingArguments(output_dir="tae-multitask")
+        if task_set is not None and getattr(args, "tasks", None):
+            task_set = task_set.select(args.tasks)
+        self.task_set = task_set
+        if task_set is not None:
+            if not task_set.is_multilabel:
+                raise TaeError(
+                    "MultitaskTrainer drives multi-label task sets (one logit per task) in this release; "
+                    "single-label task sets (text, image) plug in through their own score heads later."
+                )
+            width = _model_num_tasks(model) if model is not None else None
+            if width is not None and width != task_set.num_all_tasks:
+                raise TaeError(
+                    f"the model predicts {width} tasks but the label matrix has {task_set.num_all_tasks} columns; "
+                    f"build the model with num_tasks={task_set.num_all_tasks}."
+                )
+            kwargs.setdefault("train_dataset", task_set.trainer_dataset("train"))
+            if args.eval_strategy != "no":
+                kwargs.setdefault("eval_dataset", task_set.trainer_dataset("validation"))
+            kwargs.setdefault(
+                "compute_metrics",
+                MultiLabelTaskMetrics(task_set.all_task_names, task_set.task_ids, getattr(args, "decision_threshold", 0.0)),
+            )
+            if args.label_names is None:
+                args.label_names = ["labels", "label_mask"]
+        super().__init__(model=model, args=args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if getattr(self.args, "task_balanced_sampling", False) and self.task_set is not None:
+            return self.task_set.balanced_sampler("train", seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def evaluate_tasks(self, split: str = "test") -> dict[str, float]:
+        """Evaluate on the task set's ``split`` (``validation`` or ``test``); keys ``<split>_<task>_f1`` …"""
+        if self.task_set is None:
+            raise TaeError("evaluate_tasks needs the trainer to be built with task_set=...")
+        prefix = "eval" if split == "validation" else split
+        return self.evaluate(self.task_set.trainer_dataset(split), metric_key_prefix=prefix)

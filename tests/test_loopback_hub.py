@@ -224,7 +224,9 @@ def test_lfs_upload_with_wrong_sha256_is_rejected(
 def test_resolve_headers_and_range(loopback_hub: LoopbackHub, hub_repo_id: str) -> None:
     api = HfApi()
     api.create_repo(hub_repo_id)
-    commit = api.upload_file(path_or_fileobj=b"0123456789", path_in_repo="d.txt", repo_id=hub_repo_id)
+    commit = api.upload_file(
+        path_or_fileobj=b"0123456789", path_in_repo="d.txt", repo_id=hub_repo_id
+    )
     url = f"{loopback_hub.endpoint}/{hub_repo_id}/resolve/main/d.txt"
 
     status, body, headers = _request("HEAD", url)
@@ -245,7 +247,15 @@ def test_resolve_headers_and_range(loopback_hub: LoopbackHub, hub_repo_id: str) 
 def test_module_runs_as_a_process(tmp_path: Path) -> None:
     port_file = tmp_path / "endpoint"
     process = subprocess.Popen(
-        [sys.executable, "-m", "hf_tae.testing.loopback_hub", "--port", "0", "--port-file", str(port_file)],
+        [
+            sys.executable,
+            "-m",
+            "hf_tae.testing.loopback_hub",
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+        ],
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).resolve().parents[1],  # importable even without an installed hf_tae

@@ -241,14 +241,9 @@ class _Backend:
             case ("GET", ["revision", revision]):
                 return self._repo_info(repo, repo.resolve(unquote(revision)))
             case ("GET", ["tree", revision, *path]):
-                expand = _flag(query, "expand")
-                return self._tree(
-                    repo,
-                    unquote(revision),
-                    unquote("/".join(path)),
-                    _flag(query, "recursive"),
-                    expand,
-                )
+                recursive, expand = _flag(query, "recursive"), _flag(query, "expand")
+                path_in_repo = unquote("/".join(path))
+                return self._tree(repo, unquote(revision), path_in_repo, recursive, expand)
             case ("POST", ["paths-info", revision]):
                 return self._paths_info(repo, unquote(revision), body)
             case ("POST", ["preupload", revision]):
@@ -680,12 +675,15 @@ def _apply_range(response: _Response, range_header: str) -> _Response:
     spec = range_header.strip().removeprefix("bytes=")
     size = len(response.body)
     start_text, _, end_text = spec.partition("-")
-    if "," in spec or not (start_text or end_text):
-        return response  # multi-range or malformed: answer with the whole file, which is allowed
-    if start_text:
-        start, end = int(start_text), min(int(end_text) if end_text else size - 1, size - 1)
-    else:
-        start, end = max(size - int(end_text), 0), size - 1
+    try:
+        if "," in spec or not (start_text or end_text):
+            raise ValueError(spec)
+        if start_text:
+            start, end = int(start_text), min(int(end_text) if end_text else size - 1, size - 1)
+        else:
+            start, end = max(size - int(end_text), 0), size - 1
+    except ValueError:  # multi-range or malformed: the whole file is a valid answer
+        return response
     if start >= size or start > end:
         return _Response(416, b"", {"Content-Range": f"bytes */{size}"})
     headers = {**response.headers, "Content-Range": f"bytes {start}-{end}/{size}"}
@@ -721,6 +719,7 @@ class _Handler(BaseHTTPRequestHandler):
                 response = backend.route(
                     self.command, url.path.split("/")[1:], parse_qs(url.query), body
                 )
+            # Only file downloads (resolve) carry an ETag; they are the only ranged reads.
             if response.status == 200 and self.headers.get("Range") and "ETag" in response.headers:
                 response = _apply_range(response, self.headers["Range"])
         except _HubError as err:
@@ -859,11 +858,12 @@ class LoopbackHub:
                 f"LoopbackHub.apply_env() ran after {', '.join(imported)} was imported. These "
                 "libraries read HF_ENDPOINT (and HF_HOME, HF_HUB_OFFLINE...) once, at import time, "
                 "so they would keep using https://huggingface.co. Fix: apply the environment "
-                "before anything imports them, e.g. load the plugin with pytest_plugins = "
-                '["hf_tae.testing.pytest_plugin"] and move HF/torch/hf_tae imports out of the top '
-                "of conftest.py into fixtures or test modules; or run "
+                "before anything imports them. In pytest, enable the plugin with pytest_plugins = "
+                '["hf_tae.testing.pytest_plugin"] and import huggingface_hub / datasets / '
+                "transformers (and modules that import them: peft, trl, hf_tae.trainers...) inside "
+                "fixtures or test modules, not at the top of conftest.py. Elsewhere, run "
                 "`python -m hf_tae.testing.loopback_hub --port-file F` and export the variables "
-                "before starting Python."
+                "of LoopbackHub.env() before starting Python."
             )
         os.environ.update(self.env(hf_home))
 

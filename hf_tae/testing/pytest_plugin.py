@@ -47,10 +47,10 @@ def pytest_configure(config: pytest.Config) -> None:
     saved_env = {name: os.environ.get(name) for name in hub.env(hf_home)}
     try:
         hub.apply_env(hf_home)
-    except RuntimeError:
+    except RuntimeError as err:  # an HF library was imported first, e.g. by a conftest.py
         hub.stop()
         shutil.rmtree(hf_home, ignore_errors=True)
-        raise
+        raise pytest.UsageError(str(err)) from None
     config.stash[_SESSION_KEY] = _Session(hub, hf_home, saved_env)
 
 

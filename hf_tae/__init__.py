@@ -2,13 +2,16 @@
 
 The public API is imported lazily (as transformers does) so that ``import hf_tae`` is cheap
 and so that test utilities in :mod:`hf_tae.testing` can configure ``HF_ENDPOINT`` before any
-Hugging Face library is imported.
+Hugging Face library is imported. hf_tae's models join transformers' Auto classes as soon as
+transformers is imported (see :mod:`hf_tae._auto_registration`).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from hf_tae import _auto_registration
 
 __version__ = "0.1.0.dev0"
 
@@ -47,6 +50,9 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from hf_tae.trainers.arguments import MultitaskTrainingArguments
     from hf_tae.trainers.metrics import MultiLabelTaskMetrics
     from hf_tae.trainers.multitask import MultitaskTrainer
+
+
+_auto_registration.install()
 
 
 def __getattr__(name: str) -> Any:

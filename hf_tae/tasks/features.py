@@ -42,11 +42,15 @@ def sign_features(x: np.ndarray, edge_index: np.ndarray, num_hops: int = 3) -> n
         raise TaeError(f"num_hops must be >= 0, got {num_hops}.")
     x_t = torch.as_tensor(np.asarray(x), dtype=torch.float32)
     if x_t.ndim != 2:
-        raise TaeError(f"node features must be 2-D [num_nodes, num_features], got shape {tuple(x_t.shape)}.")
+        raise TaeError(
+            f"node features must be 2-D [num_nodes, num_features], got shape {tuple(x_t.shape)}."
+        )
     if not torch.isfinite(x_t).all():
         raise TaeError("node features contain NaN or inf; clean or re-generate them.")
     num_nodes = x_t.shape[0]
-    data = Data(x=x_t, edge_index=_undirected_edge_index(edge_index, num_nodes), num_nodes=num_nodes)
+    data = Data(
+        x=x_t, edge_index=_undirected_edge_index(edge_index, num_nodes), num_nodes=num_nodes
+    )
     if num_hops > 0:
         with warnings.catch_warnings():  # PyG's CSC matmul warns that sparse CSC is "beta"
             warnings.filterwarnings("ignore", message=r".*[Ss]parse.*", category=UserWarning)
@@ -78,13 +82,17 @@ def structural_features(
         base = np.log1p(deg)[:, None]
         return (base + 0.1 * rng.standard_normal((num_nodes, dim))).astype(np.float32)
     if kind != "spectral":
-        raise TaeError(f"unknown structural feature kind {kind!r}; use 'spectral', 'random' or 'degree'.")
+        raise TaeError(
+            f"unknown structural feature kind {kind!r}; use 'spectral', 'random' or 'degree'."
+        )
     import scipy.sparse as sp
     from scipy.sparse.linalg import eigsh
 
     inv_sqrt = np.zeros_like(deg)
     inv_sqrt[deg > 0] = deg[deg > 0] ** -0.5
-    adj = sp.coo_matrix((inv_sqrt[ei[0]] * inv_sqrt[ei[1]], (ei[0], ei[1])), shape=(num_nodes, num_nodes))
+    adj = sp.coo_matrix(
+        (inv_sqrt[ei[0]] * inv_sqrt[ei[1]], (ei[0], ei[1])), shape=(num_nodes, num_nodes)
+    )
     k = min(dim, num_nodes - 2)
     v0 = rng.standard_normal(num_nodes)
     _, vecs = eigsh(adj.tocsr(), k=k, which="LA", v0=v0)

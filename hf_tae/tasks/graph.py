@@ -67,9 +67,13 @@ class CommunityGraph:
                 f"labels {self.labels.shape} and split {self.split.shape} must both be [num_nodes, num_tasks]."
             )
         if self.x.ndim != 2 or self.x.shape[0] != n_nodes:
-            raise TaeError(f"x has shape {self.x.shape}; expected [{n_nodes}, num_features] (one row per node).")
+            raise TaeError(
+                f"x has shape {self.x.shape}; expected [{n_nodes}, num_features] (one row per node)."
+            )
         if len(self.task_names) != n_tasks or len(set(self.task_names)) != n_tasks:
-            raise TaeError(f"need {n_tasks} distinct task names, got {len(set(self.task_names))} distinct.")
+            raise TaeError(
+                f"need {n_tasks} distinct task names, got {len(set(self.task_names))} distinct."
+            )
         if self.task_groups is None:
             self.task_groups = [-1] * n_tasks
         if len(self.task_groups) != n_tasks:
@@ -79,7 +83,9 @@ class CommunityGraph:
             self.node_ids = np.arange(n_nodes, dtype=np.int64)
         self.node_ids = np.asarray(self.node_ids, dtype=np.int64)
         if self.edge_index.size and (self.edge_index.min() < 0 or self.edge_index.max() >= n_nodes):
-            raise TaeError("edge_index refers to nodes outside 0..num_nodes-1; relabel the nodes first.")
+            raise TaeError(
+                "edge_index refers to nodes outside 0..num_nodes-1; relabel the nodes first."
+            )
         if not set(np.unique(self.split)) <= {0, 1, 2}:
             raise TaeError("split codes must be 0 (train), 1 (validation) or 2 (test).")
 
@@ -168,27 +174,37 @@ class CommunityGraph:
                 "size": self.labels.sum(0).astype(np.int64),
             },
             features=Features(
-                {"task": Value("int64"), "name": Value("string"), "group": Value("int64"), "size": Value("int64")}
+                {
+                    "task": Value("int64"),
+                    "name": Value("string"),
+                    "group": Value("int64"),
+                    "size": Value("int64"),
+                }
             ),
         )
         return {"nodes": nodes, "edges": edges, "tasks": tasks}
 
     @classmethod
-    def from_datasets(cls, tables: dict[str, Dataset], info: dict[str, Any] | None = None) -> CommunityGraph:
+    def from_datasets(
+        cls, tables: dict[str, Dataset], info: dict[str, Any] | None = None
+    ) -> CommunityGraph:
         """Rebuild from the three tables written by :meth:`to_datasets`."""
         missing = [c for c in CONFIGS if c not in tables]
         if missing:
-            raise TaeError(f"graph tables {missing} are missing; a community graph needs {list(CONFIGS)}.")
+            raise TaeError(
+                f"graph tables {missing} are missing; a community graph needs {list(CONFIGS)}."
+            )
         nodes = tables["nodes"].with_format("numpy")
         edges = tables["edges"].with_format("numpy")
-        tasks = tables["tasks"].sort("task")
+        tasks = tables["tasks"].to_dict()
+        order = np.argsort(tasks["task"], kind="stable")
         return cls(
             x=np.stack(nodes["x"]) if len(nodes) else np.zeros((0, 0)),
             edge_index=np.stack([edges["src"], edges["dst"]]),
             labels=np.stack(nodes["labels"]),
             split=np.stack(nodes["split"]),
-            task_names=list(tasks["name"]),
-            task_groups=list(tasks["group"]),
+            task_names=[tasks["name"][i] for i in order],
+            task_groups=[tasks["group"][i] for i in order],
             node_ids=nodes["node_id"],
             info=dict(info or {}),
         )
@@ -208,7 +224,9 @@ class CommunityGraph:
             for name, table in self.to_datasets().items():
                 (tmp / name).mkdir()
                 table.to_parquet(str(tmp / name / "train-00000-of-00001.parquet"))
-            (tmp / INFO_FILE).write_text(json.dumps(self.info, indent=2, sort_keys=True, default=str))
+            (tmp / INFO_FILE).write_text(
+                json.dumps(self.info, indent=2, sort_keys=True, default=str)
+            )
             (tmp / "README.md").write_text(self._card())
             if path.exists():
                 shutil.rmtree(path)
@@ -219,17 +237,23 @@ class CommunityGraph:
         return path
 
     @classmethod
-    def load(cls, path_or_repo_id: str | os.PathLike, revision: str | None = None) -> CommunityGraph:
+    def load(
+        cls, path_or_repo_id: str | os.PathLike, revision: str | None = None
+    ) -> CommunityGraph:
         """Load from a folder written by :meth:`save` or from a Hub dataset repo with that layout."""
         from datasets import load_dataset
 
         source = str(path_or_repo_id)
         local = Path(source).is_dir()
         if not local and (source.startswith((".", "/", "~")) or source.count("/") != 1):
-            raise TaeError(f"{source!r} is neither an existing folder nor a Hub repo id like 'user/name'.")
+            raise TaeError(
+                f"{source!r} is neither an existing folder nor a Hub repo id like 'user/name'."
+            )
         try:
             tables = {
-                name: load_dataset(source, name, split="train", revision=None if local else revision)
+                name: load_dataset(
+                    source, name, split="train", revision=None if local else revision
+                )
                 for name in CONFIGS
             }
         except (FileNotFoundError, ValueError) as err:
@@ -243,12 +267,41 @@ class CommunityGraph:
         else:
             from huggingface_hub import hf_hub_download
 
-            info = json.loads(Path(hf_hub_download(source, INFO_FILE, repo_type="dataset", revision=revision)).read_text())
+            info = json.loads(
+                Path(
+                    hf_hub_download(source, INFO_FILE, repo_type="dataset", revision=revision)
+                ).read_text()
+            )
         return cls.from_datasets(tables, info)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload community graph with hf_tae",
+    ) -> str:
+        """Push the folder layout of :meth:`save` to a Hub dataset repo; returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save(Path(tmp) / "graph")
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                repo_type="dataset",
+                revision=revision,
+                commit_message=commit_message,
+            )
+        return str(info)
 
     def _card(self) -> str:
         configs = "\n".join(
-            f"- config_name: {name}\n  data_files:\n  - split: train\n    path: {name}/train-*.parquet" for name in CONFIGS
+            f"- config_name: {name}\n  data_files:\n  - split: train\n    path: {name}/train-*.parquet"
+            for name in CONFIGS
         )
         sizes = self.labels.sum(0)
         return (

@@ -26,13 +26,17 @@ class TaskBalancedSampler(Sampler[int]):
         seed: base seed; epoch ``e`` uses ``seed + e`` (call :meth:`set_epoch`).
     """
 
-    def __init__(self, task_rows: Sequence[np.ndarray], num_samples: int | None = None, seed: int = 0):
+    def __init__(
+        self, task_rows: Sequence[np.ndarray], num_samples: int | None = None, seed: int = 0
+    ):
         self.task_rows = [np.asarray(rows, dtype=np.int64) for rows in task_rows]
         if not self.task_rows:
             raise TaeError("TaskBalancedSampler needs at least one task.")
         empty = [i for i, rows in enumerate(self.task_rows) if len(rows) == 0]
         if empty:
-            raise TaeError(f"tasks at positions {empty} have no rows to sample; drop them from the task selection.")
+            raise TaeError(
+                f"tasks at positions {empty} have no rows to sample; drop them from the task selection."
+            )
         distinct = len(np.unique(np.concatenate(self.task_rows)))
         self.num_samples = int(num_samples) if num_samples is not None else distinct
         self.seed = seed
@@ -48,12 +52,16 @@ class TaskBalancedSampler(Sampler[int]):
         rng = np.random.default_rng(self.seed + self.epoch)
         n_tasks = len(self.task_rows)
         n_rounds = -(-self.num_samples // n_tasks)
-        order = np.concatenate([rng.permutation(n_tasks) for _ in range(n_rounds)])[: self.num_samples]
+        order = np.concatenate([rng.permutation(n_tasks) for _ in range(n_rounds)])[
+            : self.num_samples
+        ]
         counts = np.bincount(order, minlength=n_tasks)
         picks: list[np.ndarray] = []
-        for rows, count in zip(self.task_rows, counts):
+        for rows, count in zip(self.task_rows, counts, strict=True):
             reps = -(-count // len(rows))
-            picks.append(np.concatenate([rng.permutation(rows) for _ in range(max(reps, 1))])[:count])
+            picks.append(
+                np.concatenate([rng.permutation(rows) for _ in range(max(reps, 1))])[:count]
+            )
         cursor = np.zeros(n_tasks, dtype=np.int64)
         out = np.empty(self.num_samples, dtype=np.int64)
         for i, task in enumerate(order):

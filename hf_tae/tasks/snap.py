@@ -43,7 +43,9 @@ def read_snap_edges(path: str | os.PathLike) -> np.ndarray:
                 continue
             parts = line.split()
             if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts):
-                raise TaeError(f"{path}:{lineno}: expected two integer node ids per edge line, got {line[:80]!r}.")
+                raise TaeError(
+                    f"{path}:{lineno}: expected two integer node ids per edge line, got {line[:80]!r}."
+                )
             rows.append((int(parts[0]), int(parts[1])))
     if not rows:
         raise TaeError(f"{path} holds no edges; is it the right file?")
@@ -59,7 +61,9 @@ def read_snap_communities(path: str | os.PathLike) -> list[np.ndarray]:
             if not parts or line.startswith("#"):
                 continue
             if not all(p.isdigit() for p in parts):
-                raise TaeError(f"{path}:{lineno}: expected tab-separated integer node ids, got {line[:80]!r}.")
+                raise TaeError(
+                    f"{path}:{lineno}: expected tab-separated integer node ids, got {line[:80]!r}."
+                )
             communities.append(np.unique(np.asarray(parts, dtype=np.int64)))
     return communities
 
@@ -95,17 +99,25 @@ def load_snap_communities(
             f"{cmty_path} lists {len(communities)} communities but num_communities={num_communities} were asked; "
             f"lower num_communities to at most {len(communities)}."
         )
-    order = sorted(range(len(communities)), key=lambda i: (-len(communities[i]), i))[:num_communities]
+    order = sorted(range(len(communities)), key=lambda i: (-len(communities[i]), i))[
+        :num_communities
+    ]
     chosen = [communities[i] for i in order]
     node_ids = np.unique(np.concatenate(chosen))
     index = {int(v): i for i, v in enumerate(node_ids)}
 
     edges = read_snap_edges(edges_path)
     inside = np.isin(edges[0], node_ids) & np.isin(edges[1], node_ids) & (edges[0] != edges[1])
-    sub = np.vectorize(index.__getitem__, otypes=[np.int64])(edges[:, inside]) if inside.any() else np.zeros((2, 0), np.int64)
+    sub = (
+        np.vectorize(index.__getitem__, otypes=[np.int64])(edges[:, inside])
+        if inside.any()
+        else np.zeros((2, 0), np.int64)
+    )
     sub = np.unique(np.sort(sub, axis=0), axis=1)
     if sub.shape[1] == 0:
-        raise TaeError(f"the {num_communities} largest communities of {edges_path} induce a subgraph with no edges.")
+        raise TaeError(
+            f"the {num_communities} largest communities of {edges_path} induce a subgraph with no edges."
+        )
 
     labels = np.zeros((len(node_ids), num_communities), dtype=np.int8)
     for t, members in enumerate(chosen):

@@ -28,7 +28,9 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     return tuple(float(f) for f in fractions)  # type: ignore[return-value]
 
 
-def per_task_splits(labels: np.ndarray, fractions: Sequence[float] = (0.2, 0.2, 0.6), seed: int = 1024) -> np.ndarray:
+def per_task_splits(
+    labels: np.ndarray, fractions: Sequence[float] = (0.2, 0.2, 0.6), seed: int = 1024
+) -> np.ndarray:
     """Split every task's positives and negatives separately into train/validation/test.
 
     Returns an int8 matrix ``[num_nodes, num_tasks]`` of split codes. As in the reference code,
@@ -50,7 +52,9 @@ def per_task_splits(labels: np.ndarray, fractions: Sequence[float] = (0.2, 0.2, 
     return codes
 
 
-def check_positives_per_split(labels: np.ndarray, split: np.ndarray, task_names: Sequence[str]) -> None:
+def check_positives_per_split(
+    labels: np.ndarray, split: np.ndarray, task_names: Sequence[str]
+) -> None:
     """Raise if a task has no positive example in some split (its F1 would be undefined)."""
     labels = np.asarray(labels).astype(bool)
     for code, name in enumerate(SPLIT_NAMES):

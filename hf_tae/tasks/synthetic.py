@@ -10,11 +10,8 @@ What the generator plants, and why (see also the README and ``benchmarks/generat
 * **Interference across groups.** Communities of different groups share no member and
   live in different regions; each group has its own node-feature signature, so tasks of
   different groups need different features from the shared layers. With the narrow shared
-  trunk of the default model (``hidden_size=16``, the capacity the tasks compete for), a
-  cross-group partner spends that capacity on its own signature and costs the target task
-  accuracy. Groups also come in *decoy pairs* that share one signature (groups ``2p`` and
-  ``2p+1`` both carry ``u_p``), so the raw feature alone cannot tell the pair apart and only
-  the propagated (hop) features can.
+  trunk of the default model (``hidden_size=8``: the capacity the tasks compete for), a
+  cross-group partner spends that capacity on its own signature and costs the target task.
 * **Realistic nuisance.** Background nodes that belong to no community, sparse random edges
   everywhere, Gaussian feature noise, and per-community feature offsets that are weaker than
   the group signature.
@@ -74,7 +71,9 @@ def generate_community_graph(
     """
     check_fractions(split_fractions)
     if num_groups < 1 or tasks_per_group < 1:
-        raise TaeError(f"num_groups and tasks_per_group must be >= 1, got {num_groups} and {tasks_per_group}.")
+        raise TaeError(
+            f"num_groups and tasks_per_group must be >= 1, got {num_groups} and {tasks_per_group}."
+        )
     if core_size + private_size > nodes_per_group:
         raise TaeError(
             f"core_size + private_size = {core_size + private_size} exceeds nodes_per_group={nodes_per_group}; "
@@ -107,18 +106,30 @@ def generate_community_graph(
 
     if node_features == "planted":
         x = rng.standard_normal((num_nodes, num_features)).astype(np.float32)
-        signatures = rng.standard_normal((-(-num_groups // 2), num_features))
-        signatures *= signature_strength / np.linalg.norm(signatures, axis=1, keepdims=True) * np.sqrt(num_features) / 4
+        signatures = rng.standard_normal((num_groups, num_features))
+        signatures *= (
+            signature_strength
+            / np.linalg.norm(signatures, axis=1, keepdims=True)
+            * np.sqrt(num_features)
+            / 4
+        )
         offsets = rng.standard_normal((num_tasks, num_features))
-        offsets *= community_strength / np.linalg.norm(offsets, axis=1, keepdims=True) * np.sqrt(num_features) / 4
+        offsets *= (
+            community_strength
+            / np.linalg.norm(offsets, axis=1, keepdims=True)
+            * np.sqrt(num_features)
+            / 4
+        )
         for g in range(num_groups):
             in_group = labels[:, g * tasks_per_group : (g + 1) * tasks_per_group].any(axis=1)
-            x[in_group] += signatures[g // 2]  # decoy pairs share a signature
+            x[in_group] += signatures[g]
         x += (labels @ offsets).astype(np.float32)
     elif node_features in ("spectral", "random"):
         x = structural_features(edge_index, num_nodes, node_features, num_features, seed)
     else:
-        raise TaeError(f"unknown node_features {node_features!r}; use 'planted', 'spectral' or 'random'.")
+        raise TaeError(
+            f"unknown node_features {node_features!r}; use 'planted', 'spectral' or 'random'."
+        )
 
     params = {
         "num_groups": num_groups, "tasks_per_group": tasks_per_group, "nodes_per_group": nodes_per_group,
@@ -135,7 +146,11 @@ def generate_community_graph(
         split=per_task_splits(labels, split_fractions, seed),
         task_names=[f"g{g}_c{k}" for g in range(num_groups) for k in range(tasks_per_group)],
         task_groups=[g for g in range(num_groups) for _ in range(tasks_per_group)],
-        info={"name": "hf-tae-planted-communities", "generator": "hf_tae.generate_community_graph", "params": params},
+        info={
+            "name": "hf-tae-planted-communities",
+            "generator": "hf_tae.generate_community_graph",
+            "params": params,
+        },
     )
     graph.check()
     return graph

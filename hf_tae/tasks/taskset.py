@@ -30,7 +30,11 @@ TaskRef = str | int
 @contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """Silence datasets' progress bars for internal bookkeeping steps users did not ask for."""
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from datasets.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
 
     was_enabled = not are_progress_bars_disabled()
     disable_progress_bars()
@@ -65,7 +69,11 @@ class TaskSet:
         task_column: str = "task",
     ):
         self.dataset = dataset
-        self.label_column, self.split_column, self.task_column = label_column, split_column, task_column
+        self.label_column, self.split_column, self.task_column = (
+            label_column,
+            split_column,
+            task_column,
+        )
         for column in (label_column, split_column):
             if column not in dataset.column_names:
                 raise TaeError(
@@ -91,13 +99,21 @@ class TaskSet:
             self._task = np.asarray(numpy_view[task_column]).astype(np.int64)
             self._split = self._row_split_codes(dataset, split_column)
             n_all = len(task_names) if task_names is not None else int(self._task.max()) + 1
-        self.all_task_names = [str(n) for n in task_names] if task_names is not None else [f"task_{i}" for i in range(n_all)]
+        self.all_task_names = (
+            [str(n) for n in task_names]
+            if task_names is not None
+            else [f"task_{i}" for i in range(n_all)]
+        )
         if len(self.all_task_names) != n_all or len(set(self.all_task_names)) != n_all:
-            raise TaeError(f"need {n_all} distinct task names for this dataset, got {len(self.all_task_names)}.")
+            raise TaeError(
+                f"need {n_all} distinct task names for this dataset, got {len(self.all_task_names)}."
+            )
         reserved = {label_column, split_column, task_column, "node_id", "example_id"}
-        self.input_columns = list(input_columns) if input_columns is not None else [
-            c for c in dataset.column_names if c not in reserved
-        ]
+        self.input_columns = (
+            list(input_columns)
+            if input_columns is not None
+            else [c for c in dataset.column_names if c not in reserved]
+        )
         self.task_ids = self.resolve(tasks) if tasks is not None else np.arange(n_all)
 
     @staticmethod
@@ -107,10 +123,15 @@ class TaskSet:
         if hasattr(feature, "names"):  # ClassLabel: map its names onto our codes
             values = [feature.names[v] for v in values]
         if values and isinstance(values[0], str):
-            return np.asarray([split_code("validation" if v in ("val", "valid", "dev") else v) for v in values], np.int8)
+            return np.asarray(
+                [split_code("validation" if v in ("val", "valid", "dev") else v) for v in values],
+                np.int8,
+            )
         codes = np.asarray(values, dtype=np.int8)
         if codes.size and not set(np.unique(codes)) <= {0, 1, 2}:
-            raise TaeError(f"split column {column!r} must hold names {list(SPLIT_NAMES)} or codes 0/1/2.")
+            raise TaeError(
+                f"split column {column!r} must hold names {list(SPLIT_NAMES)} or codes 0/1/2."
+            )
         return codes
 
     # ------------------------------------------------------------------ naming
@@ -140,7 +161,9 @@ class TaskSet:
         for task in tasks:
             if isinstance(task, (int, np.integer)) and not isinstance(task, bool):
                 if not 0 <= task < self.num_all_tasks:
-                    raise TaeError(f"task id {task} is out of range; this task set has ids 0..{self.num_all_tasks - 1}.")
+                    raise TaeError(
+                        f"task id {task} is out of range; this task set has ids 0..{self.num_all_tasks - 1}."
+                    )
                 ids.append(int(task))
             elif str(task) in self.all_task_names:
                 ids.append(self.all_task_names.index(str(task)))
@@ -148,7 +171,9 @@ class TaskSet:
                 ids.append(int(task))
             else:
                 near = ", ".join(self.all_task_names[:6])
-                raise TaeError(f"unknown task {task!r}; known tasks are [{near}{', …' if self.num_all_tasks > 6 else ''}].")
+                raise TaeError(
+                    f"unknown task {task!r}; known tasks are [{near}{', …' if self.num_all_tasks > 6 else ''}]."
+                )
         if not ids:
             raise TaeError("the task selection is empty; name at least one task.")
         if len(set(ids)) != len(ids):
@@ -190,12 +215,14 @@ class TaskSet:
         if self.is_multilabel:
             labels = self._labels[rows, tasks].astype(np.float32)
         else:
-            labels = np.asarray(self.dataset.with_format("numpy")[self.label_column])[rows].astype(np.float32)
+            labels = np.asarray(self.dataset.with_format("numpy")[self.label_column])[rows].astype(
+                np.float32
+            )
         return {"example_id": rows.astype(np.int64), "task": tasks, "label": labels}
 
     def task_counts(self, split: str = "train") -> dict[str, int]:
         """Number of examples of each selected task in ``split``."""
-        return dict(zip(self.task_names, self._membership(split).sum(0).tolist()))
+        return dict(zip(self.task_names, self._membership(split).sum(0).tolist(), strict=True))
 
     def positive_rates(self, split: str = "train") -> np.ndarray:
         """Per selected task, the fraction of positive labels in ``split`` (multi-label data)."""
@@ -218,14 +245,20 @@ class TaskSet:
         member = self._membership(split)
         keep = np.flatnonzero(member.any(axis=1))
         if keep.size == 0:
-            raise TaeError(f"the selected tasks {self.task_names} have no rows in the {split!r} split.")
-        columns = [*self.input_columns, self.label_column] + ([] if self.is_multilabel else [self.task_column])
+            raise TaeError(
+                f"the selected tasks {self.task_names} have no rows in the {split!r} split."
+            )
+        columns = [*self.input_columns, self.label_column] + (
+            [] if self.is_multilabel else [self.task_column]
+        )
         ds = self.dataset.select_columns(columns).select(keep)
         if self.is_multilabel:
             mask = np.zeros((keep.size, self.num_all_tasks), dtype=bool)
             mask[:, self.task_ids] = member[keep]
             with _quiet_datasets():
-                ds = ds.add_column("label_mask", list(mask), feature=List(Value("bool"), length=self.num_all_tasks))
+                ds = ds.add_column(
+                    "label_mask", list(mask), feature=List(Value("bool"), length=self.num_all_tasks)
+                )
         return ds.with_format("torch")
 
     def trainer_task_rows(self, split: str = "train") -> list[np.ndarray]:
@@ -234,6 +267,10 @@ class TaskSet:
         member = member[member.any(axis=1)]
         return [np.flatnonzero(member[:, t]) for t in range(self.num_tasks)]
 
-    def balanced_sampler(self, split: str = "train", seed: int = 0, num_samples: int | None = None) -> TaskBalancedSampler:
+    def balanced_sampler(
+        self, split: str = "train", seed: int = 0, num_samples: int | None = None
+    ) -> TaskBalancedSampler:
         """A :class:`TaskBalancedSampler` over :meth:`trainer_dataset` of ``split``."""
-        return TaskBalancedSampler(self.trainer_task_rows(split), num_samples=num_samples, seed=seed)
+        return TaskBalancedSampler(
+            self.trainer_task_rows(split), num_samples=num_samples, seed=seed
+        )

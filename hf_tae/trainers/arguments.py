@@ -18,33 +18,54 @@ class MultitaskTrainingArguments(TrainingArguments):
 
     tasks: list[str] | None = field(
         default=None,
-        metadata={"help": "Names (or ids) of the tasks to train on; all tasks of the task set when omitted."},
+        metadata={
+            "help": "Names (or ids) of the tasks to train on; all tasks of the task set when omitted."
+        },
     )
     task_balanced_sampling: bool = field(
         default=False,
-        metadata={"help": "Draw training rows so that every task appears equally often (TaskBalancedSampler)."},
+        metadata={
+            "help": "Draw training rows so that every task appears equally often (TaskBalancedSampler)."
+        },
     )
     decision_threshold: float = field(
         default=0.0,
-        metadata={"help": "Logit above which a multi-label prediction counts as positive for F1 and accuracy."},
+        metadata={
+            "help": "Logit above which a multi-label prediction counts as positive for F1 and accuracy."
+        },
     )
     # Defaults that differ from TrainingArguments (redeclared, as TRL does).
-    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."})
-    save_strategy: str = field(default="epoch", metadata={"help": "When to save: 'no', 'steps', 'epoch' or 'best'."})
+    eval_strategy: str = field(
+        default="epoch", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."}
+    )
+    save_strategy: str = field(
+        default="best",
+        metadata={
+            "help": "When to save: 'no', 'steps', 'epoch' or 'best' (only on a new best metric)."
+        },
+    )
     load_best_model_at_end: bool = field(
-        default=True, metadata={"help": "Restore the checkpoint with the best metric_for_best_model at the end."}
+        default=True,
+        metadata={"help": "Restore the checkpoint with the best metric_for_best_model at the end."},
     )
     metric_for_best_model: str | None = field(
-        default="avg_f1", metadata={"help": "Metric that picks the best checkpoint (average of per-task F1)."}
+        default="avg_f1",
+        metadata={"help": "Metric that picks the best checkpoint (average of per-task F1)."},
     )
     save_total_limit: int | None = field(
-        default=2, metadata={"help": "Keep at most this many checkpoints (the best one is always kept)."}
+        default=2,
+        metadata={"help": "Keep at most this many checkpoints (the best one is always kept)."},
     )
     remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep dataset columns such as label_mask that the loss needs."}
+        default=False,
+        metadata={"help": "Keep dataset columns such as label_mask that the loss needs."},
     )
     label_names: list[str] | None = field(
         default=None,
-        metadata={"help": "Input keys that hold labels; defaults to ['labels', 'label_mask'] for multi-label tasks."},
+        metadata={
+            "help": "Input keys that hold labels; defaults to ['labels', 'label_mask'] for multi-label tasks."
+        },
     )
-    logging_strategy: str = field(default="epoch", metadata={"help": "When to log: 'no', 'steps' or 'epoch'."})
+    logging_strategy: str = field(
+        default="epoch", metadata={"help": "When to log: 'no', 'steps' or 'epoch'."}
+    )

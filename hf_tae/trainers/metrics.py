@@ -33,12 +33,19 @@ class MultiLabelTaskMetrics:
         threshold: logit threshold for a positive prediction (0.0 = probability 0.5).
     """
 
-    def __init__(self, task_names: Sequence[str], task_ids: Sequence[int] | None = None, threshold: float = 0.0):
+    def __init__(
+        self,
+        task_names: Sequence[str],
+        task_ids: Sequence[int] | None = None,
+        threshold: float = 0.0,
+    ):
         self.task_names = list(task_names)
         self.task_ids = None if task_ids is None else [int(t) for t in task_ids]
         self.threshold = threshold
 
-    def per_task(self, logits: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> dict[str, dict[str, float]]:
+    def per_task(
+        self, logits: np.ndarray, labels: np.ndarray, mask: np.ndarray
+    ) -> dict[str, dict[str, float]]:
         """``{task_name: {"f1", "accuracy", "loss", "support"}}`` for the reported tasks."""
         logits, labels, mask = (np.asarray(a) for a in (logits, labels, mask))
         mask = mask.astype(bool)
@@ -54,7 +61,9 @@ class MultiLabelTaskMetrics:
             out[self.task_names[t]] = {
                 "f1": float(f1_score(y, pred, zero_division=0.0)),
                 "accuracy": float(accuracy_score(y, pred)),
-                "loss": float(log_loss(y, np.clip(_sigmoid(z), 1e-12, 1 - 1e-12), labels=[False, True])),
+                "loss": float(
+                    log_loss(y, np.clip(_sigmoid(z), 1e-12, 1 - 1e-12), labels=[False, True])
+                ),
                 "support": float(rows.sum()),
             }
         return out
@@ -75,5 +84,7 @@ class MultiLabelTaskMetrics:
             for key in METRICS:
                 metrics[f"{name}_{key}"] = values[key]
         for key in METRICS:
-            metrics[f"avg_{key}"] = float(np.mean([v[key] for v in scores.values()])) if scores else float("nan")
+            metrics[f"avg_{key}"] = (
+                float(np.mean([v[key] for v in scores.values()])) if scores else float("nan")
+            )
         return metrics

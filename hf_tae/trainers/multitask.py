@@ -70,7 +70,11 @@ class MultitaskTrainer(Trainer):
                 kwargs.setdefault("eval_dataset", task_set.trainer_dataset("validation"))
             kwargs.setdefault(
                 "compute_metrics",
-                MultiLabelTaskMetrics(task_set.all_task_names, task_set.task_ids, getattr(args, "decision_threshold", 0.0)),
+                MultiLabelTaskMetrics(
+                    task_set.all_task_names,
+                    task_set.task_ids,
+                    getattr(args, "decision_threshold", 0.0),
+                ),
             )
             if args.label_names is None:
                 args.label_names = ["labels", "label_mask"]

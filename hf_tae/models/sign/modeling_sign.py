@@ -28,7 +28,9 @@ class MultiTaskOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
 
 
-def masked_bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor | None) -> torch.Tensor:
+def masked_bce_with_logits(
+    logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor | None
+) -> torch.Tensor:
     """Mean binary cross-entropy over the selected (node, task) pairs.
 
     Equals the reference's per-task losses weighted by their mask counts and divided by the
@@ -41,10 +43,12 @@ def masked_bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, label_mas
     return (losses * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def _mlp(in_size: int, hidden: int, out_size: int, num_layers: int, dropout: float) -> nn.Sequential:
+def _mlp(
+    in_size: int, hidden: int, out_size: int, num_layers: int, dropout: float
+) -> nn.Sequential:
     sizes = [in_size] + [hidden] * (num_layers - 1) + [out_size]
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         if i > 0:
             layers += [nn.PReLU(), nn.Dropout(dropout)]
         layers.append(nn.Linear(a, b))
@@ -72,11 +76,14 @@ class SignForMultiTaskNodeClassification(SignPreTrainedModel):
         h = config.hidden_size
         self.input_dropout = nn.Dropout(config.input_dropout)
         self.hops = nn.ModuleList(
-            _mlp(config.in_features, h, h, config.num_mlp_layers, config.dropout) for _ in range(config.num_hops + 1)
+            _mlp(config.in_features, h, h, config.num_mlp_layers, config.dropout)
+            for _ in range(config.num_hops + 1)
         )
         self.act = nn.PReLU()
         self.dropout = nn.Dropout(config.dropout)
-        self.head = _mlp(h * (config.num_hops + 1), h, config.num_tasks, config.num_mlp_layers, config.dropout)
+        self.head = _mlp(
+            h * (config.num_hops + 1), h, config.num_tasks, config.num_mlp_layers, config.dropout
+        )
         self.post_init()
 
     def forward(

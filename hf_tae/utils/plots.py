@@ -1,0 +1,46 @@
+"""Plots people would rather look at than tables (matplotlib, Agg backend, PNG)."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from hf_tae.utils.io import atomic_write_bytes
+
+
+def plot_task_scores(
+    series: Mapping[str, Mapping[str, float]],
+    path: str | os.PathLike,
+    ylabel: str = "score",
+    title: str | None = None,
+) -> Path:
+    """Grouped bar chart of per-task scores, one bar colour per series; written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = list(next(iter(series.values())))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(tasks) + 2), 3.6))
+    for k, (label, scores) in enumerate(series.items()):
+        ax.bar(np.arange(len(tasks)) + k * width, [scores[t] for t in tasks], width, label=label)
+    ax.set_xticks(
+        np.arange(len(tasks)) + width * (len(series) - 1) / 2,
+        tasks,
+        rotation=60,
+        ha="right",
+        fontsize=8,
+    )
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,63 @@
+"""CommunityGraph as datasets: save/load round trips (folder and loopback Hub) and atomic saves."""
+
+import numpy as np
+import pytest
+
+from hf_tae import CommunityGraph, TaeError
+
+
+def _assert_same_graph(a: CommunityGraph, b: CommunityGraph) -> None:
+    for field in ("x", "edge_index", "labels", "split", "node_ids"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    assert a.task_names == b.task_names and a.task_groups == b.task_groups
+    assert a.info == b.info
+
+
+def test_folder_round_trip_and_per_config_loading(small_graph, tmp_path):
+    from datasets import load_dataset
+
+    path = small_graph.save(tmp_path / "graph")
+    _assert_same_graph(small_graph, CommunityGraph.load(path))
+    nodes = load_dataset(str(path), "nodes", split="train")
+    edges = load_dataset(str(path), "edges", split="train")
+    assert len(nodes) == small_graph.num_nodes and len(edges) == small_graph.num_edges
+    assert nodes.features["labels"].length == small_graph.num_tasks
+
+
+def test_save_refuses_to_overwrite_and_leaves_no_partial_folder(small_graph, tmp_path, monkeypatch):
+    path = small_graph.save(tmp_path / "graph")
+    with pytest.raises(TaeError, match="already exists"):
+        small_graph.save(path)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(CommunityGraph, "_card", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        small_graph.save(tmp_path / "other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph"]  # no temp folder, no half graph
+    with pytest.raises(RuntimeError, match="disk full"):
+        small_graph.save(path, overwrite=True)
+    _assert_same_graph(small_graph, CommunityGraph.load(path))  # the old copy survives
+
+
+def test_hub_round_trip_by_repo_id(small_graph, loopback_hub, hub_repo_id):
+    small_graph.push_to_hub(hub_repo_id)
+    _assert_same_graph(small_graph, CommunityGraph.load(hub_repo_id))
+
+
+def test_unknown_sources_are_clear_errors(tmp_path):
+    with pytest.raises(TaeError, match="neither an existing folder nor a Hub repo id"):
+        CommunityGraph.load(tmp_path / "missing" / "graph")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TaeError, match="could not load a community graph"):
+        CommunityGraph.load(tmp_path / "empty")
+
+
+def test_inconsistent_arrays_are_rejected(small_graph):
+    with pytest.raises(TaeError, match="x has shape"):
+        CommunityGraph(np.zeros((3, 2)), small_graph.edge_index, small_graph.labels, small_graph.split,
+                       small_graph.task_names)  # fmt: skip
+    with pytest.raises(TaeError, match="distinct task names"):
+        CommunityGraph(small_graph.x, small_graph.edge_index, small_graph.labels, small_graph.split,
+                       ["a"] * small_graph.num_tasks)  # fmt: skip

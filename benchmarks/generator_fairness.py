@@ -13,7 +13,9 @@ What it measures
     For every target task ``i`` (all tasks, or ``--num_targets`` of them, balanced across
     groups) it trains ``{i}`` alone, ``{i, j}`` for within-group partners ``j`` and ``{i, j}``
     for as many cross-group partners (seeded choice, stratified into *decoy* partners from group
-    ``g ^ 1``, which shares ``g``'s feature signature, and *other* cross-group partners). Each
+    ``g ^ 1`` and *other* cross-group partners; generator versions that plant decoy pairs give
+    ``g`` and ``g ^ 1`` one shared feature signature, with one signature per group the decoy
+    kind is simply a second cross-group sample). Each
     subset is trained once per seed (a pair run scores both of its tasks) and task ``i`` is
     scored by its validation F1 and validation BCE loss (``eval_<task>_f1``,
     ``eval_<task>_loss``), averaged over seeds.
@@ -38,6 +40,14 @@ How to run
     about 7 minutes on one CPU thread. ``--help`` lists every option; generator and model
     settings (``--hidden_size``, ``--community_strength``, ...) can be changed to compare
     settings.
+
+Caveat: the learning-rate schedule
+    ``MultitaskTrainingArguments`` inherits transformers' linear decay to zero. With 60 epochs,
+    batch 256 and ~240 training rows per task, a task trained alone gets 60 optimizer steps
+    and stays under-trained (mean alone F1 ≈ 0.40 with hidden_size 16, ≈ 0.05 with 8), while a
+    pair gets about twice the steps. ΔF1 then mixes transfer with "more training"; compare
+    with ``--lr_scheduler_type constant`` (alone F1 ≈ 0.65-0.68), where only real transfer or
+    interference is left.
 """
 
 from __future__ import annotations
@@ -539,6 +549,47 @@ def plot(pairs: list[dict], path: Path, title: str) -> None:
 
 
 # --------------------------------------------------------------------------- main
+def provenance(graph) -> dict:
+    """What produced the data: library commit, generator source hash and a data fingerprint.
+
+    The generator may change between commits (e.g. how signatures are planted) without any
+    change of its parameters, so results are only comparable with equal fingerprints.
+    """
+    import hashlib
+    import inspect
+    import subprocess
+
+    from hf_tae.tasks import synthetic
+
+    def sha(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()[:16]
+
+    try:
+        root = Path(synthetic.__file__).resolve().parents[2]
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "hf_tae"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    return {
+        "git_commit": commit or None,
+        "library_dirty": bool(dirty),
+        "generator_source_sha": sha(inspect.getsource(synthetic).encode()),
+        "graph_fingerprint": sha(
+            graph.x.tobytes() + graph.labels.tobytes() + graph.edge_index.tobytes()
+        ),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.num_threads)
@@ -559,6 +610,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"graph {graph_kwargs(args)}, hidden_size={args.hidden_size}, lr={args.learning_rate}, "
         f"epochs={args.num_train_epochs:g}, seeds={args.seeds}, {len(targets)} targets"
     )
+    print(f"data: {provenance(graph)}")
     print(
         f"{graph!r}; {len(targets)} targets, {len(subsets)} subsets × {len(args.seeds)} seeds = {len(jobs)} trainings"
     )
@@ -582,6 +634,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "args": vars(args),
         "graph": graph.info,
+        "provenance": provenance(graph),
         "task_groups": dict(zip(names, groups, strict=True)),
         "targets": [names[i] for i in targets],
         "partners": {

@@ -8,7 +8,9 @@ and the best checkpoint is chosen by the average over tasks.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel, Trainer
@@ -17,6 +19,9 @@ from hf_tae.errors import TaeError
 from hf_tae.tasks.taskset import TaskSet
 from hf_tae.trainers.arguments import MultitaskTrainingArguments
 from hf_tae.trainers.metrics import MultiLabelTaskMetrics
+
+if TYPE_CHECKING:
+    from hf_tae.gradients.store import GradientStore
 
 
 def _model_num_tasks(model: torch.nn.Module) -> int | None:
@@ -84,6 +89,24 @@ class MultitaskTrainer(Trainer):
         if getattr(self.args, "task_balanced_sampling", False) and self.task_set is not None:
             return self.task_set.balanced_sampler("train", seed=self.args.seed)
         return super()._get_train_sampler(train_dataset)
+
+    def collect_gradients(
+        self,
+        output_dir: str | os.PathLike,
+        splits: Sequence[str] = ("train", "validation"),
+        **collector_kwargs: Any,
+    ) -> GradientStore:
+        """Projected per-example gradients of the current model on the task set (step 2).
+
+        ``collector_kwargs`` go to :class:`~hf_tae.gradients.collector.GradientCollector`
+        (``score_fn``, ``dim``, ``seed``, ``kind``, ``batch_size`` …). Every process must call it.
+        """
+        from hf_tae.gradients.collector import GradientCollector
+
+        if self.task_set is None:
+            raise TaeError("collect_gradients needs the trainer to be built with task_set=...")
+        collector = GradientCollector(self.accelerator.unwrap_model(self.model), **collector_kwargs)
+        return collector.collect(self.task_set, output_dir, splits, show_progress=not self.args.disable_tqdm)
 
     def evaluate_tasks(self, split: str = "test") -> dict[str, float]:
         """Evaluate on the task set's ``split`` (``validation`` or ``test``); keys ``<split>_<task>_f1`` …"""

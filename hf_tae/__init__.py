@@ -29,7 +29,15 @@ _LAZY_ATTRS: dict[str, str] = {
     "SignConfig": "hf_tae.models.sign.configuration_sign",
     "SignForMultiTaskNodeClassification": "hf_tae.models.sign.modeling_sign",
     "MultiTaskOutput": "hf_tae.models.sign.modeling_sign",
+    "TaskLogitScore": "hf_tae.models.scores",
+    "GoldLogOddsScore": "hf_tae.models.scores",
+    "TokenLogOddsScore": "hf_tae.models.scores",
+    # gradients
+    "ProjectedGradientCapture": "hf_tae.gradients.capture",
+    "GradientStore": "hf_tae.gradients.store",
+    "GradientCollector": "hf_tae.gradients.collector",
     # trainers
+    "GradientCollectorCallback": "hf_tae.trainers.callbacks",
     "MultitaskTrainingArguments": "hf_tae.trainers.arguments",
     "MultitaskTrainer": "hf_tae.trainers.multitask",
     "MultiLabelTaskMetrics": "hf_tae.trainers.metrics",
@@ -39,6 +47,10 @@ __all__ = ["__version__", *_LAZY_ATTRS]
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from hf_tae.errors import TaeError
+    from hf_tae.gradients.capture import ProjectedGradientCapture
+    from hf_tae.gradients.collector import GradientCollector
+    from hf_tae.gradients.store import GradientStore
+    from hf_tae.models.scores import GoldLogOddsScore, TaskLogitScore, TokenLogOddsScore
     from hf_tae.models.sign.configuration_sign import SignConfig
     from hf_tae.models.sign.modeling_sign import MultiTaskOutput, SignForMultiTaskNodeClassification
     from hf_tae.tasks.features import sign_features
@@ -48,6 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from hf_tae.tasks.synthetic import generate_community_graph
     from hf_tae.tasks.taskset import TaskSet
     from hf_tae.trainers.arguments import MultitaskTrainingArguments
+    from hf_tae.trainers.callbacks import GradientCollectorCallback
     from hf_tae.trainers.metrics import MultiLabelTaskMetrics
     from hf_tae.trainers.multitask import MultitaskTrainer
 

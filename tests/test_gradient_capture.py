@@ -260,6 +260,21 @@ def test_factored_features_are_kronecker_projections_of_materialized_grads(which
         _assert_close(got, grad.flatten(1) @ torch.kron(rows, cols))  # dense P = P_r ⊗ P_c
 
 
+def test_warns_about_modules_that_did_not_run():
+    class Skip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Skip().eval()
+    capture = ProjectedGradientCapture(model, dim=5)
+    with capture, pytest.warns(UserWarning, match=r"unused\.weight.*did not run"):
+        capture.per_example(model(torch.randn(B, 3)).sum(1))
+
+
 # --------------------------------------------------------------------------- (2) adjoint
 @pytest.mark.parametrize("mode", list(MODES))
 def test_lift_is_the_adjoint_of_the_projection(mode):

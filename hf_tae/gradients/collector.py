@@ -70,7 +70,7 @@ class GradientCollector:
         model: torch.nn.Module,
         score_fn: ScoreFunction | None = None,
         *,
-        dim: int = 200,
+        dim: int | None = 200,
         seed: int = 0,
         kind: str = "factored",
         dense_kind: str = "rademacher",
@@ -103,7 +103,8 @@ class GradientCollector:
             second_stage=second_stage, include=include, exclude=exclude,
             on_nonfinite="return",  # the collector names the offending examples itself
         )  # fmt: skip
-        self.dim, self.batch_size, self.rows_per_shard = dim, batch_size, rows_per_shard
+        self.dim = self.capture.output_dim  # = dim, or the factored width when second_stage=False
+        self.batch_size, self.rows_per_shard = batch_size, rows_per_shard
         self.on_nonfinite = on_nonfinite
         self.collate_fn = collate_fn or default_collate
         config = getattr(model, "config", None)

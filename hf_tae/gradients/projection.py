@@ -184,13 +184,17 @@ class DenseBlock:
 
     def lift(self, features: torch.Tensor) -> torch.Tensor:
         """``[out_dim] -> [in_dim]``: ``P @ features``."""
-        return torch.cat(
-            [tile @ features for _, _, tile in self.tiles(features.device, features.dtype)]
-        )
+        out = features.new_empty(self.in_dim)
+        for start, stop, tile in self.tiles(features.device, features.dtype):
+            out[start:stop] = tile @ features
+        return out
 
     def matrix(self) -> torch.Tensor:
         """The whole block, ``[in_dim, out_dim]`` float32 (for tests and small blocks)."""
-        return torch.cat([tile for _, _, tile in self.tiles()])
+        out = torch.empty(self.in_dim, self.out_dim)
+        for start, stop, tile in self.tiles():
+            out[start:stop] = tile
+        return out
 
 
 class KroneckerBlock:

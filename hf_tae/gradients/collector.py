@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from hf_tae.gradients.capture import ProjectedGradientCapture
-from hf_tae.gradients.store import GradientStore
 from tqdm.auto import tqdm
 
 from hf_tae.errors import TaeError
+from hf_tae.gradients.capture import ProjectedGradientCapture
+from hf_tae.gradients.store import GradientStore
 from hf_tae.models.scores import ScoreFunction, TaskLogitScore
 from hf_tae.tasks.splits import SPLIT_NAMES
 from hf_tae.tasks.taskset import TaskSet

@@ -41,5 +41,7 @@ class GradientCollectorCallback(TrainerCallback):
         from hf_tae.gradients.collector import GradientCollector
 
         collector = GradientCollector(model, **self.collector_kwargs)
-        self.store = collector.collect(self.task_set, self.output_dir, self.splits, show_progress=not args.disable_tqdm)
+        self.store = collector.collect(
+            self.task_set, self.output_dir, self.splits, show_progress=not args.disable_tqdm
+        )
         return control

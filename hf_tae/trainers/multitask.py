@@ -106,7 +106,9 @@ class MultitaskTrainer(Trainer):
         if self.task_set is None:
             raise TaeError("collect_gradients needs the trainer to be built with task_set=...")
         collector = GradientCollector(self.accelerator.unwrap_model(self.model), **collector_kwargs)
-        return collector.collect(self.task_set, output_dir, splits, show_progress=not self.args.disable_tqdm)
+        return collector.collect(
+            self.task_set, output_dir, splits, show_progress=not self.args.disable_tqdm
+        )
 
     def evaluate_tasks(self, split: str = "test") -> dict[str, float]:
         """Evaluate on the task set's ``split`` (``validation`` or ``test``); keys ``<split>_<task>_f1`` …"""

@@ -7,8 +7,9 @@ files (``--snap_dir DIR --snap_name youtube``) or on a saved graph (``--dataset 
     accelerate launch recipes/graph_communities.py --output_dir runs/graph_communities
 
 Writes ``<output_dir>/meta_init`` (the model), ``<output_dir>/data`` (the graph as datasets),
+``<output_dir>/gradients`` (the GradientStore of projected per-example gradients at θ0),
 ``<output_dir>/results.json`` (per-task validation and test metrics, baselines) and a per-task
-F1 plot. Later pipeline stages (gradients, estimates, affinity, groups) extend this recipe.
+F1 plot. Later pipeline stages (estimates, affinity, groups) extend this recipe.
 """
 
 from __future__ import annotations
@@ -80,6 +81,23 @@ class ModelArguments:
     input_dropout: float = field(default=0.1, metadata={"help": "Dropout on input features."})
 
 
+@dataclass
+class GradientArguments:
+    """Step 2: projected per-example gradients at the meta-initialization (Grad-TAE notes A.2)."""
+
+    collect_gradients: bool = field(
+        default=True, metadata={"help": "Collect gradients into <output_dir>/gradients."}
+    )
+    projection_dim: int = field(
+        default=200, metadata={"help": "Dimension d of the projected gradients."}
+    )
+    projection_kind: str = field(
+        default="factored", metadata={"help": "'factored' (per-layer hooks) or 'dense' (exact JL)."}
+    )
+    projection_seed: int = field(default=0, metadata={"help": "Seed of the projection matrices."})
+    gradient_batch_size: int = field(default=512, metadata={"help": "Examples per gradient batch."})
+
+
 RECIPE_DEFAULTS = {
     "output_dir": "runs/graph_communities",
     "learning_rate": 1e-2,
@@ -103,9 +121,11 @@ def build_graph(data: GraphDataArguments) -> CommunityGraph:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((GraphDataArguments, ModelArguments, MultitaskTrainingArguments))
+    parser = HfArgumentParser(
+        (GraphDataArguments, ModelArguments, GradientArguments, MultitaskTrainingArguments)
+    )
     parser.set_defaults(**RECIPE_DEFAULTS)
-    data_args, model_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    data_args, model_args, grad_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     set_seed(training_args.seed)  # the model is built before the Trainer seeds anything
@@ -158,6 +178,27 @@ def main(argv: list[str] | None = None) -> dict:
             f"(label-frequency baseline {np.mean(list(baseline.values())):.3f}) over {task_set.num_tasks} tasks; "
             f"world size {training_args.world_size}; saved to {output_dir}"
         )
+    if grad_args.collect_gradients:
+        store = trainer.collect_gradients(
+            output_dir / "gradients",
+            dim=grad_args.projection_dim,
+            kind=grad_args.projection_kind,
+            seed=grad_args.projection_seed,
+            batch_size=grad_args.gradient_batch_size,
+            overwrite=True,
+        )
+        results["gradients"] = {
+            "path": str(output_dir / "gradients"),
+            "rows": len(store),
+            "dim": store.dim,
+        }
+        if trainer.is_world_process_zero():
+            atomic_write_text(
+                output_dir / "results.json", json.dumps(results, indent=2, default=float)
+            )
+            print(
+                f"gradient store: {len(store)} examples × {store.dim} dims in {output_dir / 'gradients'}"
+            )
     trainer.accelerator.wait_for_everyone()
     return results
 

@@ -44,6 +44,10 @@ def test_recipe_trains_saves_and_reloads(tmp_path):
     assert results["world_size"] == 1 and len(results["tasks"]) == 4
     assert set(results["label_frequency_baseline_test"]) == set(results["tasks"])
     assert (out / "test_f1_per_task.png").stat().st_size > 1000
+    from hf_tae import GradientStore
+
+    store = GradientStore.load(out / "gradients")
+    assert store.dim == 200 and len(store) == results["gradients"]["rows"] > 0
     # the saved meta-initialization and graph reproduce the reported test metrics
     graph = CommunityGraph.load(out / "data")
     model = AutoModel.from_pretrained(out / "meta_init").eval()

@@ -166,12 +166,10 @@ class GradientCollector:
             )
         state = _process_state()
         metadata = self.metadata(task_set, splits)
-        if state.is_main_process:
+        if state.is_main_process:  # creates, resumes, or refuses a mismatched store, once
             GradientStore.create(output_dir, metadata, self.dim, overwrite=overwrite)
         state.wait_for_everyone()
-        store = GradientStore.create(
-            output_dir, metadata, self.dim
-        )  # every rank: resume the same store
+        store = GradientStore(output_dir)
         pending = self._pending(task_set, splits, store.completed_keys())
         mine = {k: v[state.process_index :: state.num_processes] for k, v in pending.items()}
         self._collect_rows(

@@ -94,6 +94,7 @@ class MultitaskTrainer(Trainer):
         self,
         output_dir: str | os.PathLike,
         splits: Sequence[str] = ("train", "validation"),
+        overwrite: bool = False,
         **collector_kwargs: Any,
     ) -> GradientStore:
         """Projected per-example gradients of the current model on the task set (step 2).
@@ -107,7 +108,11 @@ class MultitaskTrainer(Trainer):
             raise TaeError("collect_gradients needs the trainer to be built with task_set=...")
         collector = GradientCollector(self.accelerator.unwrap_model(self.model), **collector_kwargs)
         return collector.collect(
-            self.task_set, output_dir, splits, show_progress=not self.args.disable_tqdm
+            self.task_set,
+            output_dir,
+            splits,
+            overwrite=overwrite,
+            show_progress=not self.args.disable_tqdm,
         )
 
     def evaluate_tasks(self, split: str = "test") -> dict[str, float]:

@@ -10,11 +10,16 @@ What the generator plants, and why (see also the README and ``benchmarks/generat
 * **Interference across groups.** Communities of different groups share no member and
   live in different regions; each group has its own node-feature signature, so tasks of
   different groups need different features from the shared layers. With the narrow shared
-  trunk of the default model (``hidden_size=8``: the capacity the tasks compete for), a
-  cross-group partner spends that capacity on its own signature and costs the target task.
+  trunk of the recipe's default model (``hidden_size=8``: the capacity the tasks compete
+  for), a cross-group partner spends that capacity on its own signature and costs the target.
 * **Realistic nuisance.** Background nodes that belong to no community, sparse random edges
   everywhere, Gaussian feature noise, and per-community feature offsets that are weaker than
   the group signature.
+
+Splits are per task, as in the Grad-TAE code (notes A.1): a node may be a validation example
+of task i and a training example of task j. Within a group, where communities share most of
+their members, part of the transfer therefore comes through shared labels, which is how
+overlapping communities help each other in the SNAP data too.
 
 Everything is drawn from one seeded ``numpy`` generator, so a seed gives the same graph.
 """

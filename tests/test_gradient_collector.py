@@ -199,3 +199,18 @@ def test_two_processes_write_the_same_store_as_one(setup, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     _same(GradientStore.load(tmp_path / "one"), GradientStore.load(tmp_path / "two"))
+
+
+def test_bad_inputs_are_clear_errors(setup, tmp_path):
+    model, task_set = setup
+    first = _collect(model, task_set, tmp_path / "store", dim=24)
+    _same(first, _collect(model, task_set, tmp_path / "store", dim=24))  # a finished job is a no-op
+    with pytest.raises(TaeError, match=r"projector\.dim: store made with 24, you expect 32"):
+        _collect(model, task_set, tmp_path / "store", dim=32)  # ... unless made another way
+    with pytest.raises(TaeError, match=r"projector\.dim: store made with 24, you expect 32"):
+        GradientStore.load(tmp_path / "store", expected_metadata={"projector": {"dim": 32}})
+    frozen = SignForMultiTaskNodeClassification(model.config).requires_grad_(False)
+    with pytest.raises(TaeError, match="trainable|requires_grad|no parameter"):
+        GradientCollector(frozen, dim=8)
+    with pytest.raises(TaeError, match="unknown split"):
+        GradientCollector(model, dim=8).collect(task_set, tmp_path / "x", splits=("dev",))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from hf_tae.errors import TaeError
 from hf_tae.gradients.capture import ProjectedGradientCapture
+from hf_tae.gradients.store import INFO_FILE as STORE_INFO_FILE
 from hf_tae.gradients.store import GradientStore
 from hf_tae.models.scores import ScoreFunction, TaskLogitScore
 from hf_tae.tasks.splits import SPLIT_NAMES
@@ -159,13 +161,22 @@ class GradientCollector:
         for split in splits:
             if split not in SPLIT_NAMES:
                 raise TaeError(f"unknown split {split!r}; use some of {list(SPLIT_NAMES)}.")
-        empty = [name for name, count in task_set.task_counts(splits[0]).items() if count == 0]
-        if empty:
-            raise TaeError(
-                f"task(s) {empty} have no examples in the {splits[0]!r} split; drop them from the selection."
-            )
+        for split in splits:
+            empty = [name for name, count in task_set.task_counts(split).items() if count == 0]
+            if empty:
+                raise TaeError(
+                    f"task(s) {empty} have no examples in the {split!r} split; drop them from the "
+                    "selection (TaskSet.select) or collect other splits."
+                )
         state = _process_state()
         metadata = self.metadata(task_set, splits)
+        if (
+            not overwrite
+            and (Path(output_dir) / STORE_INFO_FILE).is_file()
+            and GradientStore(output_dir).finished
+        ):
+            # a finished job is a no-op, if it was made the same way; else say what differs
+            return GradientStore.load(output_dir, expected_metadata=metadata)
         if state.is_main_process:  # creates, resumes, or refuses a mismatched store, once
             GradientStore.create(output_dir, metadata, self.dim, overwrite=overwrite)
         state.wait_for_everyone()

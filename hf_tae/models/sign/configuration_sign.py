@@ -57,3 +57,8 @@ class SignConfig(PreTrainedConfig):
         self.input_dropout = input_dropout
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
+
+
+# save_pretrained / push_to_hub write ``auto_map`` and copy this module next to the weights, so
+# users without hf_tae load the model with ``AutoConfig/AutoModel...(trust_remote_code=True)``.
+SignConfig.register_for_auto_class()

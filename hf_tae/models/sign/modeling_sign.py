@@ -119,3 +119,8 @@ class SignForMultiTaskNodeClassification(SignPreTrainedModel):
         if return_dict is False:
             return (loss, logits) if loss is not None else (logits,)
         return MultiTaskOutput(loss=loss, logits=logits)
+
+
+# Ships this module (and the configuration it imports relatively) as remote code; see
+# configuration_sign.py.
+SignForMultiTaskNodeClassification.register_for_auto_class("AutoModel")

@@ -12,9 +12,9 @@ What it measures
 
     For every target task ``i`` (all tasks, or ``--num_targets`` of them, balanced across
     groups) it trains ``{i}`` alone, ``{i, j}`` for within-group partners ``j`` and ``{i, j}``
-    for as many cross-group partners (seeded choice). Each subset is trained once per seed (a pair run scores both of its tasks) and task ``i`` is
-    scored by its validation F1 and validation BCE loss (``eval_<task>_f1``,
-    ``eval_<task>_loss``), averaged over seeds.
+    for as many cross-group partners (seeded choice). Each subset is trained once per seed (a
+    pair run scores both of its tasks) and task ``i`` is scored by its validation F1 and
+    validation BCE loss (``eval_<task>_f1``, ``eval_<task>_loss``), averaged over seeds.
 
     Reported per pair kind (within / cross), mean ± standard error over (target, partner)
     pairs of
@@ -33,7 +33,7 @@ How to run
     writes ``results.json`` (every training run, every pair, the summary) and
     ``fairness.png`` (distributions of ΔF1, Δloss and the z-scored affinity by pair kind)
     into ``--output_dir``. With the defaults (16 targets, 2 seeds, 128 trainings) it takes
-    about 7 minutes on one CPU thread. ``--help`` lists every option; generator and model
+    about 8 minutes on one CPU thread. ``--help`` lists every option; generator and model
     settings (``--hidden_size``, ``--community_strength``, ...) can be changed to compare
     settings.
 

@@ -36,6 +36,16 @@ _LAZY_ATTRS: dict[str, str] = {
     "ProjectedGradientCapture": "hf_tae.gradients.capture",
     "GradientStore": "hf_tae.gradients.store",
     "GradientCollector": "hf_tae.gradients.collector",
+    # estimation
+    "RegressionEstimator": "hf_tae.estimation.regression",
+    "apply_delta": "hf_tae.estimation.regression",
+    "AffinityMatrix": "hf_tae.estimation.affinity",
+    "sample_subsets": "hf_tae.estimation.subsets",
+    "all_pairs": "hf_tae.estimation.subsets",
+    "sample_adaptive": "hf_tae.estimation.subsets",
+    # hub
+    "load_meta_init": "hf_tae.hub",
+    "publish": "hf_tae.hub",
     # trainers
     "GradientCollectorCallback": "hf_tae.trainers.callbacks",
     "MultitaskTrainingArguments": "hf_tae.trainers.arguments",
@@ -47,9 +57,13 @@ __all__ = ["__version__", *_LAZY_ATTRS]
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from hf_tae.errors import TaeError
+    from hf_tae.estimation.affinity import AffinityMatrix
+    from hf_tae.estimation.regression import RegressionEstimator, apply_delta
+    from hf_tae.estimation.subsets import all_pairs, sample_adaptive, sample_subsets
     from hf_tae.gradients.capture import ProjectedGradientCapture
     from hf_tae.gradients.collector import GradientCollector
     from hf_tae.gradients.store import GradientStore
+    from hf_tae.hub import load_meta_init, publish
     from hf_tae.models.scores import GoldLogOddsScore, TaskLogitScore, TokenLogOddsScore
     from hf_tae.models.sign.configuration_sign import SignConfig
     from hf_tae.models.sign.modeling_sign import MultiTaskOutput, SignForMultiTaskNodeClassification

@@ -69,3 +69,10 @@ class MultitaskTrainingArguments(TrainingArguments):
     logging_strategy: str = field(
         default="epoch", metadata={"help": "When to log: 'no', 'steps' or 'epoch'."}
     )
+
+    def __getstate__(self) -> dict:
+        """Pickle without ``hub_token``: Trainer writes ``training_args.bin`` with ``torch.save``
+        and ``push_to_hub`` uploads it, which would publish a token passed as an argument."""
+        state = self.__dict__.copy()
+        state["hub_token"] = None
+        return state

@@ -44,7 +44,7 @@ class MultitaskTrainer(Trainer):
     ``eval_<task>_loss`` with their averages ``eval_avg_*``.
     """
 
-    _tag_names = ["hf-tae", "multitask"]
+    _tag_names = ["hf-tae", "multitask", "task-affinity"]
 
     def __init__(
         self,
@@ -84,6 +84,54 @@ class MultitaskTrainer(Trainer):
             if args.label_names is None:
                 args.label_names = ["labels", "label_mask"]
         super().__init__(model=model, args=args, **kwargs)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        tags: str | list[str] | None = None,
+        license: str | None = None,
+        data_repo: str | None = None,
+        gradient_store_repo: str | None = None,
+        affinity_repo: str | None = None,
+    ) -> None:
+        """Write hf_tae's meta-initialization card to ``output_dir/README.md`` (TRL-style override).
+
+        Called by ``push_to_hub``, which forwards its extra keyword arguments here. The card
+        lists the tasks, the per-task metrics of the last evaluation in ``state.log_history``
+        (table and ``model-index``), the key training arguments, how to load the model, and
+        links to the task data, gradient store and affinity dataset repos; each link defaults
+        to the trainer attribute of the same name when set (e.g. ``trainer.gradient_store_repo``).
+        """
+        if not self.is_world_process_zero():
+            return
+        from hf_tae.hub import card_metrics, card_training_arguments, meta_init_card
+
+        model = self.accelerator.unwrap_model(self.model)
+        config = getattr(model, "config", None)
+        task_names = (
+            self.task_set.task_names
+            if self.task_set is not None
+            else getattr(config, "task_names", None) or []
+        )
+        repo_id = self.hub_model_id or self.args.hub_model_id or model_name or "<repo_id>"
+        card = meta_init_card(
+            repo_id,
+            task_names,
+            metrics=card_metrics(self.state.log_history),
+            training_arguments=card_training_arguments(self.args),
+            architecture=type(model).__name__,
+            model_type=getattr(config, "model_type", None),
+            remote_code=getattr(model, "_auto_class", None) is not None,
+            model_name=model_name,
+            tags=[tags] if isinstance(tags, str) else tags or [],
+            license=license,
+            data_repo=data_repo or getattr(self, "data_repo", None),
+            gradient_store_repo=gradient_store_repo or getattr(self, "gradient_store_repo", None),
+            affinity_repo=affinity_repo or getattr(self, "affinity_repo", None),
+            metric_source="trainer.state.log_history",
+            secrets=[self.args.hub_token],
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
     def _get_train_sampler(self, train_dataset=None):
         if getattr(self.args, "task_balanced_sampling", False) and self.task_set is not None:

@@ -1,0 +1,75 @@
+"""The ``hf-tae`` command line: ``hf-tae publish <artifact dir> <repo_id>`` (more subcommands later).
+
+Heavy libraries (torch, transformers) are imported only when a subcommand runs, so ``--help``
+answers instantly. The Hub token comes from the usual places (``HF_TOKEN``, ``hf auth login``)
+and is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from hf_tae.errors import TaeError
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from hf_tae.hub import publish
+
+    urls = publish(
+        args.artifact_dir,
+        args.repo_id,
+        revision=args.revision,
+        private=args.private,
+        commit_message=args.commit_message,
+    )
+    for kind, url in urls.items():
+        print(f"{kind}: {url}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-tae`` parser with one sub-parser per subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="hf-tae",
+        description="hf_tae: gradient-based task affinity estimation with Hugging Face Trainer.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    publish = commands.add_parser(
+        "publish",
+        help="publish a model, gradient store, graph or recipe run folder to the Hub",
+        description=(
+            "Publish an hf_tae artifact folder to the Hugging Face Hub: a saved model "
+            "(config.json / adapter_config.json) to a model repo, a GradientStore or a "
+            "CommunityGraph folder to a dataset repo, or a run folder of "
+            "recipes/graph_communities.py to REPO_ID (model), REPO_ID-data and "
+            "REPO_ID-gradients, with a model card linking them. Prints the commit URLs."
+        ),
+    )
+    publish.add_argument("artifact_dir", help="folder of the artifact to publish")
+    publish.add_argument("repo_id", help="target repo, e.g. user/my-meta-init")
+    publish.add_argument("--revision", help="branch to push to (created if missing)")
+    publish.add_argument(
+        "--private",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="create the repos private (default: the Hub's default; no effect on existing repos)",
+    )
+    publish.add_argument("--commit-message", help="commit message of every push")
+    publish.set_defaults(handler=_publish)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``hf-tae``; bad inputs print the :class:`TaeError` message and exit with status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except TaeError as err:
+        parser.exit(2, f"hf-tae {args.command}: error: {err}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""AffinityMatrix: the A.4 formula on hand-built tables, pairwise mode, counts, storage."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hf_tae.errors import TaeError
+from hf_tae.estimation import AffinityMatrix, all_pairs
+
+NAMES = ["a", "b", "c"]
+
+
+def table(rows):
+    """rows: (subset_id, subset, task, value) -> results table."""
+    return pd.DataFrame(
+        [{"subset_id": i, "subset": list(s), "task": t, "f1": v} for i, s, t, v in rows]
+    )
+
+
+# S0 = {0,1}, S1 = {0,2}, S2 = {0,1,2}, S3 = {1,2}
+HAND = table(
+    [
+        (0, (0, 1), 0, 0.2), (0, (0, 1), 1, 0.9),
+        (1, (0, 2), 0, 0.5), (1, (0, 2), 2, 0.4),
+        (2, (0, 1, 2), 0, 0.8), (2, (0, 1, 2), 1, 0.7), (2, (0, 1, 2), 2, 0.6),
+        (3, (1, 2), 1, 0.5), (3, (1, 2), 2, 0.8),
+    ]
+)  # fmt: skip
+
+
+def test_higher_order_formula_by_hand():
+    T = AffinityMatrix.from_results(HAND, NAMES, metric="f1")
+    # task 0: m = 0.2, 0.5, 0.8 -> mean 0.5, population std sqrt(0.06)
+    z0 = np.array([-0.3, 0.0, 0.3]) / (math.sqrt(0.06) + 1e-3)
+    # task 1: m = 0.9 (S0), 0.7 (S2), 0.5 (S3) -> mean 0.7, std sqrt(0.08/3)
+    z1 = np.array([0.2, 0.0, -0.2]) / (math.sqrt(0.08 / 3) + 1e-3)
+    # task 2: m = 0.4 (S1), 0.6 (S2), 0.8 (S3) -> mean 0.6, std sqrt(0.08/3)
+    z2 = np.array([-0.2, 0.0, 0.2]) / (math.sqrt(0.08 / 3) + 1e-3)
+    expected = np.array(
+        [
+            [z0.mean(), (z0[0] + z0[2]) / 2, (z0[1] + z0[2]) / 2],
+            [(z1[0] + z1[1]) / 2, z1.mean(), (z1[1] + z1[2]) / 2],
+            [(z2[0] + z2[1]) / 2, (z2[1] + z2[2]) / 2, z2.mean()],
+        ]
+    )
+    np.testing.assert_allclose(T.to_numpy(), expected, atol=1e-12)
+    np.testing.assert_array_equal(T.counts, [[3, 2, 2], [2, 3, 2], [2, 2, 3]])
+    assert T.kind == "estimated" and T.task_names == NAMES
+    assert T.provenance["metric"] == "f1" and T.provenance["num_subsets"] == 4
+
+    sym = AffinityMatrix.from_results(HAND, NAMES, symmetrize=True, zero_diagonal=True)
+    want = (expected + expected.T) / 2
+    np.fill_diagonal(want, 0)
+    np.testing.assert_allclose(sym.to_numpy(), want, atol=1e-12)
+
+
+def test_losses_are_negated():
+    losses = HAND.rename(columns={"f1": "log_loss"})
+    T = AffinityMatrix.from_results(losses, NAMES, metric="log_loss")
+    F = AffinityMatrix.from_results(HAND, NAMES, metric="f1")
+    np.testing.assert_allclose(T.to_numpy(), -F.to_numpy(), atol=1e-12)
+
+
+def test_pairwise_mode_and_missing_entries():
+    values = {(0, 1): 0.1, (1, 0): 0.2, (0, 2): 0.3, (2, 0): 0.4}
+    rows = [
+        (k, pair, t, values[(t, pair[1] if pair[0] == t else pair[0])])
+        for k, pair in enumerate(all_pairs(3)[:2])
+        for t in pair
+    ]
+    T = AffinityMatrix.from_results(table(rows), NAMES, pairwise=True)
+    assert T.kind == "pairwise"
+    got = T.to_numpy()
+    for (i, j), v in values.items():
+        assert got[i, j] == v and T.counts[i, j] == 1
+    assert np.isnan(got[1, 2]) and T.counts[1, 2] == 0 and np.isnan(got[0, 0])
+    with pytest.raises(TaeError, match="subsets of two tasks"):
+        AffinityMatrix.from_results(HAND, NAMES, pairwise=True)
+
+
+def test_bad_tables():
+    with pytest.raises(TaeError, match="lacks columns"):
+        AffinityMatrix.from_results(HAND, NAMES, metric="accuracy")
+    with pytest.raises(TaeError, match="outside its subset"):
+        AffinityMatrix.from_results(table([(0, (0, 1), 2, 0.5)]), NAMES)
+
+
+def _assert_same(a: AffinityMatrix, b: AffinityMatrix) -> None:
+    np.testing.assert_array_equal(a.to_numpy(), b.to_numpy())  # NaN == NaN here
+    np.testing.assert_array_equal(a.counts, b.counts)
+    assert (a.task_names, a.kind, a.provenance) == (b.task_names, b.kind, b.provenance)
+    pd.testing.assert_frame_equal(a.results, b.results, check_dtype=False)
+
+
+def test_save_load_round_trip(tmp_path):
+    rows = [(k, p, t, 0.1 * k + 0.01 * t) for k, p in enumerate(all_pairs(3)[:2]) for t in p]
+    T = AffinityMatrix.from_results(table(rows), NAMES, pairwise=True, provenance={"store": "x"})
+    folder = T.save(tmp_path / "aff", group_order=[2, 0, 1])
+    assert (folder / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    card = (folder / "README.md").read_text()
+    assert "config_name: affinity" in card and "config_name: subsets" in card
+    _assert_same(T, AffinityMatrix.load(folder))
+    with pytest.raises(TaeError, match="already exists"):
+        T.save(folder)
+    with pytest.raises(TaeError, match="neither an existing folder"):
+        AffinityMatrix.load(tmp_path / "missing")
+
+
+def test_hub_round_trip(loopback_hub, hub_repo_id):
+    T = AffinityMatrix.from_results(HAND, NAMES, kind="fine-tuned")
+    T.push_to_hub(hub_repo_id)
+    _assert_same(T, AffinityMatrix.load(hub_repo_id))

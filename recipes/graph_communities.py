@@ -1,5 +1,8 @@
 """Graph community detection with hf_tae: train the meta-initialization θ0 on all tasks.
 
+``--meta_init REPO_OR_PATH`` starts from someone else's meta-initialization (no training);
+``--push_to_hub --hub_model_id you/name`` publishes the trained one with its model card.
+
 Runs on the embedded default (a planted-community graph, generated in seconds), on SNAP
 files (``--snap_dir DIR --snap_name youtube``) or on a saved graph (``--dataset PATH_OR_REPO``):
 
@@ -31,6 +34,7 @@ from hf_tae import (
     SignConfig,
     SignForMultiTaskNodeClassification,
     generate_community_graph,
+    load_meta_init,
     load_snap_communities,
 )
 from hf_tae.trainers.baselines import label_frequency_baseline
@@ -72,6 +76,16 @@ class GraphDataArguments:
 @dataclass
 class ModelArguments:
     """The SIGN model (Grad-TAE notes A.1: hidden 256, dropout 0.5/0.3 in the paper; narrower here, see the README)."""
+
+    meta_init: str | None = field(
+        default=None,
+        metadata={
+            "help": "Path or Hub repo id of a meta-initialization to start from instead of training one."
+        },
+    )
+    meta_init_revision: str | None = field(
+        default=None, metadata={"help": "Revision (branch, tag or sha) of --meta_init."}
+    )
 
     hidden_size: int = field(
         default=8, metadata={"help": "Width of the per-hop MLPs and the head."}
@@ -141,12 +155,17 @@ def main(argv: list[str] | None = None) -> dict:
         dropout=model_args.dropout,
         input_dropout=model_args.input_dropout,
     )
-    model = SignForMultiTaskNodeClassification(config)
+    if model_args.meta_init:
+        model = load_meta_init(model_args.meta_init, revision=model_args.meta_init_revision)
+        logger.info("starting from the meta-initialization %s", model_args.meta_init)
+    else:
+        model = SignForMultiTaskNodeClassification(config)
     output_dir = Path(training_args.output_dir)
     checkpoints = output_dir / "checkpoints"
     training_args.output_dir = str(checkpoints)
     trainer = MultitaskTrainer(model=model, args=training_args, task_set=task_set)
-    trainer.train()
+    if not model_args.meta_init:
+        trainer.train()
 
     validation = trainer.evaluate_tasks("validation")
     test = trainer.evaluate_tasks("test")

@@ -63,6 +63,15 @@ def test_recipe_trains_saves_and_reloads(tmp_path):
     for name, values in scores.items():
         assert values["f1"] == pytest.approx(results["test"][f"test_{name}_f1"], abs=1e-6)
 
+    # --meta_init starts from the saved meta-initialization without training: same test metrics
+    again = tmp_path / "again"
+    cmd = [sys.executable, str(RECIPE), "--output_dir", str(again), *SMALL,
+           "--meta_init", str(out / "meta_init"), "--collect_gradients", "false"]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rerun = json.loads((again / "results.json").read_text())
+    assert rerun["test"]["test_avg_f1"] == pytest.approx(results["test"]["test_avg_f1"], abs=1e-6)
+
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
                     reason="accelerate CLI not installed")  # fmt: skip

@@ -280,20 +280,11 @@ class AffinityMatrix:
         commit_message: str = "Upload task affinity matrix with hf_tae",
     ) -> str:
         """Push the folder of :meth:`save` to a Hub dataset repo; returns the commit URL."""
-        from huggingface_hub import HfApi
+        from hf_tae.utils.io import push_folder_to_hub
 
-        api = HfApi()
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save(Path(tmp) / "affinity")
-            info = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                repo_type="dataset",
-                revision=revision,
-                commit_message=commit_message,
-            )
-        return str(info)
+        return push_folder_to_hub(
+            self.save, repo_id, private=private, revision=revision, commit_message=commit_message
+        )
 
     # ------------------------------------------------------------------ presentation
     def plot(self, path: str | os.PathLike, order: Sequence[int] | None = None) -> Path:

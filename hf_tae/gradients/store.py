@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from hf_tae.errors import TaeError
 from hf_tae.tasks.splits import SPLIT_NAMES
-from hf_tae.utils.io import atomic_write_bytes, atomic_write_text
+from hf_tae.utils.io import atomic_open, atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     import torch
@@ -706,19 +706,9 @@ def _read_shard(path: Path, schema: pa.Schema) -> pa.Table:
 
 def _write_parquet(path: Path, table: pa.Table, rows: np.ndarray, rows_per_group: int) -> None:
     """Write ``table``'s ``rows`` (in that order) to ``path`` via a temp file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            with pq.ParquetWriter(handle, table.schema) as writer:
-                for start in range(0, len(rows), rows_per_group):
-                    writer.write_table(table.take(rows[start : start + rows_per_group]))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as handle, pq.ParquetWriter(handle, table.schema) as writer:
+        for start in range(0, len(rows), rows_per_group):
+            writer.write_table(table.take(rows[start : start + rows_per_group]))
 
 
 def _download(repo_id: str, revision: str | None) -> Path:

@@ -283,20 +283,11 @@ class CommunityGraph:
         commit_message: str = "Upload community graph with hf_tae",
     ) -> str:
         """Push the folder layout of :meth:`save` to a Hub dataset repo; returns the commit URL."""
-        from huggingface_hub import HfApi
+        from hf_tae.utils.io import push_folder_to_hub
 
-        api = HfApi()
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save(Path(tmp) / "graph")
-            info = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                repo_type="dataset",
-                revision=revision,
-                commit_message=commit_message,
-            )
-        return str(info)
+        return push_folder_to_hub(
+            self.save, repo_id, private=private, revision=revision, commit_message=commit_message
+        )
 
     def _card(self) -> str:
         configs = "\n".join(

@@ -20,8 +20,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hf_tae.errors import TaeError
-from hf_tae.utils.io import atomic_write_bytes
+from hf_tae.utils.io import atomic_folder, atomic_write_bytes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -180,7 +178,7 @@ class AffinityMatrix:
         from datasets import Dataset
 
         path = Path(path)
-        if path.exists() and not overwrite:
+        if path.exists() and not overwrite:  # before any work
             raise TaeError(f"{path} already exists; pass overwrite=True or choose another folder.")
         n = len(self.task_names)
         i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
@@ -194,9 +192,7 @@ class AffinityMatrix:
                 "count": self.counts.ravel(),
             }
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_folder(path, overwrite) as tmp:
             (tmp / "affinity").mkdir()
             affinity.to_parquet(str(tmp / "affinity" / "train-00000-of-00001.parquet"))
             has_subsets = self.results is not None and len(self.results) > 0
@@ -217,12 +213,6 @@ class AffinityMatrix:
             )
             self.plot(tmp / HEATMAP_FILE, order=group_order)
             (tmp / "README.md").write_text(self._card(has_subsets))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

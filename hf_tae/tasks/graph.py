@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 
 from hf_tae.errors import TaeError
 from hf_tae.tasks.splits import SPLIT_NAMES, check_positives_per_split
+from hf_tae.utils.io import atomic_folder
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -216,11 +215,7 @@ class CommunityGraph:
         a half-written graph behind.
         """
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise TaeError(f"{path} already exists; pass overwrite=True or choose another folder.")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_folder(path, overwrite) as tmp:
             for name, table in self.to_datasets().items():
                 (tmp / name).mkdir()
                 table.to_parquet(str(tmp / name / "train-00000-of-00001.parquet"))
@@ -228,12 +223,6 @@ class CommunityGraph:
                 json.dumps(self.info, indent=2, sort_keys=True, default=str)
             )
             (tmp / "README.md").write_text(self._card())
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,30 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder of ``path`` to fill; on success it replaces
+    ``path``, on any error it is deleted and ``path`` (if any) is left as it was.
+
+    Raises :class:`~hf_tae.errors.TaeError` if ``path`` exists and ``overwrite`` is false.
+    """
+    from hf_tae.errors import TaeError
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise TaeError(f"{path} already exists; pass overwrite=True or choose another folder.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -61,3 +61,15 @@ def test_inconsistent_arrays_are_rejected(small_graph):
     with pytest.raises(TaeError, match="distinct task names"):
         CommunityGraph(small_graph.x, small_graph.edge_index, small_graph.labels, small_graph.split,
                        ["a"] * small_graph.num_tasks)  # fmt: skip
+
+
+def test_folders_with_the_same_name_never_read_each_others_data(tmp_path):
+    """datasets caches load_dataset(folder, config) by folder name and mtimes; we must not."""
+    from hf_tae import generate_community_graph
+
+    a = generate_community_graph(num_groups=2, tasks_per_group=2, num_features=6, seed=1)
+    b = generate_community_graph(num_groups=2, tasks_per_group=3, num_features=9, seed=2)
+    a.save(tmp_path / "one" / "data")
+    b.save(tmp_path / "two" / "data")  # same folder name, same second
+    _assert_same_graph(a, CommunityGraph.load(tmp_path / "one" / "data"))
+    _assert_same_graph(b, CommunityGraph.load(tmp_path / "two" / "data"))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hf_tae.errors import TaeError
-from hf_tae.utils.io import atomic_folder, atomic_write_bytes
+from hf_tae.utils.io import atomic_folder, atomic_write_bytes, load_dataset_config
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -220,8 +220,6 @@ class AffinityMatrix:
         cls, path_or_repo_id: str | os.PathLike, revision: str | None = None
     ) -> AffinityMatrix:
         """Load a folder written by :meth:`save`, or a Hub dataset repo holding one."""
-        from datasets import load_dataset
-
         source = str(path_or_repo_id)
         local = Path(source).is_dir()
         if not local and (source.startswith((".", "/", "~")) or source.count("/") != 1):
@@ -242,10 +240,10 @@ class AffinityMatrix:
                     ).read_text()
                 )
             rev = None if local else revision
-            table = load_dataset(source, "affinity", split="train", revision=rev).to_pandas()
+            table = load_dataset_config(source, "affinity", rev).to_pandas()
             results = None
             if meta.get("has_subsets"):
-                results = load_dataset(source, "subsets", split="train", revision=rev).to_pandas()
+                results = load_dataset_config(source, "subsets", rev).to_pandas()
                 results["subset"] = [list(map(int, s)) for s in results["subset"]]
         except (FileNotFoundError, ValueError, OSError) as err:
             raise TaeError(

@@ -19,7 +19,7 @@ import numpy as np
 
 from hf_tae.errors import TaeError
 from hf_tae.tasks.splits import SPLIT_NAMES, check_positives_per_split
-from hf_tae.utils.io import atomic_folder
+from hf_tae.utils.io import atomic_folder, load_dataset_config
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -230,8 +230,6 @@ class CommunityGraph:
         cls, path_or_repo_id: str | os.PathLike, revision: str | None = None
     ) -> CommunityGraph:
         """Load from a folder written by :meth:`save` or from a Hub dataset repo with that layout."""
-        from datasets import load_dataset
-
         source = str(path_or_repo_id)
         local = Path(source).is_dir()
         if not local and (source.startswith((".", "/", "~")) or source.count("/") != 1):
@@ -239,12 +237,7 @@ class CommunityGraph:
                 f"{source!r} is neither an existing folder nor a Hub repo id like 'user/name'."
             )
         try:
-            tables = {
-                name: load_dataset(
-                    source, name, split="train", revision=None if local else revision
-                )
-                for name in CONFIGS
-            }
+            tables = {name: load_dataset_config(source, name, revision) for name in CONFIGS}
         except (FileNotFoundError, ValueError) as err:
             raise TaeError(
                 f"could not load a community graph from {source!r}: {err}. Expected configs {list(CONFIGS)} "

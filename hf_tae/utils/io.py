@@ -92,3 +92,22 @@ def push_folder_to_hub(
             commit_message=commit_message,
         )
     return str(info)
+
+
+def load_dataset_config(source: str | os.PathLike, config: str, revision: str | None = None):
+    """The ``train`` split of one config of a folder or Hub dataset repo laid out as
+    ``<config>/*.parquet`` (as our artifacts save themselves).
+
+    A local folder is read by absolute file paths: ``datasets`` caches
+    ``load_dataset(folder, config)`` under the folder's *name* and the files' mtimes, so two
+    folders named alike and written in the same second would read each other's data.
+    """
+    from datasets import load_dataset
+
+    folder = Path(source)
+    if folder.is_dir():
+        files = sorted(str(p.resolve()) for p in (folder / config).glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"{folder} has no {config}/*.parquet files")
+        return load_dataset("parquet", data_files={"train": files}, split="train")
+    return load_dataset(str(source), config, split="train", revision=revision)

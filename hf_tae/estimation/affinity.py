@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hf_tae.errors import TaeError
-from hf_tae.utils.io import atomic_folder, atomic_write_bytes, load_dataset_config
+from hf_tae.utils.io import (
+    artifact_source,
+    atomic_folder,
+    atomic_write_bytes,
+    load_dataset_config,
+    read_artifact_json,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -220,30 +226,13 @@ class AffinityMatrix:
         cls, path_or_repo_id: str | os.PathLike, revision: str | None = None
     ) -> AffinityMatrix:
         """Load a folder written by :meth:`save`, or a Hub dataset repo holding one."""
-        source = str(path_or_repo_id)
-        local = Path(source).is_dir()
-        if not local and (source.startswith((".", "/", "~")) or source.count("/") != 1):
-            raise TaeError(
-                f"{source!r} is neither an existing folder nor a Hub repo id like 'user/name'."
-            )
+        source = artifact_source(path_or_repo_id)
         try:
-            if local:
-                meta = json.loads((Path(source) / METADATA_FILE).read_text())
-            else:
-                from huggingface_hub import hf_hub_download
-
-                meta = json.loads(
-                    Path(
-                        hf_hub_download(
-                            source, METADATA_FILE, repo_type="dataset", revision=revision
-                        )
-                    ).read_text()
-                )
-            rev = None if local else revision
-            table = load_dataset_config(source, "affinity", rev).to_pandas()
+            meta = read_artifact_json(source, METADATA_FILE, revision)
+            table = load_dataset_config(source, "affinity", revision).to_pandas()
             results = None
             if meta.get("has_subsets"):
-                results = load_dataset_config(source, "subsets", rev).to_pandas()
+                results = load_dataset_config(source, "subsets", revision).to_pandas()
                 results["subset"] = [list(map(int, s)) for s in results["subset"]]
         except (FileNotFoundError, ValueError, OSError) as err:
             raise TaeError(

@@ -19,7 +19,12 @@ import numpy as np
 
 from hf_tae.errors import TaeError
 from hf_tae.tasks.splits import SPLIT_NAMES, check_positives_per_split
-from hf_tae.utils.io import atomic_folder, load_dataset_config
+from hf_tae.utils.io import (
+    artifact_source,
+    atomic_folder,
+    load_dataset_config,
+    read_artifact_json,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -230,12 +235,7 @@ class CommunityGraph:
         cls, path_or_repo_id: str | os.PathLike, revision: str | None = None
     ) -> CommunityGraph:
         """Load from a folder written by :meth:`save` or from a Hub dataset repo with that layout."""
-        source = str(path_or_repo_id)
-        local = Path(source).is_dir()
-        if not local and (source.startswith((".", "/", "~")) or source.count("/") != 1):
-            raise TaeError(
-                f"{source!r} is neither an existing folder nor a Hub repo id like 'user/name'."
-            )
+        source = artifact_source(path_or_repo_id)
         try:
             tables = {name: load_dataset_config(source, name, revision) for name in CONFIGS}
         except (FileNotFoundError, ValueError) as err:
@@ -243,18 +243,7 @@ class CommunityGraph:
                 f"could not load a community graph from {source!r}: {err}. Expected configs {list(CONFIGS)} "
                 "as written by CommunityGraph.save()."
             ) from err
-        if local:
-            info_path = Path(source) / INFO_FILE
-            info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        else:
-            from huggingface_hub import hf_hub_download
-
-            info = json.loads(
-                Path(
-                    hf_hub_download(source, INFO_FILE, repo_type="dataset", revision=revision)
-                ).read_text()
-            )
-        return cls.from_datasets(tables, info)
+        return cls.from_datasets(tables, read_artifact_json(source, INFO_FILE, revision))
 
     def push_to_hub(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -111,3 +112,26 @@ def load_dataset_config(source: str | os.PathLike, config: str, revision: str | 
             raise FileNotFoundError(f"{folder} has no {config}/*.parquet files")
         return load_dataset("parquet", data_files={"train": files}, split="train")
     return load_dataset(str(source), config, split="train", revision=revision)
+
+
+def artifact_source(path_or_repo_id: str | os.PathLike) -> str:
+    """The source as a string; raises unless it is an existing folder or looks like a repo id."""
+    from hf_tae.errors import TaeError
+
+    source = str(path_or_repo_id)
+    if not Path(source).is_dir() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+        raise TaeError(
+            f"{source!r} is neither an existing folder nor a Hub repo id like 'user/name'."
+        )
+    return source
+
+
+def read_artifact_json(source: str, filename: str, revision: str | None = None) -> dict:
+    """A JSON file of an artifact folder, or of a Hub dataset repo at ``revision``."""
+    if Path(source).is_dir():
+        return json.loads((Path(source) / filename).read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(
+        Path(hf_hub_download(source, filename, repo_type="dataset", revision=revision)).read_text()
+    )

@@ -38,7 +38,9 @@ def plot_task_scores(
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8)
+    top = max((v for scores in series.values() for v in scores.values()), default=1.0)
+    ax.set_ylim(0, top * 1.2 if top > 0 else 1.0)  # headroom so the legend never hides a bar
+    ax.legend(fontsize=8, loc="upper center", ncol=len(series), frameon=False)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)

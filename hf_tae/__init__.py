@@ -43,6 +43,10 @@ _LAZY_ATTRS: dict[str, str] = {
     "sample_subsets": "hf_tae.estimation.subsets",
     "all_pairs": "hf_tae.estimation.subsets",
     "sample_adaptive": "hf_tae.estimation.subsets",
+    "SubsetFineTuner": "hf_tae.estimation.ground_truth",
+    "average_seeds": "hf_tae.estimation.ground_truth",
+    "compare_affinities": "hf_tae.estimation.compare",
+    "compare_results": "hf_tae.estimation.compare",
     # hub
     "load_meta_init": "hf_tae.hub",
     "publish": "hf_tae.hub",
@@ -58,6 +62,8 @@ __all__ = ["__version__", *_LAZY_ATTRS]
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from hf_tae.errors import TaeError
     from hf_tae.estimation.affinity import AffinityMatrix
+    from hf_tae.estimation.compare import compare_affinities, compare_results
+    from hf_tae.estimation.ground_truth import SubsetFineTuner, average_seeds
     from hf_tae.estimation.regression import RegressionEstimator, apply_delta
     from hf_tae.estimation.subsets import all_pairs, sample_adaptive, sample_subsets
     from hf_tae.gradients.capture import ProjectedGradientCapture

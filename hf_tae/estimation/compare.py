@@ -1,0 +1,109 @@
+"""How close estimated affinities and subset scores are to the fine-tuned ground truth.
+
+The Grad-TAE abstract reports a "distance to true affinities", most likely a relative
+Frobenius distance ‖T̂ − T‖_F / ‖T‖_F (gradtae_methods.md A.4, marked [verify]); rank
+agreement (Spearman) matters as much, since clustering (A.5) only needs the ordering to be
+right. :func:`compare_affinities` reports both on matrices, :func:`compare_results` on the
+per-(subset, task) scores they are built from.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from hf_tae.errors import TaeError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from hf_tae.estimation.affinity import AffinityMatrix
+
+
+def _correlations(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Spearman and Pearson of two vectors; NaN when either is constant (undefined)."""
+    from scipy import stats
+
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return {"spearman": float("nan"), "pearson": float("nan")}
+    return {
+        "spearman": float(stats.spearmanr(a, b).statistic),
+        "pearson": float(stats.pearsonr(a, b).statistic),
+    }
+
+
+def compare_affinities(
+    estimated: AffinityMatrix, true: AffinityMatrix, include_diagonal: bool = False
+) -> dict[str, float | int]:
+    """Distance and rank agreement of ``estimated`` to ``true`` over the entries finite in both.
+
+    Off-diagonal entries only unless ``include_diagonal`` (A.4 zeroes the diagonal before
+    clustering). Returns ``relative_frobenius`` ‖T̂ − T‖_F / ‖T‖_F, ``mean_abs_error``,
+    ``spearman``, ``pearson`` and ``num_entries``. Task names must match in order.
+    """
+    if list(estimated.task_names) != list(true.task_names):
+        only_est = sorted(set(estimated.task_names) - set(true.task_names))
+        only_true = sorted(set(true.task_names) - set(estimated.task_names))
+        detail = (
+            f"only in estimated: {only_est}; only in true: {only_true}"
+            if only_est or only_true
+            else "same tasks in a different order"
+        )
+        raise TaeError(
+            f"the matrices have different task names ({detail}); build both over the same "
+            "task list."
+        )
+    t_hat, t = estimated.values, true.values
+    keep = np.isfinite(t_hat) & np.isfinite(t)
+    if not include_diagonal:
+        np.fill_diagonal(keep, False)
+    if keep.sum() < 2:
+        raise TaeError(
+            f"only {int(keep.sum())} entries are finite in both matrices; compare matrices "
+            "built from subsets that cover the same task pairs."
+        )
+    a, b = t_hat[keep], t[keep]
+    norm = np.linalg.norm(b)
+    return {
+        "relative_frobenius": float(np.linalg.norm(a - b) / norm) if norm > 0 else float("inf"),
+        "mean_abs_error": float(np.abs(a - b).mean()),
+        **_correlations(a, b),
+        "num_entries": int(keep.sum()),
+    }
+
+
+def compare_results(
+    estimated_table: pd.DataFrame, true_table: pd.DataFrame, metric: str = "f1"
+) -> dict[str, float | int]:
+    """Agreement of per-(subset, task) scores, e.g. ``RegressionEstimator.evaluate`` against
+    :meth:`SubsetFineTuner.run`, joined on (subset as a sorted task-id tuple, task).
+
+    Rows repeated for a key (one per seed) are averaged first. Returns ``spearman``,
+    ``pearson``, ``mean_abs_error`` and ``num_pairs`` over the keys present in both.
+    """
+
+    def scores(table: pd.DataFrame, name: str) -> pd.Series:
+        missing = [c for c in ("subset", "task", metric) if c not in table]
+        if missing:
+            raise TaeError(f"{name} lacks columns {missing}; it needs subset, task and {metric!r}.")
+        keys = [tuple(sorted(int(t) for t in s)) for s in table["subset"]]
+        frame = table.assign(_key=keys)[["_key", "task", metric]]
+        return frame.groupby(["_key", "task"])[metric].mean()
+
+    joined = (
+        scores(estimated_table, "estimated_table")
+        .to_frame("estimated")
+        .join(scores(true_table, "true_table").to_frame("true"), how="inner")
+    )
+    if len(joined) < 2:
+        raise TaeError(
+            f"only {len(joined)} (subset, task) pairs appear in both tables; score the same "
+            "subsets in both."
+        )
+    a, b = joined["estimated"].to_numpy(float), joined["true"].to_numpy(float)
+    return {
+        **_correlations(a, b),
+        "mean_abs_error": float(np.abs(a - b).mean()),
+        "num_pairs": len(joined),
+    }

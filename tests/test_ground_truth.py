@@ -1,0 +1,170 @@
+"""SubsetFineTuner against hand-run MultitaskTrainer fits, its resume logic, and the
+affinity/result comparisons against numpy and scipy."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from hf_tae import (
+    AffinityMatrix,
+    MultitaskTrainer,
+    MultitaskTrainingArguments,
+    SignConfig,
+    SignForMultiTaskNodeClassification,
+    TaeError,
+    generate_community_graph,
+)
+from hf_tae.estimation.compare import compare_affinities, compare_results
+from hf_tae.estimation.ground_truth import COLUMNS, SubsetFineTuner, average_seeds
+
+SUBSETS = [[0, 1], [1, 2, 3]]
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return generate_community_graph(
+        num_groups=2, tasks_per_group=2, nodes_per_group=80, background_nodes=40,
+        core_size=30, private_size=10, num_features=6, seed=1,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def task_set(graph):
+    return graph.task_set(num_hops=2)
+
+
+class ModelInit:
+    """A counting model_init: a fresh tiny SIGN model."""
+
+    def __init__(self, graph):
+        self.graph, self.calls = graph, 0
+
+    def __call__(self):
+        self.calls += 1
+        config = SignConfig(in_features=6, num_hops=2, hidden_size=4, task_names=self.graph.task_names,
+                            dropout=0.1, input_dropout=0.1)  # fmt: skip
+        return SignForMultiTaskNodeClassification(config)
+
+
+def _args(path, **kw):
+    return MultitaskTrainingArguments(output_dir=str(path), learning_rate=1e-2, num_train_epochs=2,
+                                      per_device_train_batch_size=64, per_device_eval_batch_size=4096,
+                                      lr_scheduler_type="constant", use_cpu=True, disable_tqdm=True,
+                                      report_to="none", **kw)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished(graph, task_set, tmp_path_factory):
+    """A tuner that has run SUBSETS with seed 0, and its table."""
+    out = tmp_path_factory.mktemp("ground_truth")
+    init = ModelInit(graph)
+    tuner = SubsetFineTuner(init, task_set, _args(out / "unused"), out, seeds=(0,))
+    return tuner, init, tuner.run(SUBSETS, show_progress=False)
+
+
+def test_table_matches_hand_trained_multitask_runs(graph, task_set, finished, tmp_path):
+    from transformers import set_seed
+
+    tuner, init, table = finished
+    assert init.calls == len(SUBSETS)
+    assert list(table.columns) == [*COLUMNS, "seed"]
+    assert [(r.subset_id, r.task) for r in table.itertuples()] == [
+        (i, t) for i, s in enumerate(SUBSETS) for t in s
+    ]
+    assert not (tuner.output_dir / "runs").exists()
+    counts = task_set.task_counts("validation")
+    for i, subset in enumerate(SUBSETS):
+        set_seed(0)
+        model = ModelInit(graph)()
+        args = _args(tmp_path / str(i), seed=0, eval_strategy="no", save_strategy="no",
+                     load_best_model_at_end=False)  # fmt: skip
+        trainer = MultitaskTrainer(model=model, args=args, task_set=task_set.select(subset))
+        trainer.train()
+        metrics = trainer.evaluate_tasks("validation")
+        rows = table[table["subset_id"] == i]
+        for row in rows.itertuples():
+            name = graph.task_names[row.task]
+            assert row.subset == subset and row.task_name == name and row.seed == 0
+            assert row.num_rows == counts[name]
+            assert row.f1 == pytest.approx(metrics[f"eval_{name}_f1"])
+            assert row.accuracy == pytest.approx(metrics[f"eval_{name}_accuracy"])
+            assert row.log_loss == pytest.approx(metrics[f"eval_{name}_loss"])
+
+
+def test_resume_trains_only_new_subsets_and_ignores_a_partial_line(graph, task_set, finished):
+    tuner, _, table = finished
+    with tuner.results_path.open("a") as handle:
+        handle.write('{"subset": [0, 3], "seed": 0, "spl')  # a crash mid-append
+    init = ModelInit(graph)
+    again = SubsetFineTuner(init, task_set, tuner.args, tuner.output_dir, seeds=(0,))
+    more = again.run([*SUBSETS, ["g1_c0", 0]], show_progress=False)
+    assert init.calls == 1
+    pd.testing.assert_frame_equal(more[more["subset_id"] < len(SUBSETS)], table)
+    assert more[more["subset_id"] == 2]["subset"].tolist() == [[0, 2], [0, 2]]
+    lines = tuner.results_path.read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line) for line in lines)
+
+
+def test_corrupt_middle_line_raises(graph, task_set, tmp_path):
+    tuner = SubsetFineTuner(ModelInit(graph), task_set, _args(tmp_path), tmp_path)
+    tuner.results_path.write_text(
+        '{"bad\n{"subset": [0], "seed": 0, "split": "validation", "rows": []}\n'
+    )
+    with pytest.raises(TaeError, match="line 1"):
+        tuner.load_records()
+
+
+def test_affinity_from_table_and_seed_average(graph, finished):
+    _, _, table = finished
+    matrix = AffinityMatrix.from_results(
+        table, graph.task_names, metric="log_loss", kind="fine-tuned"
+    )
+    assert matrix.values.shape == (4, 4) and matrix.counts[1, 1] == 2
+    two = pd.concat([table, table.assign(seed=1, f1=table["f1"] + 0.2)], ignore_index=True)
+    mean = average_seeds(two)
+    assert mean["num_seeds"].tolist() == [2] * len(table)
+    np.testing.assert_allclose(mean["f1"], table["f1"] + 0.1)
+    np.testing.assert_allclose(mean["log_loss"], table["log_loss"])
+
+
+def _matrix(values, names=("a", "b", "c", "d")):
+    return AffinityMatrix(np.asarray(values, float), list(names), "estimated")
+
+
+def test_compare_affinities_against_numpy_and_scipy():
+    rng = np.random.default_rng(0)
+    t, t_hat = rng.normal(size=(4, 4)), rng.normal(size=(4, 4))
+    t_hat[0, 3] = np.nan
+    out = compare_affinities(_matrix(t_hat), _matrix(t))
+    keep = ~np.eye(4, dtype=bool) & np.isfinite(t_hat)
+    a, b = t_hat[keep], t[keep]
+    assert out["num_entries"] == 11
+    assert out["relative_frobenius"] == pytest.approx(np.linalg.norm(a - b) / np.linalg.norm(b))
+    assert out["mean_abs_error"] == pytest.approx(np.abs(a - b).mean())
+    assert out["spearman"] == pytest.approx(stats.spearmanr(a, b).statistic)
+    assert out["pearson"] == pytest.approx(stats.pearsonr(a, b).statistic)
+    with_diag = compare_affinities(_matrix(t_hat), _matrix(t), include_diagonal=True)
+    assert with_diag["num_entries"] == 15
+
+
+def test_compare_affinities_rejects_different_tasks():
+    with pytest.raises(TaeError, match=r"only in estimated: \['z'\]"):
+        compare_affinities(_matrix(np.zeros((4, 4)), "abcz"), _matrix(np.zeros((4, 4))))
+    with pytest.raises(TaeError, match="different order"):
+        compare_affinities(_matrix(np.zeros((4, 4)), "bacd"), _matrix(np.zeros((4, 4))))
+
+
+def test_compare_results_joins_on_subset_and_task(finished):
+    _, _, table = finished
+    loss = table["log_loss"]
+    estimated = table.assign(subset=[s[::-1] for s in table["subset"]], log_loss=loss * 2 + 1)
+    two_seeds = pd.concat([table, table.assign(seed=1)], ignore_index=True)
+    out = compare_results(estimated, two_seeds, "log_loss")
+    assert out["num_pairs"] == len(table)
+    assert out["spearman"] == pytest.approx(1.0) and out["pearson"] == pytest.approx(1.0)
+    assert out["mean_abs_error"] == pytest.approx((loss + 1).mean())
+    with pytest.raises(TaeError, match="only 0"):
+        compare_results(estimated.assign(task=9), table, "log_loss")

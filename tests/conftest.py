@@ -20,6 +20,17 @@ def small_graph():
 
 
 @pytest.fixture(scope="session")
+def tiny_graph():
+    """The smallest useful graph (2 groups × 2 tasks, 200 nodes, 6 features) for slow-path tests."""
+    from hf_tae import generate_community_graph
+
+    return generate_community_graph(
+        num_groups=2, tasks_per_group=2, nodes_per_group=80, background_nodes=40,
+        core_size=30, private_size=10, num_features=6, seed=1,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def default_graph():
     """The embedded default benchmark graph."""
     from hf_tae import generate_community_graph

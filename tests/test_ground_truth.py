@@ -15,7 +15,6 @@ from hf_tae import (
     SignConfig,
     SignForMultiTaskNodeClassification,
     TaeError,
-    generate_community_graph,
 )
 from hf_tae.estimation.compare import compare_affinities, compare_results
 from hf_tae.estimation.ground_truth import COLUMNS, SubsetFineTuner, average_seeds
@@ -24,11 +23,8 @@ SUBSETS = [[0, 1], [1, 2, 3]]
 
 
 @pytest.fixture(scope="module")
-def graph():
-    return generate_community_graph(
-        num_groups=2, tasks_per_group=2, nodes_per_group=80, background_nodes=40,
-        core_size=30, private_size=10, num_features=6, seed=1,
-    )  # fmt: skip
+def graph(tiny_graph):
+    return tiny_graph
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from hf_tae import (
     SignConfig,
     SignForMultiTaskNodeClassification,
     TaeError,
-    generate_community_graph,
 )
 from hf_tae.hub import card_metrics, load_meta_init, publish
 from hf_tae.testing.loopback_hub import DEFAULT_USER, DUMMY_TOKEN
@@ -70,11 +69,8 @@ def _tiny_store(path, task_names: list[str], dim: int = 4) -> GradientStore:
 
 
 @pytest.fixture(scope="module")
-def graph():
-    return generate_community_graph(
-        num_groups=2, tasks_per_group=2, nodes_per_group=80, background_nodes=40,
-        core_size=30, private_size=10, num_features=6, seed=1,
-    )  # fmt: skip
+def graph(tiny_graph):
+    return tiny_graph
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hf_tae.errors import TaeError
+from hf_tae.utils.io import artifact_source
 
 if TYPE_CHECKING:
     import torch
@@ -269,10 +270,6 @@ def meta_init_card(
 
 
 # ---------------------------------------------------------------------------------- loading
-def _looks_like_repo_id(source: str) -> bool:
-    return not source.startswith((".", "/", "~")) and source.count("/") == 1
-
-
 def _describe(source: str, revision: str | None) -> str:
     return f"{source!r}" + (f" at revision {revision!r}" if revision else "")
 
@@ -389,17 +386,7 @@ def load_meta_init(
         TaeError: the repo, revision or model files do not exist, or the weights are not
             safetensors.
     """
-    source = str(repo_id_or_path)
-    if Path(source).is_dir():
-        if revision is not None:
-            raise TaeError(
-                f"revision={revision!r} applies to Hub repos, but {source!r} is a local folder; "
-                "drop revision or pass a Hub repo id."
-            )
-    elif not _looks_like_repo_id(source):
-        raise TaeError(
-            f"{source!r} is neither an existing folder nor a Hub repo id like 'user/name'."
-        )
+    source = artifact_source(repo_id_or_path, revision)
     from huggingface_hub.errors import EntryNotFoundError
 
     token = kwargs.get("token")

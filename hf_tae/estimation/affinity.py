@@ -226,7 +226,7 @@ class AffinityMatrix:
         cls, path_or_repo_id: str | os.PathLike, revision: str | None = None
     ) -> AffinityMatrix:
         """Load a folder written by :meth:`save`, or a Hub dataset repo holding one."""
-        source = artifact_source(path_or_repo_id)
+        source = artifact_source(path_or_repo_id, revision)
         try:
             meta = read_artifact_json(source, METADATA_FILE, revision)
             table = load_dataset_config(source, "affinity", revision).to_pandas()

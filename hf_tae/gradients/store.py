@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from hf_tae.errors import TaeError
 from hf_tae.tasks.splits import SPLIT_NAMES
-from hf_tae.utils.io import atomic_open, atomic_write_bytes, atomic_write_text
+from hf_tae.utils.io import artifact_source, atomic_open, atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     import torch
@@ -338,20 +338,8 @@ class GradientStore:
         stored value; otherwise a :class:`TaeError` lists each differing key with both values.
         Hub repos are downloaded once into the Hugging Face cache.
         """
-        source = str(path_or_repo_id)
-        if Path(source).is_dir():
-            if revision is not None:
-                raise TaeError(
-                    f"revision={revision!r} applies to Hub repos, but {source!r} is a local "
-                    "folder; drop revision or pass a Hub repo id."
-                )
-            folder = Path(source)
-        elif source.startswith((".", "/", "~")) or source.count("/") != 1:
-            raise TaeError(
-                f"{source!r} is neither an existing folder nor a Hub repo id like 'user/name'."
-            )
-        else:
-            folder = _download(source, revision)
+        source = artifact_source(path_or_repo_id, revision)
+        folder = Path(source) if Path(source).is_dir() else _download(source, revision)
         store = cls(folder)
         if not store.finished:
             raise TaeError(

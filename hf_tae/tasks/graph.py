@@ -235,7 +235,7 @@ class CommunityGraph:
         cls, path_or_repo_id: str | os.PathLike, revision: str | None = None
     ) -> CommunityGraph:
         """Load from a folder written by :meth:`save` or from a Hub dataset repo with that layout."""
-        source = artifact_source(path_or_repo_id)
+        source = artifact_source(path_or_repo_id, revision)
         try:
             tables = {name: load_dataset_config(source, name, revision) for name in CONFIGS}
         except (FileNotFoundError, ValueError) as err:

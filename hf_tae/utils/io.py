@@ -114,12 +114,19 @@ def load_dataset_config(source: str | os.PathLike, config: str, revision: str | 
     return load_dataset(str(source), config, split="train", revision=revision)
 
 
-def artifact_source(path_or_repo_id: str | os.PathLike) -> str:
-    """The source as a string; raises unless it is an existing folder or looks like a repo id."""
+def artifact_source(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> str:
+    """The source as a string; raises unless it is an existing folder (then with no
+    ``revision``) or looks like a Hub repo id ``user/name``."""
     from hf_tae.errors import TaeError
 
     source = str(path_or_repo_id)
-    if not Path(source).is_dir() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+    if Path(source).is_dir():
+        if revision is not None:
+            raise TaeError(
+                f"revision={revision!r} applies to Hub repos, but {source!r} is a local folder; "
+                "drop revision or pass a Hub repo id."
+            )
+    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise TaeError(
             f"{source!r} is neither an existing folder nor a Hub repo id like 'user/name'."
         )

@@ -47,6 +47,21 @@ _LAZY_ATTRS: dict[str, str] = {
     "average_seeds": "hf_tae.estimation.ground_truth",
     "compare_affinities": "hf_tae.estimation.compare",
     "compare_results": "hf_tae.estimation.compare",
+    "first_order_check": "hf_tae.estimation.first_order",
+    "evaluate_lifted": "hf_tae.estimation.lifted",
+    # clustering
+    "Grouping": "hf_tae.clustering",
+    "SdpSolution": "hf_tae.clustering",
+    "partition_objective": "hf_tae.clustering",
+    "sdp_relaxation": "hf_tae.clustering",
+    "sdp_cluster": "hf_tae.clustering",
+    "threshold_rounding": "hf_tae.clustering",
+    "kmeans_rounding": "hf_tae.clustering",
+    "spectral_cluster": "hf_tae.clustering",
+    "kmeans_cluster": "hf_tae.clustering",
+    "exhaustive_cluster": "hf_tae.clustering",
+    "sweep_k": "hf_tae.clustering",
+    "recommend_k": "hf_tae.clustering",
     # hub
     "load_meta_init": "hf_tae.hub",
     "publish": "hf_tae.hub",
@@ -60,10 +75,26 @@ _LAZY_ATTRS: dict[str, str] = {
 __all__ = ["__version__", *_LAZY_ATTRS]
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
+    from hf_tae.clustering import (
+        Grouping,
+        SdpSolution,
+        exhaustive_cluster,
+        kmeans_cluster,
+        kmeans_rounding,
+        partition_objective,
+        recommend_k,
+        sdp_cluster,
+        sdp_relaxation,
+        spectral_cluster,
+        sweep_k,
+        threshold_rounding,
+    )
     from hf_tae.errors import TaeError
     from hf_tae.estimation.affinity import AffinityMatrix
     from hf_tae.estimation.compare import compare_affinities, compare_results
+    from hf_tae.estimation.first_order import first_order_check
     from hf_tae.estimation.ground_truth import SubsetFineTuner, average_seeds
+    from hf_tae.estimation.lifted import evaluate_lifted
     from hf_tae.estimation.regression import RegressionEstimator, apply_delta
     from hf_tae.estimation.subsets import all_pairs, sample_adaptive, sample_subsets
     from hf_tae.gradients.capture import ProjectedGradientCapture

@@ -164,3 +164,95 @@ def test_compare_results_joins_on_subset_and_task(finished):
     assert out["mean_abs_error"] == pytest.approx((loss + 1).mean())
     with pytest.raises(TaeError, match="only 0"):
         compare_results(estimated.assign(task=9), table, "log_loss")
+
+
+# ------------------------------------------------------------------ multi-process launch
+PARALLEL_SUBSETS = [[0, 1], [1, 2, 3], [0, 2], [3]]
+PARALLEL_SCRIPT = """
+import json, sys
+from accelerate import PartialState
+from hf_tae import (MultitaskTrainingArguments, SignConfig, SignForMultiTaskNodeClassification,
+                    generate_community_graph)
+from hf_tae.estimation.ground_truth import SubsetFineTuner
+
+out_dir, subsets = sys.argv[1], json.loads(sys.argv[2])
+state = PartialState(cpu=True)
+world, rank = state.num_processes, state.process_index
+graph = generate_community_graph(num_groups=2, tasks_per_group=2, nodes_per_group=80,
+                                 background_nodes=40, core_size=30, private_size=10,
+                                 num_features=6, seed=1)  # the tiny_graph fixture
+
+def model_init():
+    config = SignConfig(in_features=6, num_hops=2, hidden_size=4, task_names=graph.task_names,
+                        dropout=0.1, input_dropout=0.1)
+    return SignForMultiTaskNodeClassification(config)
+
+args = MultitaskTrainingArguments(output_dir=out_dir + "/unused", learning_rate=1e-2,
+                                  num_train_epochs=2, per_device_train_batch_size=64,
+                                  per_device_eval_batch_size=4096, lr_scheduler_type="constant",
+                                  use_cpu=True, disable_tqdm=True, report_to="none")
+tuner = SubsetFineTuner(model_init, graph.task_set(num_hops=2), args, out_dir, seeds=(0,))
+table = tuner.run(subsets, show_progress=False)
+assert PartialState().num_processes == world  # the launch's state is back after the runs
+with open(f"{out_dir}/table.rank{rank}.json", "w") as handle:
+    json.dump({"world": world, "table": table.to_dict(orient="list")}, handle)
+"""
+
+
+def _torchrun(script, *argv):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = subprocess.run(
+        [*cmd, str(script), *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+
+
+def test_two_processes_share_the_runs_and_match_one_process(graph, task_set, tmp_path):
+    """Under torchrun each rank trains its round-robin share alone (no DDP: averaged gradients
+    would change the metrics), and every rank returns the merged table of a one-process run."""
+    script = tmp_path / "tune.py"
+    script.write_text(PARALLEL_SCRIPT)
+    out = tmp_path / "two"
+    _torchrun(script, str(out), json.dumps(PARALLEL_SUBSETS))
+
+    tables = [json.loads((out / f"table.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [t["world"] for t in tables] == [2, 2]
+    two = [pd.DataFrame(t["table"]) for t in tables]
+    pd.testing.assert_frame_equal(two[0], two[1])
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    by_rank = {r: {tuple(x["subset"]) for x in records if x["rank"] == r} for r in (0, 1)}
+    assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
+    assert by_rank[0] | by_rank[1] == {tuple(s) for s in PARALLEL_SUBSETS}
+    assert not list(out.glob("results.rank*.jsonl")) and not (out / "runs").exists()
+
+    init = ModelInit(graph)
+    one = SubsetFineTuner(init, task_set, _args(tmp_path / "u"), tmp_path / "one", seeds=(0,))
+    single = one.run(PARALLEL_SUBSETS, show_progress=False)
+    assert init.calls == len(PARALLEL_SUBSETS)
+    for column in ("subset_id", "subset", "task", "task_name", "num_rows", "seed"):
+        assert two[0][column].tolist() == single[column].tolist(), column
+    for column in ("f1", "accuracy", "log_loss"):
+        np.testing.assert_allclose(two[0][column], single[column], rtol=0, atol=1e-6)
+
+
+def test_rank_files_of_an_interrupted_launch_are_resumed(graph, task_set, finished, tmp_path):
+    """Runs recorded only in a results.rank{r}.jsonl (a launch that died before merging) count
+    as finished in a later one-process run, a partial last line there is ignored, and the
+    one-process run folds them into results.jsonl."""
+    tuner, _, table = finished
+    first = json.loads(tuner.results_path.read_text().splitlines()[0])
+    (tmp_path / "results.rank1.jsonl").write_text(json.dumps(first) + '\n{"subset": [1, 3], "se')
+    init = ModelInit(graph)
+    again = SubsetFineTuner(init, task_set, tuner.args, tmp_path, seeds=(0,))
+    assert [r["subset"] for r in again.load_records()] == [first["subset"]]
+    out = again.run([SUBSETS[0], [0, 3]], show_progress=False)
+    assert init.calls == 1
+    pd.testing.assert_frame_equal(out[out["subset_id"] == 0], table[table["subset_id"] == 0])
+    lines = again.results_path.read_text().splitlines()
+    assert [json.loads(line)["subset"] for line in lines] == [[0, 1], [0, 3]]
+    assert not list(tmp_path.glob("results.rank*.jsonl"))

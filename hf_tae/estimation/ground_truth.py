@@ -10,15 +10,29 @@ Grad-TAE estimates the fine-tuned model of every subset S from gradients (A.3); 
 
 The runs are long, so every finished (subset, seed) is recorded in ``results.jsonl`` before
 the next starts, and a rerun on the same ``output_dir`` trains only what is missing.
+
+Under ``accelerate launch`` or ``torchrun`` the runs are independent, so they are shared out, not
+data-parallelized: each process takes every ``world_size``-th pending (subset, seed) (the
+pattern of :class:`~hf_tae.gradients.collector.GradientCollector`) and trains it alone. The
+``Trainer`` would otherwise join the launch's process group (``TrainingArguments`` builds its
+accelerate ``PartialState`` from the launcher's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) and wrap
+the model in DDP, all-reducing gradients between ranks that train different subsets. So each run
+is built inside :func:`_single_process_accelerate`, which hides those variables and accelerate's
+singleton state for the run, and restores both afterwards: ``parallel_mode`` is then
+``NOT_PARALLEL``, there is no DDP wrapper and no sharded dataloader, and the run equals a
+one-process run of the same (subset, seed). Each process appends its finished runs to
+``results.rank{r}.jsonl``; after a barrier the main process merges them into ``results.jsonl``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +47,16 @@ if TYPE_CHECKING:
     from hf_tae.trainers.arguments import MultitaskTrainingArguments
 
 RESULTS_FILE = "results.jsonl"
+#: Per-process results under a multi-process launch (``results.rank{r}.jsonl``), merged on exit.
+RANK_RESULTS_GLOB = "results.rank*.jsonl"
 RUNS_DIR = "runs"
+#: Launcher variables from which accelerate and transformers infer a distributed run.
+_DISTRIBUTED_ENV = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+    "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE",
+    "MPI_LOCALRANKID", "ACCELERATE_TORCH_DEVICE",
+)  # fmt: skip
 #: Columns of :meth:`SubsetFineTuner.run`: those of ``RegressionEstimator.evaluate`` plus ``seed``.
 COLUMNS = ("subset_id", "subset", "task", "task_name", "num_rows", "f1", "accuracy", "log_loss")
 METRICS = ("f1", "accuracy", "log_loss")
@@ -86,25 +109,24 @@ class SubsetFineTuner:
             out.append(tuple(sorted(int(t) for t in self.task_set.resolve(list(subset)))))
         return out
 
+    def rank_results_path(self, rank: int) -> Path:
+        """Where process ``rank`` of a multi-process launch appends its finished runs."""
+        return self.output_dir / f"results.rank{rank}.jsonl"
+
     def load_records(self) -> list[dict[str, Any]]:
-        """The finished runs in ``results.jsonl``; a trailing partial line (a crash while some
-        other writer appended) is ignored, a corrupt line elsewhere raises."""
-        if not self.results_path.exists():
-            return []
-        lines = self.results_path.read_text().splitlines()
-        records = []
-        for k, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                if k == len(lines) - 1:
-                    break
-                raise TaeError(
-                    f"{self.results_path} line {k + 1} is not valid JSON ({err}); remove that "
-                    "line to rerun its subset."
-                ) from err
+        """The finished runs in ``results.jsonl`` and in any ``results.rank{r}.jsonl`` left by an
+        interrupted multi-process run (the first record of a (subset, seed, split) wins).
+
+        A trailing partial line (a crash mid-append) is ignored, a corrupt line elsewhere raises.
+        """
+        paths = [self.results_path, *sorted(self.output_dir.glob(RANK_RESULTS_GLOB))]
+        records, seen = [], set()
+        for path in paths:
+            for record in _read_jsonl(path):
+                key = (tuple(record["subset"]), record["seed"], record["split"])
+                if key not in seen:
+                    seen.add(key)
+                    records.append(record)
         return records
 
     def run(
@@ -121,10 +143,23 @@ class SubsetFineTuner:
         ``split``), ``f1``, ``accuracy``, ``log_loss`` (the trainer's per-task BCE) — plus
         ``seed``. ``AffinityMatrix.from_results`` accepts it as is (each seed then counts as a
         sample of ``m_i(S)``); :func:`average_seeds` gives one row per (subset, task) first.
+
+        Under ``torchrun``/``accelerate launch`` every process calls ``run`` with the same
+        arguments; each trains every ``world_size``-th pending run alone (no DDP, see the module
+        docstring), and all return the full table once the main process has merged the
+        per-rank results. Each record in ``results.jsonl`` names the ``rank`` that trained it.
         """
         import pandas as pd
         from tqdm.auto import tqdm
 
+        state = _process_state()
+        # read now: every TrainingArguments resets accelerate's singleton state in place
+        world, rank, local_rank = (
+            state.num_processes,
+            state.process_index,
+            state.local_process_index,
+        )
+        is_local_main = state.is_local_main_process
         canon = self.canonical(subsets)
         records = self.load_records()
         done = {(tuple(r["subset"]), r["seed"], r["split"]): r for r in records}
@@ -134,18 +169,28 @@ class SubsetFineTuner:
             for seed in self.seeds
             if (s, seed, split) not in done
         ]
-        for subset, seed in tqdm(todo, desc="fine-tuning subsets", disable=not show_progress):
-            record = {
-                "subset": list(subset),
-                "seed": seed,
-                "split": split,
-                "rows": self._fine_tune(subset, seed, split),
-            }
-            records.append(record)
+        if world > 1:  # every process must see the same pending list before any appends
+            state.wait_for_everyone()
+        mine = todo[rank::world]  # round-robin share of this process, as GradientCollector
+        bar = tqdm(mine, desc="fine-tuning subsets", disable=not (show_progress and is_local_main))
+        for subset, seed in bar:
+            if world > 1:
+                with _single_process_accelerate(local_rank):
+                    rows = self._fine_tune(subset, seed, split, local_rank=local_rank)
+            else:
+                rows = self._fine_tune(subset, seed, split)
+            record = {"subset": list(subset), "seed": seed, "split": split, "rank": rank}
+            record["rows"] = rows
             done[(subset, seed, split)] = record
-            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-            atomic_write_text(self.results_path, text)
-        shutil.rmtree(self.output_dir / RUNS_DIR, ignore_errors=True)
+            if world > 1:
+                _append_line(self.rank_results_path(rank), json.dumps(record, sort_keys=True))
+            else:
+                records.append(record)
+                text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+                atomic_write_text(self.results_path, text)
+        self._merge_ranks(distributed=world > 1)
+        if world > 1:
+            done = {(tuple(r["subset"]), r["seed"], r["split"]): r for r in self.load_records()}
         rows = [
             {"subset_id": i, "subset": list(s), **row, "seed": seed}
             for i, s in enumerate(canon)
@@ -154,8 +199,36 @@ class SubsetFineTuner:
         ]
         return pd.DataFrame(rows, columns=[*COLUMNS, "seed"])
 
-    def _fine_tune(self, subset: tuple[int, ...], seed: int, split: str) -> list[dict[str, Any]]:
-        """Train ``model_init()`` on ``subset`` with ``seed``; per-task scores on ``split``."""
+    def _merge_ranks(self, distributed: bool) -> None:
+        """Fold any ``results.rank{r}.jsonl`` into ``results.jsonl`` (atomically, then delete
+        them) and remove the run folders. ``distributed``: after every process finished its
+        share, the main process merges while the others wait."""
+        state = None
+        if distributed:
+            from accelerate import PartialState
+
+            state = PartialState()  # the launch's state, restored by _single_process_accelerate
+            state.wait_for_everyone()
+        if state is None or state.is_main_process:
+            rank_files = list(self.output_dir.glob(RANK_RESULTS_GLOB))
+            if rank_files:
+                records = self.load_records()
+                text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+                atomic_write_text(self.results_path, text)
+                for path in rank_files:
+                    path.unlink()
+            shutil.rmtree(self.output_dir / RUNS_DIR, ignore_errors=True)
+        if state is not None:
+            state.wait_for_everyone()
+
+    def _fine_tune(
+        self, subset: tuple[int, ...], seed: int, split: str, local_rank: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Train ``model_init()`` on ``subset`` with ``seed``; per-task scores on ``split``.
+
+        ``local_rank`` (multi-process launches only) picks this process's GPU for the run.
+        """
+        import torch
         from transformers import set_seed
         from transformers.trainer_callback import PrinterCallback
 
@@ -173,10 +246,24 @@ class SubsetFineTuner:
             report_to="none",
             disable_tqdm=True,
         )
+        if local_rank is not None and not args.use_cpu and torch.cuda.is_available():
+            # without a distributed launch the Trainer always picks cuda:0; put each process's
+            # runs on its own GPU (TrainingArguments.device is a functools.cached_property)
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            _ = args.device  # sets up the (single-process) accelerate state first
+            args.__dict__["_setup_devices"] = device
+            torch.cuda.set_device(device)
         task_set = self.task_set.select(list(subset))
         set_seed(seed)
         model = self.model_init()
         trainer = MultitaskTrainer(model=model, args=args, task_set=task_set)
+        if trainer.accelerator.num_processes != 1 or trainer.args.world_size != 1:
+            raise TaeError(
+                f"the Trainer of subset {list(subset)} joined a {trainer.args.world_size}-process "
+                "group, but each (subset, seed) run must train alone; run the fine-tuning in one "
+                "process (python script.py) if this accelerate/transformers version defeats "
+                "SubsetFineTuner.run's isolation."
+            )
         trainer.remove_callback(PrinterCallback)  # no log lines under the progress bar
         trainer.train()
         metrics = trainer.evaluate_tasks(split)
@@ -193,6 +280,100 @@ class SubsetFineTuner:
             }
             for t, name in zip(subset, task_set.task_names, strict=True)
         ]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """JSON lines of ``path`` (none if missing); a trailing partial line is ignored."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if k == len(lines) - 1:
+                break
+            raise TaeError(
+                f"{path} line {k + 1} is not valid JSON ({err}); remove that line to rerun its "
+                "subset."
+            ) from err
+    return records
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one JSON line durably (a single ``write`` of the whole line, then fsync).
+
+    A crash can leave at most a partial last line, which :func:`_read_jsonl` ignores; if an
+    earlier crash left one, a newline is written first so the new record stays parseable.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = ""
+    if path.exists() and path.stat().st_size > 0:
+        with path.open("rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            prefix = "" if handle.read(1) == b"\n" else "\n"
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(prefix + line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _process_state():
+    """accelerate's ``PartialState`` of the launch (CPU when asked or without CUDA)."""
+    import torch
+    from accelerate import PartialState
+
+    use_cpu = (
+        os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        or not torch.cuda.is_available()
+    )
+    return PartialState(cpu=use_cpu)
+
+
+@contextlib.contextmanager
+def _single_process_accelerate(local_rank: int) -> Iterator[None]:
+    """Make a ``Trainer`` built inside run in this process alone, then restore the launch.
+
+    ``TrainingArguments`` resets accelerate's singleton states and rebuilds them from the
+    launcher's environment, so under ``torchrun``/``accelerate launch`` every Trainer would be
+    a DDP member. Here the launcher variables (and ``ACCELERATE_TORCH_DEVICE``) are hidden and
+    the ``PartialState``/``AcceleratorState``/``GradientState`` singletons emptied, so the
+    Trainer's accelerate state comes up as ``DistributedType.NO`` (one process, no DDP, no
+    dataloader sharding); on exit the environment and the launch's states are put back in
+    place, so ``PartialState().wait_for_everyone()`` reaches the launch's process group again.
+    ``local_rank`` sets ``ACCELERATE_TORCH_DEVICE`` to this process's GPU when there is one.
+    """
+    import torch
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    shared = [cls._shared_state for cls in (PartialState, AcceleratorState, GradientState)]
+    snapshots = [dict(d) for d in shared]
+    env = {k: os.environ[k] for k in _DISTRIBUTED_ENV if k in os.environ}
+    # TrainingArguments warns that the (launch's) process group is initialized but unused:
+    # intended here, so silence that logger for the run
+    args_logger = logging.getLogger("transformers.training_args")
+    level = args_logger.level
+    args_logger.setLevel(logging.ERROR)
+    try:
+        for key in env:
+            del os.environ[key]
+        use_cpu = env.get("ACCELERATE_USE_CPU", os.environ.get("ACCELERATE_USE_CPU", ""))
+        if torch.cuda.is_available() and use_cpu.lower() not in ("1", "true", "yes"):
+            os.environ["ACCELERATE_TORCH_DEVICE"] = f"cuda:{local_rank % torch.cuda.device_count()}"
+        for d in shared:
+            d.clear()
+        yield
+    finally:
+        for d, snapshot in zip(shared, snapshots, strict=True):
+            d.clear()
+            d.update(snapshot)
+        for key in _DISTRIBUTED_ENV:
+            os.environ.pop(key, None)
+        os.environ.update(env)
+        args_logger.setLevel(level)
 
 
 def average_seeds(table: pd.DataFrame) -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""The ``hf-tae`` command line: ``hf-tae publish <artifact dir> <repo_id>`` (more subcommands later).
+"""The ``hf-tae`` command line: ``hf-tae run [options]`` (the end-to-end job) and
+``hf-tae publish <artifact dir> <repo_id>``.
 
 Heavy libraries (torch, transformers) are imported only when a subcommand runs, so ``--help``
 answers instantly. The Hub token comes from the usual places (``HF_TOKEN``, ``hf auth login``)
@@ -36,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="hf_tae: gradient-based task affinity estimation with Hugging Face Trainer.",
     )
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    commands.add_parser(
+        "run",
+        help="the end-to-end job: meta-init, gradients, affinity, groups, group training, report "
+        "(hf-tae run --help lists its options)",
+        add_help=False,
+    )
     publish = commands.add_parser(
         "publish",
         help="publish a model, gradient store, graph or recipe run folder to the Hub",
@@ -63,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hf-tae``; bad inputs print the :class:`TaeError` message and exit with status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:  # options belong to the job's HfArgumentParser, help included
+        from hf_tae.pipeline.graph_communities import run
+
+        try:
+            run(argv[1:], prog="hf-tae run")
+        except TaeError as err:
+            print(f"hf-tae run: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

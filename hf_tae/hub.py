@@ -523,12 +523,13 @@ def _publish_graph(
 
 
 def _run_metrics(run_dir: Path) -> dict[str, float]:
-    """Validation and test metrics from a recipe run's ``results.json`` (empty if absent)."""
+    """The meta-initialization's validation and test metrics from a run's ``results.json``
+    (empty if absent)."""
     path = run_dir / _RUN_RESULTS
     if not path.is_file():
         return {}
-    results = json.loads(path.read_text())
-    merged = {**results.get("validation", {}), **results.get("test", {})}
+    meta = json.loads(path.read_text()).get("meta_init", {})
+    merged = {**meta.get("validation", {}), **meta.get("test", {})}
     return {k: float(v) for k, v in merged.items() if isinstance(v, int | float)}
 
 

@@ -233,7 +233,9 @@ def test_cli_publishes_gradient_store_and_run_folder(pushed, graph, tmp_path, lo
     pushed["trainer"].save_model(str(run / "meta_init"))
     graph.save(run / "data")
     _tiny_store(run / "gradients", graph.task_names)
-    (run / "results.json").write_text(json.dumps({"validation": {"eval_avg_f1": 0.5}}))
+    (run / "results.json").write_text(
+        json.dumps({"meta_init": {"validation": {"eval_avg_f1": 0.5}}})
+    )
     run_repo = _repo_id("run")
     urls = publish(run, run_repo)
     assert set(urls) == {"model", "data", "gradients"}

@@ -1,4 +1,5 @@
-"""recipes/graph_communities.py end to end: plain python, and accelerate launch with 2 CPU processes."""
+"""recipes/graph_communities.py (= ``hf-tae run``) end to end: plain python, the CLI, and
+accelerate launch with 2 CPU processes."""
 
 import json
 import os
@@ -19,6 +20,10 @@ SMALL = [
     "10",
     "--disable_tqdm",
     "true",
+    "--subset_size",
+    "2",
+    "--num_task_groups",
+    "2",
 ]
 
 
@@ -42,7 +47,7 @@ def test_recipe_trains_saves_and_reloads(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 1 and len(results["tasks"]) == 4
-    assert set(results["label_frequency_baseline_test"]) == set(results["tasks"])
+    assert set(results["meta_init"]["label_frequency_baseline_test"]) == set(results["tasks"])
     assert (out / "test_f1_per_task.png").stat().st_size > 1000
     from hf_tae import GradientStore
 
@@ -61,16 +66,21 @@ def test_recipe_trains_saves_and_reloads(tmp_path):
         logits, test["labels"][:].numpy(), test["label_mask"][:].numpy()
     )
     for name, values in scores.items():
-        assert values["f1"] == pytest.approx(results["test"][f"test_{name}_f1"], abs=1e-6)
+        assert values["f1"] == pytest.approx(
+            results["meta_init"]["test"][f"test_{name}_f1"], abs=1e-6
+        )
 
     # --meta_init starts from the saved meta-initialization without training: same test metrics
     again = tmp_path / "again"
     cmd = [sys.executable, str(RECIPE), "--output_dir", str(again), *SMALL,
-           "--meta_init", str(out / "meta_init"), "--collect_gradients", "false"]  # fmt: skip
+           "--meta_init", str(out / "meta_init"), "--estimate", "false",
+           "--collect_gradients", "false"]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rerun = json.loads((again / "results.json").read_text())
-    assert rerun["test"]["test_avg_f1"] == pytest.approx(results["test"]["test_avg_f1"], abs=1e-6)
+    assert rerun["meta_init"]["test_avg_f1"] == pytest.approx(
+        results["meta_init"]["test_avg_f1"], abs=1e-6
+    )
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
@@ -85,3 +95,78 @@ def test_recipe_under_accelerate_launch_uses_two_processes(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2
     assert (out / "meta_init" / "model.safetensors").exists()
+
+
+def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
+    """Every stage runs through ``hf-tae run``; its outputs agree with independent recomputation."""
+    import numpy as np
+
+    from hf_tae import AffinityMatrix, CommunityGraph
+
+    out = tmp_path / "run"
+    cli = Path(sys.executable).with_name("hf-tae")
+    cmd = [str(cli), "run", "--output_dir", str(out), *SMALL, "--ground_truth", "3"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    graph = CommunityGraph.load(out / "data")
+    tasks = graph.task_names
+
+    # stage timings for every stage that ran
+    assert set(results["timings"]) >= {
+        "data", "meta-initialization", "gradients", "estimation + affinity", "grouping",
+        "group training", "ground truth",
+    }  # fmt: skip
+    # estimation: all C(4, 2) = 6 pairs, saved with the matrix
+    affinity = AffinityMatrix.load(out / "affinity")
+    assert results["estimation"]["num_subsets"] == 6 and len(affinity.results) == 12
+    # the groups: a partition of the tasks into k = 2, whose reported objective is the average
+    # within-group density Σ_c 1ᵀT_c1/|c| of the saved matrix (computed here by hand)
+    grouping = json.loads((out / "groups.json").read_text())
+    assert sorted(t for g in grouping["groups"] for t in g) == sorted(tasks)
+    assert grouping["k"] == len(grouping["groups"]) == 2
+    T = np.nan_to_num(affinity.to_numpy())
+    ids = [[tasks.index(t) for t in g] for g in grouping["groups"]]
+    density = sum(T[np.ix_(g, g)].sum() / len(g) for g in ids)
+    assert grouping["objective"] == pytest.approx(density, rel=1e-6)
+    # group training: every strategy scores every task; averages are the per-task means
+    training = results["group_training"]
+    assert set(training["summary"]) == {"grouped", "all tasks", "single task", "planted groups"}
+    for name, summary in training["summary"].items():
+        per_task = [training["per_task"][t][name] for t in tasks]
+        assert summary["f1"] == pytest.approx(np.mean(per_task), abs=1e-9)
+    assert training["summary"]["single task"]["num_models"] == 4
+    # shared runs: single-task and 2-task groups are trained once each, however many
+    # strategies use them (4 singles + 1 all-tasks + at most 4 distinct pairs)
+    runs = (out / "group_training" / "results.jsonl").read_text().splitlines()
+    assert len(runs) <= 9
+    # ground truth: 3 fine-tuned subsets compared with their estimates
+    truth = results["ground_truth"]
+    assert truth["num_subsets"] == 3 and truth["scores"]["num_pairs"] == 6
+    for name in (
+        "report.md",
+        "affinity_by_group.png",
+        "grouping_gains.png",
+        "estimated_vs_true.png",
+    ):
+        assert (out / name).stat().st_size > 500, name
+    report = (out / "report.md").read_text()
+    for heading in (
+        "## Timings",
+        "## Task groups",
+        "## Group training",
+        "## Estimated vs fine-tuned",
+    ):
+        assert heading in report
+
+
+def test_cli_run_rejects_bad_options_before_training(tmp_path):
+    cli = Path(sys.executable).with_name("hf-tae")
+    for flag, value, message in (
+        ("--clustering", "louvain", "--clustering 'louvain' is not one of"),
+        ("--subset_size", "1", "--subset_size must be >= 2"),
+    ):
+        cmd = [str(cli), "run", "--output_dir", str(tmp_path / "x"), flag, value]
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "x" / "meta_init").exists()

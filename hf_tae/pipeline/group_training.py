@@ -1,0 +1,136 @@
+"""Step 6: train one model per task group and compare with other ways of splitting the tasks.
+
+After clustering (gradtae_methods.md A.5, last line: "one multitask model is trained per
+group"), the question a user asks is whether the groups pay off: is every task better served
+by its group's model than by one model on all tasks, or by a model of its own? This module
+answers it with real training. Every strategy is a partition of the tasks (the groups, all
+tasks in one group, every task alone, the planted groups when known); each distinct subset is
+trained once per seed by :class:`~hf_tae.SubsetFineTuner`, so the runs are resumable and shared
+between strategies (a singleton group is the same run as that task trained alone), and run in
+parallel under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from hf_tae.errors import TaeError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from transformers import PreTrainedModel
+
+    from hf_tae.tasks.taskset import TaskSet
+    from hf_tae.trainers.arguments import MultitaskTrainingArguments
+
+#: Per-task metrics reported by :func:`compare_group_training`.
+METRICS = ("f1", "accuracy", "log_loss")
+
+
+def _partition(task_set: TaskSet, name: str, groups: Sequence[Sequence[int | str]]):
+    """Groups as sorted tuples of global ids; each task of the task set exactly once."""
+    if isinstance(groups, str) or not all(
+        isinstance(g, Sequence) and not isinstance(g, str) for g in groups
+    ):
+        raise TaeError(f"strategy {name!r} must be a list of task lists, got {groups!r}.")
+    canon = [tuple(sorted(int(t) for t in task_set.resolve(list(g)))) for g in groups if len(g)]
+    seen = [t for g in canon for t in g]
+    expected = sorted(int(t) for t in task_set.task_ids)
+    if sorted(seen) != expected:
+        names = task_set.all_task_names
+        repeated = sorted({names[t] for t in seen if seen.count(t) > 1})
+        missing = sorted(names[t] for t in set(expected) - set(seen))
+        extra = sorted(names[t] for t in set(seen) - set(expected))
+        raise TaeError(
+            f"strategy {name!r} is not a partition of the task set's tasks (repeated {repeated}, "
+            f"missing {missing}, not selected {extra}); give every task exactly one group."
+        )
+    return canon
+
+
+def compare_group_training(
+    model_init: Callable[[], PreTrainedModel],
+    task_set: TaskSet,
+    strategies: Mapping[str, Sequence[Sequence[int | str]]],
+    args: MultitaskTrainingArguments,
+    output_dir: str | os.PathLike,
+    seeds: Sequence[int] = (0,),
+    split: str = "test",
+    show_progress: bool = True,
+) -> pd.DataFrame:
+    """Train every group of every strategy and score each task with its own group's model.
+
+    Args:
+        model_init: the fresh model of each run (from scratch or a meta-initialization).
+        task_set: the tasks.
+        strategies: ``{name: partition}``, e.g. ``{"grouped": groups, "all tasks":
+            [all_tasks], "single task": [[t] for t in all_tasks]}``; each partition lists
+            every task exactly once (names or global ids).
+        args: training arguments of every run (see :class:`~hf_tae.SubsetFineTuner`).
+        output_dir: the shared, resumable ``SubsetFineTuner`` folder.
+        seeds: runs per subset; scores are averaged over seeds.
+        split: where each task is scored (``"test"`` for the final comparison).
+
+    Returns:
+        One row per (strategy, task): ``strategy``, ``task``, ``task_name``, ``group`` (the
+        task names trained together), ``group_size`` and the mean ``f1``, ``accuracy`` and
+        ``log_loss`` over seeds.
+    """
+    import pandas as pd
+
+    from hf_tae.estimation.ground_truth import SubsetFineTuner
+
+    if not strategies:
+        raise TaeError("strategies is empty; give at least one partition of the tasks.")
+    partitions = {name: _partition(task_set, name, groups) for name, groups in strategies.items()}
+    subsets = sorted(
+        {g for groups in partitions.values() for g in groups}, key=lambda g: (len(g), g)
+    )
+    tuner = SubsetFineTuner(model_init, task_set, args, output_dir, seeds=seeds)
+    table = tuner.run(subsets, split=split, show_progress=show_progress)
+    means = (
+        table.assign(subset=[tuple(s) for s in table["subset"]])
+        .groupby(["subset", "task", "task_name"], sort=False)[list(METRICS)]
+        .mean()
+    )
+    names = task_set.all_task_names
+    rows = []
+    for strategy, groups in partitions.items():
+        for group in groups:
+            for task in group:
+                scores = means.loc[(group, task, names[task])]
+                rows.append(
+                    {
+                        "strategy": strategy,
+                        "task": task,
+                        "task_name": names[task],
+                        "group": [names[t] for t in group],
+                        "group_size": len(group),
+                        **{m: float(scores[m]) for m in METRICS},
+                    }
+                )
+    return pd.DataFrame(rows).sort_values(["strategy", "task"], ignore_index=True)
+
+
+def summarize_group_training(table: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
+    """Mean scores per strategy (rows) and, with ``reference``, the per-task win rate against it.
+
+    ``wins`` counts tasks whose F1 beats ``reference``'s F1 for the same task (ties are not
+    wins), e.g. ``reference="all tasks"`` for "do the groups beat one model on everything?".
+    """
+    summary = table.groupby("strategy", sort=False)[list(METRICS)].mean()
+    summary["num_models"] = table.groupby("strategy", sort=False)["group"].apply(
+        lambda g: len({tuple(x) for x in g})
+    )
+    if reference is not None:
+        if reference not in summary.index:
+            raise TaeError(
+                f"reference {reference!r} is not a strategy of the table; use one of "
+                f"{list(summary.index)}."
+            )
+        wide = table.pivot(index="task", columns="strategy", values="f1")
+        summary["f1_gain"] = summary["f1"] - summary.loc[reference, "f1"]
+        summary["wins"] = [int((wide[s] > wide[reference]).sum()) for s in summary.index]
+    return summary

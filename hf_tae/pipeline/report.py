@@ -1,0 +1,218 @@
+"""The run report of the end-to-end pipeline: ``report.md`` and the PNGs it links.
+
+Everything here reads the ``results`` dict that :mod:`hf_tae.pipeline.graph_communities`
+writes to ``results.json``, so a report can be rebuilt from a finished run without rerunning it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hf_tae.utils.io import atomic_write_bytes, atomic_write_text
+
+
+def _save_figure(fig, path: str | os.PathLike) -> Path:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_grouping_gains(
+    gains: Mapping[str, float], groups: Sequence[Sequence[str]], path: str | os.PathLike, title: str
+) -> Path:
+    """Per-task F1 gain of the group models over a reference, tasks ordered and coloured by group."""
+    plt = _pyplot()
+    order = [t for g in groups for t in g]
+    colors = [f"C{k % 10}" for k, g in enumerate(groups) for _ in g]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(order) + 2), 3.6))
+    ax.bar(range(len(order)), [gains[t] for t in order], color=colors)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("F1 gain")
+    ax.set_title(title, fontsize=10)
+    return _save_figure(fig, path)
+
+
+def plot_estimated_vs_true(
+    estimated: Sequence[float], true: Sequence[float], path: str | os.PathLike, metric: str
+) -> Path:
+    """Scatter of estimated against fine-tuned per-(subset, task) scores, with the diagonal."""
+    plt = _pyplot()
+    est, tru = np.asarray(estimated, float), np.asarray(true, float)
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.scatter(tru, est, s=12, alpha=0.7)
+    lo, hi = float(min(est.min(), tru.min())), float(max(est.max(), tru.max()))
+    ax.plot([lo, hi], [lo, hi], color="gray", linewidth=0.8, linestyle="--")
+    ax.set_xlabel(f"fine-tuned {metric}")
+    ax.set_ylabel(f"estimated {metric}")
+    ax.set_title("per (subset, task) score", fontsize=10)
+    return _save_figure(fig, path)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_report(results: Mapping[str, Any]) -> str:
+    """``report.md`` text: what ran, timings per stage, groups, and the per-task comparison."""
+    out = ["# hf_tae run report", ""]
+    out += [
+        f"- data: {results['graph']}",
+        f"- command: `{results['command']}`",
+        f"- processes: {results['world_size']}",
+        "",
+        "## Timings",
+        "",
+        _table(["stage", "seconds"], [(k, v) for k, v in results["timings"].items()]),
+        "",
+    ]
+    meta = results["meta_init"]
+    out += [
+        "## Meta-initialization (all tasks)",
+        "",
+        f"Test average F1 {meta['test_avg_f1']:.3f} against {meta['baseline_avg_f1']:.3f} for the "
+        "label-frequency baseline (sklearn `DummyClassifier`).",
+        "",
+    ]
+    if "gradients" in results:
+        g = results["gradients"]
+        out += [f"Gradient store: {g['rows']} examples × {g['dim']} dimensions.", ""]
+    est = results.get("estimation")
+    if est:
+        out += [
+            "## Estimated affinity",
+            "",
+            f"{est['num_subsets']} subsets of {est['subset_size']} tasks, estimator "
+            f"`{est['estimator']}`, scored on {est['scoring_split']} rows by {est['metric']}; "
+            f"{est['subsets_per_second']:.0f} subsets/s.",
+            "",
+            "![affinity](affinity_by_group.png)",
+            "",
+        ]
+        if "planted_gap" in est:
+            out += [
+                f"Mean within-group minus cross-group affinity of the planted groups: "
+                f"{est['planted_gap']:+.3f}.",
+                "",
+            ]
+    groups = results.get("grouping")
+    if groups:
+        out += [
+            "## Task groups",
+            "",
+            f"{groups['method']} with k = {groups['k']} ({groups['k_choice']}); average "
+            f"within-group density {groups['objective']:.3f}.",
+            "",
+        ]
+        out += [f"{i + 1}. {', '.join(g)}" for i, g in enumerate(groups["groups"])]
+        out.append("")
+        if "adjusted_rand_vs_planted" in groups:
+            out += [
+                f"Adjusted Rand index against the planted groups: "
+                f"{groups['adjusted_rand_vs_planted']:.3f} (1 = recovered exactly).",
+                "",
+            ]
+        if groups.get("sweep"):
+            keys = ["k", "objective", "null_objective", "gain", "recommended"]
+            out += [_table(keys, [[row[k] for k in keys] for row in groups["sweep"]]), ""]
+    training = results.get("group_training")
+    if training:
+        strategies = list(training["summary"])
+        out += [
+            "## Group training",
+            "",
+            f"One model per group, trained {training['init']} with the run's training "
+            f"arguments ({training['seeds']} seed(s)), scored on {training['split']}.",
+            "",
+            _table(
+                ["strategy", "models", "avg F1", "avg accuracy", "avg log-loss", "F1 wins vs all"],
+                [
+                    (
+                        s,
+                        v["num_models"],
+                        v["f1"],
+                        v["accuracy"],
+                        v["log_loss"],
+                        f"{v.get('wins', '')}/{len(training['per_task'])}",
+                    )
+                    for s, v in training["summary"].items()
+                ],
+            ),
+            "",
+            "Per-task F1:",
+            "",
+            _table(
+                ["task", *strategies],
+                [
+                    (t, *(scores[s] for s in strategies))
+                    for t, scores in training["per_task"].items()
+                ],
+            ),
+            "",
+            "![gains](grouping_gains.png)",
+            "",
+        ]
+    truth = results.get("ground_truth")
+    if truth:
+        c, r = truth["affinity"], truth["scores"]
+        out += [
+            "## Estimated vs fine-tuned",
+            "",
+            f"{truth['num_subsets']} subsets fine-tuned for real ({truth['seconds']:.0f} s; "
+            f"estimation took {truth['compute_ratio']:.1%} of that).",
+            "",
+            _table(
+                ["", "relative Frobenius", "mean abs error", "Spearman", "Pearson"],
+                [
+                    (
+                        "affinity entries",
+                        c["relative_frobenius"],
+                        c["mean_abs_error"],
+                        c["spearman"],
+                        c["pearson"],
+                    ),
+                    (
+                        "per-(subset, task) scores",
+                        "",
+                        r["mean_abs_error"],
+                        r["spearman"],
+                        r["pearson"],
+                    ),
+                ],
+            ),  # fmt: skip
+            "",
+            "![estimated vs true](estimated_vs_true.png)",
+            "",
+        ]
+    return "\n".join(out)
+
+
+def write_report(results: Mapping[str, Any], output_dir: str | os.PathLike) -> Path:
+    """Write ``report.md`` into ``output_dir`` atomically."""
+    return atomic_write_text(Path(output_dir) / "report.md", render_report(results))

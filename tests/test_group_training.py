@@ -1,0 +1,100 @@
+"""compare_group_training: partitions checked, runs shared between strategies, scores taken from
+the right group's model (read back from the raw results file), summaries recomputed by hand."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from hf_tae import (
+    MultitaskTrainingArguments,
+    SignConfig,
+    SignForMultiTaskNodeClassification,
+    TaeError,
+)
+from hf_tae.pipeline import compare_group_training, summarize_group_training
+
+
+@pytest.fixture(scope="module")
+def task_set(tiny_graph):
+    return tiny_graph.task_set(num_hops=2)
+
+
+def _model_init(graph):
+    def init():
+        config = SignConfig(in_features=6, num_hops=2, hidden_size=4, task_names=graph.task_names,
+                            dropout=0.1, input_dropout=0.1)  # fmt: skip
+        return SignForMultiTaskNodeClassification(config)
+
+    return init
+
+
+def _args(path):
+    return MultitaskTrainingArguments(output_dir=str(path), learning_rate=1e-2, num_train_epochs=2,
+                                      per_device_train_batch_size=64, lr_scheduler_type="constant",
+                                      use_cpu=True, disable_tqdm=True, report_to="none")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        ([["g0_c0", "g0_c1"], ["g1_c0"]], r"missing \['g1_c1'\]"),
+        ([["g0_c0", "g0_c1"], ["g1_c0", "g1_c1", "g0_c0"]], r"repeated \['g0_c0'\]"),
+        (["g0_c0", "g0_c1"], "must be a list of task lists"),
+    ],
+)
+def test_rejects_strategies_that_are_not_partitions(
+    tiny_graph, task_set, tmp_path, groups, message
+):
+    with pytest.raises(TaeError, match=message):
+        compare_group_training(_model_init(tiny_graph), task_set, {"bad": groups},
+                               _args(tmp_path / "r"), tmp_path)  # fmt: skip
+    with pytest.raises(TaeError, match="strategies is empty"):
+        compare_group_training(_model_init(tiny_graph), task_set, {}, _args(tmp_path), tmp_path)
+
+
+def test_each_task_is_scored_by_its_own_groups_model_and_runs_are_shared(
+    tiny_graph, task_set, tmp_path
+):
+    names = tiny_graph.task_names
+    strategies = {
+        "pairs": [["g0_c0", "g0_c1"], ["g1_c0", "g1_c1"]],
+        "mixed": [["g0_c0"], ["g0_c1", "g1_c0", "g1_c1"]],
+        "single": [[t] for t in names],
+    }
+    table = compare_group_training(_model_init(tiny_graph), task_set, strategies,
+                                   _args(tmp_path / "r"), tmp_path, seeds=(0, 1), split="test",
+                                   show_progress=False)  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    # {g0_c0} is both a single and a "mixed" group: 7 distinct subsets × 2 seeds, not 8 × 2
+    assert len(records) == 14
+    assert {r["split"] for r in records} == {"test"}
+    raw = {}
+    for r in records:
+        for row in r["rows"]:
+            raw.setdefault((tuple(r["subset"]), row["task_name"]), []).append(row["f1"])
+    for strategy, groups in strategies.items():
+        for group in groups:
+            key = tuple(sorted(names.index(t) for t in group))
+            for task in group:
+                got = table[(table.strategy == strategy) & (table.task_name == task)]
+                assert len(got) == 1 and got["group"].iloc[0] == [names[t] for t in key]
+                assert got["f1"].iloc[0] == pytest.approx(sum(raw[key, task]) / 2, abs=1e-12)
+
+
+def test_summary_means_gains_and_wins_by_hand():
+    rows = []
+    scores = {"all": [0.5, 0.6, 0.7], "grouped": [0.6, 0.6, 0.8], "single": [0.1, 0.7, 0.2]}
+    for strategy, f1s in scores.items():
+        for task, f1 in enumerate(f1s):
+            group = ["a", "b", "c"] if strategy == "all" else [str(task)]
+            rows.append({"strategy": strategy, "task": task, "task_name": str(task), "group": group,
+                         "group_size": len(group), "f1": f1, "accuracy": f1, "log_loss": 1 - f1})  # fmt: skip
+    summary = summarize_group_training(pd.DataFrame(rows), reference="all")
+    assert summary.loc["grouped", "f1"] == pytest.approx(2.0 / 3)
+    assert summary.loc["grouped", "f1_gain"] == pytest.approx(2.0 / 3 - 0.6)
+    assert summary.loc["grouped", "wins"] == 2  # the tie on task 1 is not a win
+    assert summary.loc["single", "wins"] == 1
+    assert summary.loc["all", "num_models"] == 1 and summary.loc["single", "num_models"] == 3
+    with pytest.raises(TaeError, match="reference 'nope'"):
+        summarize_group_training(pd.DataFrame(rows), reference="nope")

@@ -170,6 +170,43 @@ class AffinityMatrix:
         return cls(values, task_names, kind, counts, results.reset_index(drop=True), info)
 
     # ------------------------------------------------------------------ storage
+    @classmethod
+    def average(cls, matrices: Sequence[AffinityMatrix], kind: str | None = None) -> AffinityMatrix:
+        """Entry-wise mean of matrices over the same tasks, ignoring NaN entries (pairs a member
+        never covered); counts add up and the result tables are stacked with a ``member`` column.
+
+        For ensembles: estimates from several meta-initializations or projections (A.6: the run
+        index selects the checkpoint and the projection) are averaged after each was z-scored
+        on its own, so one θ0's offsets do not leak into another's.
+        """
+        import pandas as pd
+
+        if not matrices:
+            raise TaeError("average needs at least one AffinityMatrix.")
+        names = list(matrices[0].task_names)
+        for k, m in enumerate(matrices):
+            if list(m.task_names) != names:
+                raise TaeError(
+                    f"matrix {k} has tasks {list(m.task_names)[:5]}…, matrix 0 {names[:5]}…; "
+                    "average matrices built over the same task list."
+                )
+        stack = np.stack([m.values for m in matrices])
+        finite = np.isfinite(stack)
+        total = np.where(finite, stack, 0.0).sum(0)
+        hits = finite.sum(0)
+        values = np.where(hits > 0, total / np.maximum(hits, 1), np.nan)
+        tables = [
+            m.results.assign(member=k) for k, m in enumerate(matrices) if m.results is not None
+        ]
+        return cls(
+            values,
+            names,
+            kind=kind or matrices[0].kind,
+            counts=sum(m.counts for m in matrices),
+            results=pd.concat(tables, ignore_index=True) if tables else None,
+            provenance={**matrices[0].provenance, "members": len(matrices)},
+        )
+
     def save(
         self,
         path: str | os.PathLike,

@@ -24,9 +24,11 @@ per-(subset, task) scores), ``groups.json`` and the resumable ``group_training/`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import re
 import shlex
 import sys
 import time
@@ -111,9 +113,16 @@ class GradientArguments:
     )
     projection_seed: int = field(default=0, metadata={"help": "Seed of the projection matrices."})
     gradient_batch_size: int = field(default=512, metadata={"help": "Examples per gradient batch."})
+    exclude_task_heads: bool = field(
+        default=True,
+        metadata={
+            "help": "Leave the task-private last head layer out of the gradients: it carries no "
+            "transfer between tasks, and projection would mix it into shared coordinates."
+        },
+    )
     gradient_exclude: list[str] = field(
         default_factory=list,
-        metadata={"help": "Parameter name patterns left out of the gradients (e.g. head.3)."},
+        metadata={"help": "More parameter-name patterns (regular expressions) to leave out."},
     )
 
 
@@ -129,6 +138,13 @@ class EstimationArguments:
         metadata={"help": "Sampled task subsets (capped at the number of distinct subsets)."},
     )
     subset_size: int = field(default=4, metadata={"help": "Tasks per sampled subset."})
+    num_meta_inits: int = field(
+        default=3,
+        metadata={
+            "help": "Meta-initializations (training seeds seed, seed+1, …) whose estimated "
+            "affinities are averaged (A.6 ensembles); 1 with --meta_init."
+        },
+    )
     subset_seed: int = field(default=0, metadata={"help": "Seed of the subset sampler."})
     estimator_l2: float = field(
         default=1000.0,
@@ -206,7 +222,7 @@ def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
     logger.info("stage %s", name)
     start = time.perf_counter()
     yield
-    timings[name] = round(time.perf_counter() - start, 2)
+    timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 2)
 
 
 def build_graph(data: GraphDataArguments):
@@ -243,6 +259,7 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
         ("--num_task_groups", grouping.num_task_groups, 0),
         ("--max_task_groups", grouping.max_task_groups, 2),
         ("--ground_truth", grouping.ground_truth, 0),
+        ("--num_meta_inits", est.num_meta_inits, 1),
     ):
         if value < low:
             raise TaeError(f"{flag} must be >= {low}, got {value}.")
@@ -250,7 +267,8 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
         raise TaeError("--group_seeds is empty; give at least one seed.")
 
 
-def train_meta_init(graph, task_set, data_args, model_args, training_args, output_dir: Path):
+def train_meta_init(graph, task_set, data_args, model_args, training_args, output_dir: Path,
+                    save_graph: bool = True):  # fmt: skip
     """Stage 1: the multitask model on all tasks (A.1), its test metrics and the baseline."""
     from transformers import set_seed
 
@@ -283,7 +301,8 @@ def train_meta_init(graph, task_set, data_args, model_args, training_args, outpu
     baseline = label_frequency_baseline(task_set, "test")
     if trainer.is_world_process_zero():
         trainer.save_model(str(output_dir / "meta_init"))
-        graph.save(output_dir / "data", overwrite=True)
+        if save_graph:
+            graph.save(output_dir / "data", overwrite=True)
     return trainer, {
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "validation": validation,
@@ -302,8 +321,9 @@ def planted_gap(matrix: np.ndarray, groups: Sequence[int]) -> float:
     return float(np.nanmean(matrix[same & off]) - np.nanmean(matrix[~same]))
 
 
-def estimate_affinity(store, graph, est_args: EstimationArguments, output_dir: Path):
-    """Stages 3–4: estimated per-(subset, task) scores and the affinity matrix."""
+def estimate_affinity(stores, graph, est_args: EstimationArguments):
+    """Stages 3–4: estimated per-(subset, task) scores on every store (one per meta-initialization)
+    and their averaged affinity matrix."""
     from hf_tae.estimation.affinity import AffinityMatrix
     from hf_tae.estimation.regression import RegressionEstimator
     from hf_tae.estimation.subsets import sample_subsets
@@ -318,36 +338,48 @@ def estimate_affinity(store, graph, est_args: EstimationArguments, output_dir: P
     if num_subsets < est_args.num_subsets:
         logger.info("only %d subsets of size %d exist; using all", available, est_args.subset_size)
     subsets = sample_subsets(n, num_subsets, est_args.subset_size, seed=est_args.subset_seed)
+    provenance = {
+        "estimator_l2": est_args.estimator_l2,
+        "estimator_mode": est_args.estimator_mode,
+        "scoring_split": est_args.scoring_split,
+        "num_subsets": num_subsets,
+        "subset_size": est_args.subset_size,
+    }
     start = time.perf_counter()
-    estimator = RegressionEstimator(store, l2=est_args.estimator_l2, mode=est_args.estimator_mode)
-    table = estimator.evaluate(subsets, estimator.fit(subsets), split=est_args.scoring_split)
+    members = []
+    for store in stores:
+        estimator = RegressionEstimator(
+            store, l2=est_args.estimator_l2, mode=est_args.estimator_mode
+        )
+        table = estimator.evaluate(subsets, estimator.fit(subsets), split=est_args.scoring_split)
+        members.append(
+            AffinityMatrix.from_results(table, graph.task_names, metric=est_args.affinity_metric,
+                                        symmetrize=True, zero_diagonal=True, provenance=provenance)
+        )  # fmt: skip
+    affinity = AffinityMatrix.average(members)
     seconds = time.perf_counter() - start
-    affinity = AffinityMatrix.from_results(
-        table,
-        graph.task_names,
-        metric=est_args.affinity_metric,
-        symmetrize=True,
-        zero_diagonal=True,
-        provenance={
-            "estimator_l2": est_args.estimator_l2,
-            "estimator_mode": est_args.estimator_mode,
-            "scoring_split": est_args.scoring_split,
-            "num_subsets": num_subsets,
-            "subset_size": est_args.subset_size,
-        },
-    )
     info = {
         "num_subsets": num_subsets,
         "subset_size": est_args.subset_size,
+        "num_meta_inits": len(stores),
         "estimator": f"{est_args.estimator_mode}, logistic, l2={est_args.estimator_l2:g}",
         "scoring_split": est_args.scoring_split,
         "metric": est_args.affinity_metric,
         "seconds": round(seconds, 3),
-        "subsets_per_second": num_subsets / max(seconds, 1e-9),
+        "subsets_per_second": num_subsets * len(stores) / max(seconds, 1e-9),
     }
     if graph.task_groups is not None:
         info["planted_gap"] = planted_gap(affinity.to_numpy(), graph.task_groups)
-    return subsets, table, affinity, info
+        info["planted_gap_per_meta_init"] = [
+            planted_gap(m.to_numpy(), graph.task_groups) for m in members
+        ]
+    return subsets, affinity, info
+
+
+def task_head_pattern(model) -> str:
+    """Regular expression of the SIGN head's last (task-private) Linear layer's parameters."""
+    name = next(n for n, m in model.named_modules() if m is model.head[-1])
+    return rf"^{re.escape(name)}\."
 
 
 def choose_groups(affinity, graph, grouping_args: GroupingArguments) -> dict[str, Any]:
@@ -466,9 +498,15 @@ def run_ground_truth(task_set, subsets, estimates, graph, est_args, grouping_arg
     metric = est_args.affinity_metric
     build = AffinityMatrix.from_results
     true_matrix = build(truth, graph.task_names, metric=metric, symmetrize=True, kind="fine-tuned")
-    est_matrix = build(est, graph.task_names, metric=metric, symmetrize=True, kind="estimated")
+    est_matrix = AffinityMatrix.average(
+        [
+            build(rows, graph.task_names, metric=metric, symmetrize=True, kind="estimated")
+            for _, rows in est.groupby("member")
+        ]
+    )
     true_matrix.save(output_dir / "ground_truth" / "affinity", overwrite=True)
-    joined = est.merge(truth, on=["subset_id", "task"], suffixes=("_est", "_true"))
+    est_mean = est.groupby(["subset_id", "task"], as_index=False)[metric].mean()
+    joined = est_mean.merge(truth, on=["subset_id", "task"], suffixes=("_est", "_true"))
     return joined, {
         "num_subsets": len(chosen),
         "seconds": seconds,
@@ -501,60 +539,84 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str,
         graph = build_graph(data_args)
         task_set = graph.task_set(data_args.num_hops)
     logger.info("%s; %s", graph, task_set)
-    with _stage(timings, "meta-initialization"):
-        trainer, meta = train_meta_init(
-            graph, task_set, data_args, model_args, training_args, output_dir
-        )
-    state = PartialState()
     results: dict[str, Any] = {
         "graph": repr(graph),
         "command": shlex.join(["hf-tae run", *(sys.argv[1:] if argv is None else argv)]),
         "tasks": task_set.task_names,
         "world_size": training_args.world_size,
         "timings": timings,
-        "meta_init": meta,
     }
 
     def save_results() -> None:
-        if state.is_main_process:
+        if PartialState().is_main_process:
             atomic_write_text(
                 output_dir / "results.json", json.dumps(results, indent=2, default=float)
             )
 
-    save_results()
-    if state.is_main_process:
-        baseline = meta["label_frequency_baseline_test"]
-        plot_task_scores(
-            {
-                "meta-initialization": {t: meta["test"][f"test_{t}_f1"] for t in graph.task_names},
-                "label-frequency baseline": baseline,
-            },
-            output_dir / "test_f1_per_task.png",
-            ylabel="test F1",
-        )
-    if grad_args.collect_gradients or est_args.estimate:
-        with _stage(timings, "gradients"):
-            store = trainer.collect_gradients(
-                output_dir / "gradients",
-                dim=grad_args.projection_dim,
-                kind=grad_args.projection_kind,
-                seed=grad_args.projection_seed,
-                batch_size=grad_args.gradient_batch_size,
-                exclude=grad_args.gradient_exclude or None,
-                overwrite=True,
+    members = 1 if model_args.meta_init or not est_args.estimate else est_args.num_meta_inits
+    stores = []
+    for member in range(members):
+        # member 0 is "the" meta-initialization (meta_init/, gradients/); the others only
+        # feed the averaged affinity (A.6 ensembles) and live under ensemble/
+        run_dir = output_dir if member == 0 else output_dir / "ensemble" / f"member_{member}"
+        member_args = training_args
+        if member:
+            member_args = dataclasses.replace(
+                training_args, seed=training_args.seed + member, push_to_hub=False
             )
-        results["gradients"] = {
-            "path": str(output_dir / "gradients"),
-            "rows": len(store),
-            "dim": store.dim,
-        }
-        save_results()
-    if est_args.estimate:
-        if state.is_main_process:  # cheap: one process estimates and clusters, the others wait
-            with _stage(timings, "estimation + affinity"):
-                subsets, estimates, affinity, results["estimation"] = estimate_affinity(
-                    store, graph, est_args, output_dir
+        with _stage(timings, "meta-initialization"):
+            trainer, meta = train_meta_init(graph, task_set, data_args, model_args, member_args,
+                                            run_dir, save_graph=member == 0)  # fmt: skip
+        if member == 0:
+            results["meta_init"] = meta
+            save_results()
+            if PartialState().is_main_process:
+                plot_task_scores(
+                    {
+                        "meta-initialization": {
+                            t: meta["test"][f"test_{t}_f1"] for t in graph.task_names
+                        },
+                        "label-frequency baseline": meta["label_frequency_baseline_test"],
+                    },
+                    output_dir / "test_f1_per_task.png",
+                    ylabel="test F1",
                 )
+        else:
+            results.setdefault("ensemble", []).append(
+                {"seed": member_args.seed, "test_avg_f1": meta["test_avg_f1"]}
+            )
+        if not (grad_args.collect_gradients or est_args.estimate):
+            continue
+        exclude = list(grad_args.gradient_exclude)
+        if grad_args.exclude_task_heads:
+            exclude.append(task_head_pattern(trainer.model))
+        with _stage(timings, "gradients"):
+            stores.append(
+                trainer.collect_gradients(
+                    run_dir / "gradients",
+                    dim=grad_args.projection_dim,
+                    kind=grad_args.projection_kind,
+                    seed=grad_args.projection_seed + member,
+                    batch_size=grad_args.gradient_batch_size,
+                    exclude=exclude or None,
+                    overwrite=True,
+                )
+            )
+        if member == 0:
+            results["gradients"] = {
+                "path": str(output_dir / "gradients"),
+                "rows": len(stores[0]),
+                "dim": stores[0].dim,
+                "excluded": exclude,
+            }
+            save_results()
+    if est_args.estimate:
+        if PartialState().is_main_process:  # cheap: one process estimates and clusters, the others wait
+            with _stage(timings, "estimation + affinity"):
+                subsets, affinity, results["estimation"] = estimate_affinity(
+                    stores, graph, est_args
+                )
+            estimates = affinity.results
             with _stage(timings, "grouping"):
                 results["grouping"] = choose_groups(affinity, graph, grouping_args)
             order = [graph.task_names.index(t) for g in results["grouping"]["groups"] for t in g]
@@ -564,9 +626,9 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str,
                 output_dir / "groups.json", json.dumps(results["grouping"], indent=2, default=float)
             )
             save_results()
-        state.wait_for_everyone()
+        PartialState().wait_for_everyone()
         results = json.loads((output_dir / "results.json").read_text()) | {"timings": timings}
-        if not state.is_main_process:
+        if not PartialState().is_main_process:
             from hf_tae.estimation.subsets import sample_subsets
 
             subsets = sample_subsets(
@@ -584,7 +646,7 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str,
                     graph, task_set, results["grouping"]["groups"], training_args,
                     grouping_args, output_dir,
                 )  # fmt: skip
-            if state.is_main_process:
+            if PartialState().is_main_process:
                 per_task = results["group_training"]["per_task"]
                 plot_grouping_gains(
                     {t: s["grouped"] - s["all tasks"] for t, s in per_task.items()},
@@ -598,17 +660,17 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str,
                     task_set, subsets, estimates, graph, est_args, grouping_args, training_args,
                     output_dir, results["estimation"]["seconds"],
                 )  # fmt: skip
-            if state.is_main_process:
+            if PartialState().is_main_process:
                 metric = est_args.affinity_metric
                 plot_estimated_vs_true(
                     joined[f"{metric}_est"], joined[f"{metric}_true"],
                     output_dir / "estimated_vs_true.png", metric,
                 )  # fmt: skip
     save_results()
-    if state.is_main_process:
+    if PartialState().is_main_process:
         write_report(results, output_dir)
         _print_summary(results, output_dir)
-    state.wait_for_everyone()
+    PartialState().wait_for_everyone()
     return results
 
 

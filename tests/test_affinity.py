@@ -114,3 +114,23 @@ def test_hub_round_trip(loopback_hub, hub_repo_id):
     T = AffinityMatrix.from_results(HAND, NAMES, kind="fine-tuned")
     T.push_to_hub(hub_repo_id)
     _assert_same(T, AffinityMatrix.load(hub_repo_id))
+
+
+def test_average_is_the_entrywise_mean_ignoring_uncovered_pairs():
+    names = ["a", "b", "c"]
+    first = np.array([[0.0, 1.0, np.nan], [1.0, 0.0, 2.0], [np.nan, 2.0, 0.0]])
+    second = np.array([[0.0, 3.0, 4.0], [3.0, 0.0, np.nan], [4.0, np.nan, 0.0]])
+    counts = np.ones((3, 3), dtype=int)
+    matrices = [AffinityMatrix(v, names, kind="estimated", counts=counts) for v in (first, second)]
+    mean = AffinityMatrix.average(matrices)
+    expected = np.array([[0.0, 2.0, 4.0], [2.0, 0.0, 2.0], [4.0, 2.0, 0.0]])  # by hand
+    np.testing.assert_allclose(mean.values, expected)
+    assert (mean.counts == 2).all() and mean.provenance["members"] == 2
+    both_nan = AffinityMatrix.average([matrices[0], matrices[0]])
+    assert np.isnan(both_nan.values[0, 2])
+    with pytest.raises(TaeError, match="same task list"):
+        AffinityMatrix.average(
+            [matrices[0], AffinityMatrix(first, ["a", "b", "d"], kind="estimated")]
+        )
+    with pytest.raises(TaeError, match="at least one"):
+        AffinityMatrix.average([])

@@ -105,7 +105,8 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
 
     out = tmp_path / "run"
     cli = Path(sys.executable).with_name("hf-tae")
-    cmd = [str(cli), "run", "--output_dir", str(out), *SMALL, "--ground_truth", "3"]
+    cmd = [str(cli), "run", "--output_dir", str(out), *SMALL, "--ground_truth", "3",
+           "--num_meta_inits", "2"]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -117,9 +118,16 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
         "data", "meta-initialization", "gradients", "estimation + affinity", "grouping",
         "group training", "ground truth",
     }  # fmt: skip
-    # estimation: all C(4, 2) = 6 pairs, saved with the matrix
+    # estimation: all C(4, 2) = 6 pairs on each of 2 meta-initializations, saved with the matrix,
+    # which is the mean of the two members' matrices (each z-scored on its own)
     affinity = AffinityMatrix.load(out / "affinity")
-    assert results["estimation"]["num_subsets"] == 6 and len(affinity.results) == 12
+    assert results["estimation"]["num_subsets"] == 6 and len(affinity.results) == 24
+    assert len(results["ensemble"]) == 1 and (out / "ensemble" / "member_1" / "gradients").is_dir()
+    members = [
+        AffinityMatrix.from_results(rows, tasks, metric="log_loss", symmetrize=True).to_numpy()
+        for _, rows in affinity.results.groupby("member")
+    ]
+    np.testing.assert_allclose(affinity.to_numpy(), np.mean(members, axis=0), atol=1e-12)
     # the groups: a partition of the tasks into k = 2, whose reported objective is the average
     # within-group density Σ_c 1ᵀT_c1/|c| of the saved matrix (computed here by hand)
     grouping = json.loads((out / "groups.json").read_text())

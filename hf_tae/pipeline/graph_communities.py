@@ -611,7 +611,9 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str,
             }
             save_results()
     if est_args.estimate:
-        if PartialState().is_main_process:  # cheap: one process estimates and clusters, the others wait
+        if (
+            PartialState().is_main_process
+        ):  # cheap: one process estimates and clusters, the others wait
             with _stage(timings, "estimation + affinity"):
                 subsets, affinity, results["estimation"] = estimate_affinity(
                     stores, graph, est_args

@@ -100,17 +100,27 @@ def render_report(results: Mapping[str, Any]) -> str:
         "label-frequency baseline (sklearn `DummyClassifier`).",
         "",
     ]
+    if results.get("ensemble"):
+        scores = ", ".join(
+            f"{m['test_avg_f1']:.3f} (seed {m['seed']})" for m in results["ensemble"]
+        )
+        out += [f"Other meta-initializations of the ensemble: test average F1 {scores}.", ""]
     if "gradients" in results:
         g = results["gradients"]
-        out += [f"Gradient store: {g['rows']} examples × {g['dim']} dimensions.", ""]
+        out += [
+            f"Gradient store: {g['rows']} examples × {g['dim']} dimensions"
+            + (f", without {g['excluded']}." if g.get("excluded") else "."),
+            "",
+        ]
     est = results.get("estimation")
     if est:
         out += [
             "## Estimated affinity",
             "",
-            f"{est['num_subsets']} subsets of {est['subset_size']} tasks, estimator "
+            f"{est['num_subsets']} subsets of {est['subset_size']} tasks on each of "
+            f"{est['num_meta_inits']} meta-initialization(s) (matrices averaged), estimator "
             f"`{est['estimator']}`, scored on {est['scoring_split']} rows by {est['metric']}; "
-            f"{est['subsets_per_second']:.0f} subsets/s.",
+            f"{est['subsets_per_second']:.0f} subset fits/s.",
             "",
             "![affinity](affinity_by_group.png)",
             "",
@@ -159,7 +169,9 @@ def render_report(results: Mapping[str, Any]) -> str:
                         v["f1"],
                         v["accuracy"],
                         v["log_loss"],
-                        f"{v.get('wins', '')}/{len(training['per_task'])}",
+                        "—"
+                        if v.get("f1_gain") == 0 and s == "all tasks"
+                        else f"{v.get('wins', '')}/{len(training['per_task'])}",
                     )
                     for s, v in training["summary"].items()
                 ],

@@ -8,7 +8,8 @@ What it measures
       :class:`~hf_tae.SubsetFineTuner` (from scratch, as the reference re-initializes,
       gradtae_methods.md A.4; or from θ0 with ``--truth_init meta``);
     * the **estimated** affinity, from :class:`~hf_tae.RegressionEstimator` fits on the
-      projected gradients at θ0 (one batched fit per regularization strength);
+      projected gradients at θ0 (one batched fit per regularization strength), averaged over
+      the run's meta-initializations when it made an ensemble (``ensemble/member_*``);
 
     and prints, per estimator setting, :func:`~hf_tae.compare_affinities` (relative Frobenius
     distance, mean absolute error, Spearman, Pearson over entries), the within-group minus
@@ -84,7 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.num_threads)
     run, out = Path(args.run_dir), Path(args.output_dir)
     graph = CommunityGraph.load(run / "data")
-    store = GradientStore.load(run / "gradients")
+    # the run's meta-initialization and, when the run made an ensemble, its other members (A.6)
+    stores = [
+        GradientStore.load(p)
+        for p in [run / "gradients", *sorted(run.glob("ensemble/member_*/gradients"))]
+    ]
     meta = load_meta_init(run / "meta_init")
     task_set = graph.task_set(meta.config.num_hops)
     groups = np.asarray(graph.task_groups)
@@ -118,12 +123,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     for l2 in args.l2:
         start = time.perf_counter()
-        estimator = RegressionEstimator(store, l2=l2)
-        table = estimator.evaluate(subsets, estimator.fit(subsets), split="validation")
+        members = []
+        for store in stores:
+            estimator = RegressionEstimator(store, l2=l2)
+            table = estimator.evaluate(subsets, estimator.fit(subsets), split="validation")
+            members.append(AffinityMatrix.from_results(
+                table, graph.task_names, metric=args.metric, symmetrize=True, kind="estimated"
+            ))  # fmt: skip
+        estimated = AffinityMatrix.average(members)
         seconds = time.perf_counter() - start
-        estimated = AffinityMatrix.from_results(
-            table, graph.task_names, metric=args.metric, symmetrize=True, kind="estimated"
-        )
         c = compare_affinities(estimated, truth)
         print(f"{l2:8g} {planted_gap(estimated.to_numpy(), groups):+7.3f} {c['relative_frobenius']:6.2f} "
               f"{c['mean_abs_error']:6.3f} {c['spearman']:+6.2f} {c['pearson']:+6.2f} {seconds:7.1f} "

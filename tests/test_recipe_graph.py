@@ -24,6 +24,8 @@ SMALL = [
     "2",
     "--num_task_groups",
     "2",
+    "--num_meta_inits",
+    "2",
 ]
 
 
@@ -105,8 +107,7 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
 
     out = tmp_path / "run"
     cli = Path(sys.executable).with_name("hf-tae")
-    cmd = [str(cli), "run", "--output_dir", str(out), *SMALL, "--ground_truth", "3",
-           "--num_meta_inits", "2"]  # fmt: skip
+    cmd = [str(cli), "run", "--output_dir", str(out), *SMALL, "--ground_truth", "3"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

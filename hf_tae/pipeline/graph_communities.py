@@ -139,7 +139,7 @@ class EstimationArguments:
     )
     subset_size: int = field(default=4, metadata={"help": "Tasks per sampled subset."})
     num_meta_inits: int = field(
-        default=3,
+        default=6,
         metadata={
             "help": "Meta-initializations (training seeds seed, seed+1, …) whose estimated "
             "affinities are averaged (A.6 ensembles); 1 with --meta_init."

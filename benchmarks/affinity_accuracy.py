@@ -28,6 +28,7 @@ missing. 80 subsets × 1 seed take about 4 minutes on one CPU thread.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -109,7 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     truth_table = SubsetFineTuner(
         model_init, task_set, training, out / "truth", seeds=args.seeds
     ).run(subsets)
+    # a resumed run trained only what was missing: keep the total fine-tuning time on disk
+    timing = out / "truth" / "seconds.json"
     truth_seconds = time.perf_counter() - start
+    if timing.exists():
+        truth_seconds += json.loads(timing.read_text())["seconds"]
+    timing.write_text(json.dumps({"seconds": truth_seconds}))
     truth = AffinityMatrix.from_results(
         truth_table, graph.task_names, metric=args.metric, symmetrize=True, kind="fine-tuned"
     )

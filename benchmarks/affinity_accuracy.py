@@ -6,7 +6,9 @@ What it measures
 
     * the **true** affinity, from real fine-tuning of every subset with
       :class:`~hf_tae.SubsetFineTuner` (from scratch, as the reference re-initializes,
-      gradtae_methods.md A.4; or from θ0 with ``--truth_init meta``);
+      gradtae_methods.md A.4; from θ0 with ``--truth_init meta``; or from θ0 with its last,
+      task-private head layer re-initialized, as the reference's ``--load_model_dir`` does,
+      with ``--truth_init meta_reset_head``);
     * the **estimated** affinity, from :class:`~hf_tae.RegressionEstimator` fits on the
       projected gradients at θ0 (one batched fit per regularization strength), averaged over
       the run's meta-initializations when it made an ensemble (``ensemble/member_*``);
@@ -63,8 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Fine-tuning seeds.")
     parser.add_argument("--epochs", type=float, default=30, help="Fine-tuning epochs per subset.")
     parser.add_argument(
-        "--truth_init", choices=("scratch", "meta"), default="scratch",
-        help="Fine-tune each subset from a fresh model (reference) or from θ0.",
+        "--truth_init", choices=("scratch", "meta", "meta_reset_head"), default="scratch",
+        help="Fine-tune each subset from a fresh model, from θ0, or from θ0 with a fresh last "
+        "head layer (A.4).",
     )  # fmt: skip
     parser.add_argument(
         "--l2", type=float, nargs="+", default=[1e-2, 1.0, 100.0], help="Estimator strengths λ."
@@ -97,8 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     subsets = sample_subsets(graph.num_tasks, args.num_subsets, args.subset_size, seed=0)
 
     def model_init():
-        if args.truth_init == "meta":
-            return load_meta_init(run / "meta_init").train()
+        if args.truth_init != "scratch":
+            model = load_meta_init(run / "meta_init")
+            if args.truth_init == "meta_reset_head":
+                model.head[-1].reset_parameters()
+            return model.train()
         return type(meta)(meta.config)  # same architecture, fresh weights
 
     training = MultitaskTrainingArguments(

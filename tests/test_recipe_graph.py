@@ -168,6 +168,35 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     ):
         assert heading in report
 
+    # a rerun reuses the finished meta-initializations and comparison runs: same answers
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((out / "results.json").read_text())
+    assert again["meta_init"]["reused"] and not results["meta_init"]["reused"]
+    assert again["meta_init"]["test_avg_f1"] == pytest.approx(results["meta_init"]["test_avg_f1"])
+    assert again["grouping"]["groups"] == results["grouping"]["groups"]
+    assert again["group_training"]["summary"] == results["group_training"]["summary"]
+
+
+def test_meta_init_fingerprint_changes_with_what_changes_the_weights(tiny_graph, tmp_path):
+    from hf_tae import MultitaskTrainingArguments
+    from hf_tae.pipeline.graph_communities import (
+        GraphDataArguments,
+        ModelArguments,
+        meta_init_fingerprint,
+    )
+
+    def fingerprint(graph=tiny_graph, **training):
+        args = MultitaskTrainingArguments(output_dir=str(tmp_path / "a"), **training)
+        return meta_init_fingerprint(graph, GraphDataArguments(), ModelArguments(), args)
+
+    base = fingerprint()
+    assert fingerprint(disable_tqdm=True) == base  # does not change the weights
+    assert fingerprint(learning_rate=0.5) != base
+    assert fingerprint(seed=7) != base
+    other = type(tiny_graph)(**{**tiny_graph.__dict__, "x": tiny_graph.x + 1})
+    assert fingerprint(graph=other) != base
+
 
 def test_cli_run_rejects_bad_options_before_training(tmp_path):
     cli = Path(sys.executable).with_name("hf-tae")

@@ -96,6 +96,13 @@ class ModelArguments:
     num_mlp_layers: int = field(default=2, metadata={"help": "Linear layers per MLP."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout between hidden layers."})
     input_dropout: float = field(default=0.1, metadata={"help": "Dropout on input features."})
+    reuse_meta_init: bool = field(
+        default=True,
+        metadata={
+            "help": "Reuse a meta-initialization already in the output folder when it was trained "
+            "on the same graph with the same model and training arguments (resumed runs)."
+        },
+    )
 
 
 @dataclass
@@ -267,6 +274,29 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
         raise TaeError("--group_seeds is empty; give at least one seed.")
 
 
+FINGERPRINT_FILE = "meta_init.fingerprint.json"
+#: TrainingArguments that do not change the trained weights.
+_VOLATILE = {
+    "output_dir", "logging_dir", "run_name", "disable_tqdm", "report_to", "push_to_hub",
+    "hub_model_id", "hub_token", "hub_strategy", "hub_private_repo", "dataloader_pin_memory",
+    "logging_steps", "logging_strategy", "save_total_limit", "local_rank",
+}  # fmt: skip
+
+
+def meta_init_fingerprint(graph, data_args, model_args, training_args) -> str:
+    """sha256 of what determines a trained meta-initialization: the graph's arrays, the data
+    and model arguments, and the training arguments that affect the weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in (graph.x, graph.labels, graph.split, graph.edge_index):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    training = {k: v for k, v in training_args.to_dict().items() if k not in _VOLATILE}
+    settings = [dataclasses.asdict(data_args), dataclasses.asdict(model_args), training]
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def train_meta_init(graph, task_set, data_args, model_args, training_args, output_dir: Path,
                     save_graph: bool = True):  # fmt: skip
     """Stage 1: the multitask model on all tasks (A.1), its test metrics and the baseline."""
@@ -278,9 +308,18 @@ def train_meta_init(graph, task_set, data_args, model_args, training_args, outpu
     from hf_tae.trainers.multitask import MultitaskTrainer
 
     set_seed(training_args.seed)  # the model is built before the Trainer seeds anything
-    if model_args.meta_init:
-        model = load_meta_init(model_args.meta_init, revision=model_args.meta_init_revision)
-        logger.info("starting from the meta-initialization %s", model_args.meta_init)
+    fingerprint = meta_init_fingerprint(graph, data_args, model_args, training_args)
+    stamp = output_dir / FINGERPRINT_FILE
+    reuse = (
+        model_args.reuse_meta_init
+        and not model_args.meta_init
+        and stamp.is_file()
+        and json.loads(stamp.read_text()).get("fingerprint") == fingerprint
+    )
+    if model_args.meta_init or reuse:
+        source = model_args.meta_init or output_dir / "meta_init"
+        model = load_meta_init(source, revision=model_args.meta_init_revision)
+        logger.info("starting from the meta-initialization %s (no training)", source)
     else:
         config = SignConfig(
             in_features=graph.x.shape[1],
@@ -294,16 +333,21 @@ def train_meta_init(graph, task_set, data_args, model_args, training_args, outpu
         model = SignForMultiTaskNodeClassification(config)
     training_args.output_dir = str(output_dir / "checkpoints")
     trainer = MultitaskTrainer(model=model, args=training_args, task_set=task_set)
-    if not model_args.meta_init:
+    if not (model_args.meta_init or reuse):
         trainer.train()
     validation = trainer.evaluate_tasks("validation")
     test = trainer.evaluate_tasks("test")
     baseline = label_frequency_baseline(task_set, "test")
     if trainer.is_world_process_zero():
-        trainer.save_model(str(output_dir / "meta_init"))
+        if not reuse:
+            stamp.unlink(missing_ok=True)  # the stamp vouches for a complete meta_init/ only
+            trainer.save_model(str(output_dir / "meta_init"))
+            if not model_args.meta_init:
+                atomic_write_text(stamp, json.dumps({"fingerprint": fingerprint}))
         if save_graph:
             graph.save(output_dir / "data", overwrite=True)
     return trainer, {
+        "reused": bool(reuse),
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "validation": validation,
         "test": test,

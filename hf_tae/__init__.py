@@ -62,6 +62,9 @@ _LAZY_ATTRS: dict[str, str] = {
     "exhaustive_cluster": "hf_tae.clustering",
     "sweep_k": "hf_tae.clustering",
     "recommend_k": "hf_tae.clustering",
+    # pipeline
+    "compare_group_training": "hf_tae.pipeline.group_training",
+    "summarize_group_training": "hf_tae.pipeline.group_training",
     # hub
     "load_meta_init": "hf_tae.hub",
     "publish": "hf_tae.hub",
@@ -104,6 +107,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from hf_tae.models.scores import GoldLogOddsScore, TaskLogitScore, TokenLogOddsScore
     from hf_tae.models.sign.configuration_sign import SignConfig
     from hf_tae.models.sign.modeling_sign import MultiTaskOutput, SignForMultiTaskNodeClassification
+    from hf_tae.pipeline.group_training import compare_group_training, summarize_group_training
     from hf_tae.tasks.features import sign_features
     from hf_tae.tasks.graph import CommunityGraph
     from hf_tae.tasks.sampling import TaskBalancedSampler

@@ -2,24 +2,29 @@
 
 Stages, each timed and reported (gradtae_methods.md A.8):
 
-1. **meta-initialization** θ0: one :class:`~hf_tae.MultitaskTrainer` run on all tasks (A.1),
-   or ``--meta_init`` to start from a saved or published one;
-2. **gradients**: projected per-example gradients at θ0 in a :class:`~hf_tae.GradientStore` (A.2);
+1. **meta-initializations**: ``--num_meta_inits`` :class:`~hf_tae.MultitaskTrainer` runs on all
+   tasks with seeds seed, seed+1, … (A.1, A.6 ensembles), or ``--meta_init`` to start from a
+   saved or published one;
+2. **gradients**: projected per-example gradients at each θ0 in a
+   :class:`~hf_tae.GradientStore` (A.2), without the task-private last head layer;
 3. **estimation**: :class:`~hf_tae.RegressionEstimator` fits for ``--num_subsets`` sampled task
-   subsets, no training (A.3);
-4. **affinity**: :class:`~hf_tae.AffinityMatrix` from the estimated per-task scores (A.4);
+   subsets on every store, no training (A.3);
+4. **affinity**: one :class:`~hf_tae.AffinityMatrix` per θ0 from the estimated per-task scores
+   (A.4), averaged;
 5. **grouping**: :func:`~hf_tae.sdp_cluster` with k from ``--num_task_groups`` or chosen by
    :func:`~hf_tae.sweep_k` (A.5);
-6. **group training**: one model per group against one model on all tasks and one per task
-   (:func:`~hf_tae.compare_group_training`);
+6. **group training**: one model per group against one model on all tasks, one per task and
+   the planted groups when the data has them (:func:`~hf_tae.compare_group_training`);
 7. optional **ground truth**: ``--ground_truth N`` fine-tunes N of the sampled subsets for real
    and compares them with their estimates.
 
 Data: the embedded planted-community graph (default), SNAP files (``--snap_dir``) or a saved
 graph (``--dataset``). Outputs in ``--output_dir``: ``report.md``, ``results.json``, PNGs,
-``meta_init/``, ``data/``, ``gradients/``, ``affinity/`` (the matrix and the estimated
-per-(subset, task) scores), ``groups.json`` and the resumable ``group_training/`` and ``ground_truth/`` runs. Runs under
-``accelerate launch`` too: training and fine-tuning are shared across processes.
+``meta_init/``, ``data/``, ``gradients/``, ``ensemble/member_*/``, ``affinity/`` (the matrix
+and the estimated per-(subset, task) scores), ``groups.json`` and the resumable
+``group_training/`` and ``ground_truth/`` runs. A rerun reuses every meta-initialization whose
+fingerprint (graph and weight-changing arguments) still matches. Runs under ``accelerate
+launch`` too: training and fine-tuning are shared across processes.
 """
 
 from __future__ import annotations

@@ -107,7 +107,9 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
 
     out = tmp_path / "run"
     cli = Path(sys.executable).with_name("hf-tae")
-    cmd = [str(cli), "run", "--output_dir", str(out), *SMALL, "--ground_truth", "3"]
+    # --num_task_groups 0 (after SMALL's 2): k chosen by the sweep over k = 1 … 4
+    cmd = [str(cli), "run", "--output_dir", str(out), *SMALL, "--ground_truth", "3",
+           "--num_task_groups", "0"]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -133,7 +135,9 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     # within-group density Σ_c 1ᵀT_c1/|c| of the saved matrix (computed here by hand)
     grouping = json.loads((out / "groups.json").read_text())
     assert sorted(t for g in grouping["groups"] for t in g) == sorted(tasks)
-    assert grouping["k"] == len(grouping["groups"]) == 2
+    sweep = {row["k"]: row for row in grouping["sweep"]}
+    assert sorted(sweep) == [1, 2, 3, 4] and sweep[grouping["k"]]["recommended"]
+    assert grouping["k"] == len(grouping["groups"])
     T = np.nan_to_num(affinity.to_numpy())
     ids = [[tasks.index(t) for t in g] for g in grouping["groups"]]
     density = sum(T[np.ix_(g, g)].sum() / len(g) for g in ids)

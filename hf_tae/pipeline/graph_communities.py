@@ -442,7 +442,7 @@ def choose_groups(affinity, graph, grouping_args: GroupingArguments) -> dict[str
     if k > n:
         raise TaeError(f"--num_task_groups {k} exceeds the {n} tasks; use at most {n}.")
     if k == 0:
-        ks = range(2, min(grouping_args.max_task_groups, n - 1) + 1)
+        ks = range(1, min(grouping_args.max_task_groups, n) + 1)  # gain 0 at k = 1 and k = n
         sweep = sweep_k(T, ks, method=grouping_args.clustering)
         k = recommend_k(sweep)
     cluster = sdp_cluster if grouping_args.clustering == "sdp" else spectral_cluster

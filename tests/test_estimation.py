@@ -117,6 +117,33 @@ def test_principled_mode_with_offsets_equals_direct_minimization(linear_store):
     np.testing.assert_allclose(x @ Q @ w[0].numpy(), x @ ref, atol=1e-4)
 
 
+def test_first_iteration_is_the_exact_newton_step_from_zero(linear_store, caplog):
+    """With max_iter=1 the fit is one Newton step from w = 0 (the full step is accepted on this
+    well-conditioned problem): w = −H⁻¹g with H and g of the subset's objective by autograd,
+    independent of the per-task statistics the estimator solves it from. It warns that it
+    stopped short of tol."""
+    store, Q = linear_store
+    subset, l2 = [0, 3, 4], 2.0
+    x, y, s = reference_rows(store, Q, subset)
+    xt, yt, st = (torch.as_tensor(a) for a in (x @ Q, y, s))  # z-space rows
+
+    def objective(w):
+        return torch.nn.functional.softplus(-yt * (st + xt @ w)).sum() + l2 * w @ w / 2
+
+    zero = torch.zeros(D, dtype=torch.float64)
+    hess = torch.autograd.functional.hessian(objective, zero)
+    grad = torch.autograd.functional.jacobian(objective, zero)
+    newton = -torch.linalg.solve(hess, grad)
+    est = RegressionEstimator(store, l2=l2, device="cpu", max_iter=1)
+    with caplog.at_level("WARNING", logger="hf_tae.estimation.regression"):
+        w = est.fit([subset])
+    np.testing.assert_allclose(w[0].numpy(), newton.numpy(), rtol=1e-9, atol=1e-12)
+    assert "max_iter=1" in caplog.text and "(0, 3, 4)" in caplog.text
+    assert est.convergence["max_relative_gradient"] > 1e-6
+    full = RegressionEstimator(store, l2=l2, device="cpu").fit([subset])
+    assert not torch.allclose(w, full, atol=1e-6)  # the later iterations still move w
+
+
 @pytest.mark.parametrize("mode", ["principled", "paper"])
 def test_squared_loss_closed_form_equals_sklearn_ridge(linear_store, mode):
     store, Q = linear_store

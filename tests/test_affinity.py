@@ -58,6 +58,30 @@ def test_higher_order_formula_by_hand():
     np.testing.assert_allclose(sym.to_numpy(), want, atol=1e-12)
 
 
+def test_raw_metric_without_normalization_by_hand():
+    """normalize=False: T[i, j] = mean of the raw m_i(S) over S ∋ {i, j} (the poster's formula)."""
+    T = AffinityMatrix.from_results(HAND, NAMES, metric="f1", normalize=False)
+    expected = [
+        [(0.2 + 0.5 + 0.8) / 3, (0.2 + 0.8) / 2, (0.5 + 0.8) / 2],  # task 0: S0, S1, S2
+        [(0.9 + 0.7) / 2, (0.9 + 0.7 + 0.5) / 3, (0.7 + 0.5) / 2],  # task 1: S0, S2, S3
+        [(0.4 + 0.6) / 2, (0.6 + 0.8) / 2, (0.4 + 0.6 + 0.8) / 3],  # task 2: S1, S2, S3
+    ]
+    np.testing.assert_allclose(T.to_numpy(), expected, atol=1e-12)
+    np.testing.assert_array_equal(T.counts, [[3, 2, 2], [2, 3, 2], [2, 2, 3]])
+    assert T.provenance["normalized"] is False
+    assert AffinityMatrix.from_results(HAND, NAMES).provenance["normalized"] is True
+
+    # a loss is still negated, and two seeds of one (subset, task) both count as samples
+    two_seeds = pd.concat([HAND.assign(seed=0), HAND.assign(seed=1, f1=HAND["f1"] + 0.1)])
+    L = AffinityMatrix.from_results(
+        two_seeds.rename(columns={"f1": "log_loss"}), NAMES, metric="log_loss",
+        normalize=False, symmetrize=True,
+    )  # fmt: skip
+    want = -(np.array(expected) + 0.05)
+    np.testing.assert_allclose(L.to_numpy(), (want + want.T) / 2, atol=1e-12)
+    np.testing.assert_array_equal(L.counts, [[6, 4, 4], [4, 6, 4], [4, 4, 6]])
+
+
 def test_losses_are_negated():
     losses = HAND.rename(columns={"f1": "log_loss"})
     T = AffinityMatrix.from_results(losses, NAMES, metric="log_loss")

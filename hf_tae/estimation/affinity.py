@@ -6,7 +6,9 @@
 * higher-order (``pairwise=False``): for each target task i, its metric ``m_i(S)`` over every
   subset S ∋ i (negated for losses) is z-normalized within task i,
   ``(m − mean) / (std + 1e-3)``, and ``T[i, j]`` is the mean of the normalized ``m_i(S)`` over
-  the subsets S ∋ {i, j};
+  the subsets S ∋ {i, j} (the reference notebook). With ``normalize=False`` the z-normalization
+  is skipped: ``T[i, j] = (1/n_ij) Σ_{S ∋ i, j} m_i(S)`` on the raw metric, still negated for
+  losses (the poster's formula; every entry of task i then carries task i's metric level);
 * pairwise (every S a pair): ``T[i, j] = f_i({i, j})`` (negated for losses).
 
 Entries no subset covers are NaN. ``symmetrize`` averages ``(T + Tᵀ)/2`` and
@@ -100,12 +102,17 @@ class AffinityMatrix:
         symmetrize: bool = False,
         zero_diagonal: bool = False,
         provenance: Mapping[str, Any] | None = None,
+        normalize: bool = True,
     ) -> AffinityMatrix:
         """Affinity from a results table with columns ``subset_id``, ``subset`` (task ids of S),
         ``task`` (target task id) and ``metric`` (e.g. :meth:`RegressionEstimator.evaluate`).
 
-        ``higher_is_better`` defaults to False for the metrics in :data:`LOSS_METRICS`.
-        ``kind`` defaults to ``"pairwise"`` or ``"estimated"``.
+        ``higher_is_better`` defaults to False for the metrics in :data:`LOSS_METRICS`; losses
+        are negated either way, so a higher ``T[i, j]`` always means task i does better with j.
+        ``normalize`` (higher-order only): z-normalize each target task's metric before
+        averaging (A.4, the reference notebook; default) or average the raw (sign-adjusted)
+        metric (the poster's formula). Pairwise matrices are always raw. ``kind`` defaults to
+        ``"pairwise"`` or ``"estimated"``. ``provenance`` records ``normalized``.
         """
         n = len(task_names)
         missing = [c for c in ("subset_id", "subset", "task", metric) if c not in results]
@@ -146,7 +153,9 @@ class AffinityMatrix:
                 rows = np.flatnonzero(tasks == i)
                 if len(rows) == 0:
                     continue
-                z = (m[rows] - m[rows].mean()) / (m[rows].std() + STD_EPS)
+                z = m[rows]
+                if normalize:
+                    z = (z - z.mean()) / (z.std() + STD_EPS)
                 for r, zr in zip(rows, z, strict=True):
                     members = list(subsets[r])
                     sums[i, members] += zr
@@ -160,6 +169,7 @@ class AffinityMatrix:
             "metric": metric,
             "higher_is_better": bool(higher_is_better),
             "pairwise": pairwise,
+            "normalized": bool(normalize and not pairwise),
             "symmetrized": symmetrize,
             "zero_diagonal": zero_diagonal,
             "num_subsets": int(results["subset_id"].nunique()),

@@ -5,6 +5,13 @@ Frobenius distance ‖T̂ − T‖_F / ‖T‖_F (gradtae_methods.md A.4, marked
 agreement (Spearman) matters as much, since clustering (A.5) only needs the ordering to be
 right. :func:`compare_affinities` reports both on matrices, :func:`compare_results` on the
 per-(subset, task) scores they are built from.
+
+Which matrix the distance is taken on matters: on the z-normalized matrices of A.4 (the
+default of :meth:`AffinityMatrix.from_results`) relF is scale-free, while on raw-metric
+matrices (``normalize=False``, the poster's formula) it is dominated by each task's metric
+level, and a metric near its ceiling (accuracy ≈ 0.98) gives a small relF to any matrix with
+the right levels, even a constant one (``benchmarks/affinity_accuracy.py`` prints those
+baselines).
 """
 
 from __future__ import annotations

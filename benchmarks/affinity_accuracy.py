@@ -31,7 +31,8 @@ What it measures
     normalized and raw matrices and per (subset, task)), with the Spearman–Brown reliability
     of the seed mean, ``k r / (1 + (k − 1) r)``, and the rough noise floor of relF against the
     k-seed mean, ``relF(a, b) / √(2k)`` (both assume independent, equal seed noise). After the
-    table it prints each estimate's normalized Spearman against every single-seed truth.
+    table it prints each estimate's normalized Spearman against every single-seed truth, and
+    their mean next to the mean of one fine-tuning run against another.
     Heatmaps of the (seed-mean, normalized) true and best estimated matrices go to
     ``--output_dir``.
 
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                 rel = float(np.mean([g[idx]["relative_frobenius"] for g in agree]))
                 line += f"; relF noise floor vs the mean ≈ relF(a, b)/√(2k) = {rel / np.sqrt(2 * k):.4f}"
             print(line)
+        seed_rho = float(np.mean([g[0]["spearman"] for g in agree]))
 
     best = None
     print(f"estimates vs the {len(seeds)}-seed mean truth:")
@@ -248,11 +250,13 @@ def main(argv: list[str] | None = None) -> None:
         if best is None or c["relative_frobenius"] < best[0]:
             best = (c["relative_frobenius"], estimated)
     if len(seeds) >= 2:
-        print("normalized spearman of each estimate vs single-seed truths:")
+        print("normalized spearman of each estimate vs single-seed truths (one fine-tuning run "
+              f"vs another: {seed_rho:+.2f} on average):")  # fmt: skip
         for l2, rhos in vs_seed.items():
             print(
                 f"{l2:8g} "
                 + " ".join(f"seed {s}: {x:+.2f}" for s, x in zip(seeds, rhos, strict=True))
+                + f" | mean {np.mean(rhos):+.2f}"
             )
     best[1].save(out / "estimated_affinity", overwrite=True)
     print(

@@ -32,7 +32,10 @@ What it measures
     of the seed mean, ``k r / (1 + (k − 1) r)``, and the rough noise floor of relF against the
     k-seed mean, ``relF(a, b) / √(2k)`` (both assume independent, equal seed noise). After the
     table it prints each estimate's normalized Spearman against every single-seed truth, and
-    their mean next to the mean of one fine-tuning run against another.
+    their mean next to the mean of one fine-tuning run against another; with an ensemble run,
+    the estimate's own self-agreement (one meta-initialization against another), its
+    Spearman–Brown reliability and the Spearman corrected for the noise of both sides,
+    ``ρ / √(rel_est · rel_true)`` (an estimate under the same assumptions, not a measurement).
     Heatmaps of the (seed-mean, normalized) true and best estimated matrices go to
     ``--output_dir``.
 
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{'λ':>8} {'gap':>7} {'relF':>6} {'MAE':>6} {'spear':>6} {'pears':>6} {'rawF':>7} "
         f"{'rawSp':>6} {'cellSp':>6} {'cellMAE':>7} {'est s':>7} {'ratio':>7}"
     )
-    vs_seed = {}
+    vs_seed, member_rho = {}, {}
     for l2 in args.l2:
         start = time.perf_counter()
         members, raw_members = [], []
@@ -243,6 +246,12 @@ def main(argv: list[str] | None = None) -> None:
         # per member are averaged by compare_results) against the seed-mean true metric
         cell = compare_results(estimated.results, mean_table, args.metric)
         vs_seed[l2] = [compare_affinities(estimated, per_seed_truth[s])["spearman"] for s in seeds]
+        if len(members) >= 2:  # the estimate's own noise: one meta-initialization vs another
+            pairs = [(a, b) for n, a in enumerate(members) for b in members[n + 1 :]]
+            member_rho[l2] = (
+                float(np.mean([compare_affinities(a, b)["spearman"] for a, b in pairs])),
+                c["spearman"],
+            )
         print(f"{l2:8g} {planted_gap(estimated.to_numpy(), groups):+7.3f} {c['relative_frobenius']:6.2f} "
               f"{c['mean_abs_error']:6.3f} {c['spearman']:+6.2f} {c['pearson']:+6.2f} "
               f"{r['relative_frobenius']:7.4f} {r['spearman']:+6.2f} {cell['spearman']:+6.2f} "
@@ -258,6 +267,19 @@ def main(argv: list[str] | None = None) -> None:
                 + " ".join(f"seed {s}: {x:+.2f}" for s, x in zip(seeds, rhos, strict=True))
                 + f" | mean {np.mean(rhos):+.2f}"
             )
+    if member_rho:
+        m = len(stores)
+        print("estimate self-agreement (one meta-initialization vs another) and the Spearman "
+              "corrected for both sides' noise, ρ / √(rel_est · rel_true):")  # fmt: skip
+        for l2, (rho, observed) in member_rho.items():
+            rel_est = m * rho / (1 + (m - 1) * rho)
+            line = f"{l2:8g} r1 {rho:+.2f}, reliability of the {m}-member mean {rel_est:+.2f}"
+            if len(seeds) >= 2:
+                k = len(seeds)
+                rel_true = k * seed_rho / (1 + (k - 1) * seed_rho)
+                if rel_est > 0 and rel_true > 0:
+                    line += f"; corrected Spearman {observed / np.sqrt(rel_est * rel_true):+.2f}"
+            print(line)
     best[1].save(out / "estimated_affinity", overwrite=True)
     print(
         f"heatmaps: {out / 'true_affinity' / 'heatmap.png'}, {out / 'estimated_affinity' / 'heatmap.png'}"

@@ -69,8 +69,10 @@ from hf_tae import (
     average_seeds,
     compare_affinities,
     compare_results,
+    corrected_spearman,
     load_meta_init,
     sample_subsets,
+    self_agreement,
 )
 
 
@@ -247,11 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         cell = compare_results(estimated.results, mean_table, args.metric)
         vs_seed[l2] = [compare_affinities(estimated, per_seed_truth[s])["spearman"] for s in seeds]
         if len(members) >= 2:  # the estimate's own noise: one meta-initialization vs another
-            pairs = [(a, b) for n, a in enumerate(members) for b in members[n + 1 :]]
-            member_rho[l2] = (
-                float(np.mean([compare_affinities(a, b)["spearman"] for a, b in pairs])),
-                c["spearman"],
-            )
+            member_rho[l2] = (self_agreement(members), c["spearman"])
         print(f"{l2:8g} {planted_gap(estimated.to_numpy(), groups):+7.3f} {c['relative_frobenius']:6.2f} "
               f"{c['mean_abs_error']:6.3f} {c['spearman']:+6.2f} {c['pearson']:+6.2f} "
               f"{r['relative_frobenius']:7.4f} {r['spearman']:+6.2f} {cell['spearman']:+6.2f} "
@@ -268,17 +266,17 @@ def main(argv: list[str] | None = None) -> None:
                 + f" | mean {np.mean(rhos):+.2f}"
             )
     if member_rho:
-        m = len(stores)
         print("estimate self-agreement (one meta-initialization vs another) and the Spearman "
               "corrected for both sides' noise, ρ / √(rel_est · rel_true):")  # fmt: skip
-        for l2, (rho, observed) in member_rho.items():
-            rel_est = m * rho / (1 + (m - 1) * rho)
-            line = f"{l2:8g} r1 {rho:+.2f}, reliability of the {m}-member mean {rel_est:+.2f}"
+        for l2, (agreement, observed) in member_rho.items():
+            line = (
+                f"{l2:8g} r1 {agreement['mean_spearman']:+.2f}, reliability of the "
+                f"{agreement['num_repeats']}-member mean {agreement['reliability']:+.2f}"
+            )
             if len(seeds) >= 2:
-                k = len(seeds)
-                rel_true = k * seed_rho / (1 + (k - 1) * seed_rho)
-                if rel_est > 0 and rel_true > 0:
-                    line += f"; corrected Spearman {observed / np.sqrt(rel_est * rel_true):+.2f}"
+                rel_true = self_agreement(list(per_seed_truth.values()))["reliability"]
+                corrected = corrected_spearman(observed, agreement["reliability"], rel_true)
+                line += f"; corrected Spearman {corrected:+.2f}"
             print(line)
     best[1].save(out / "estimated_affinity", overwrite=True)
     print(

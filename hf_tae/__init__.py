@@ -47,6 +47,8 @@ _LAZY_ATTRS: dict[str, str] = {
     "average_seeds": "hf_tae.estimation.ground_truth",
     "compare_affinities": "hf_tae.estimation.compare",
     "compare_results": "hf_tae.estimation.compare",
+    "self_agreement": "hf_tae.estimation.compare",
+    "corrected_spearman": "hf_tae.estimation.compare",
     "first_order_check": "hf_tae.estimation.first_order",
     "evaluate_lifted": "hf_tae.estimation.lifted",
     # clustering
@@ -94,7 +96,12 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     )
     from hf_tae.errors import TaeError
     from hf_tae.estimation.affinity import AffinityMatrix
-    from hf_tae.estimation.compare import compare_affinities, compare_results
+    from hf_tae.estimation.compare import (
+        compare_affinities,
+        compare_results,
+        corrected_spearman,
+        self_agreement,
+    )
     from hf_tae.estimation.first_order import first_order_check
     from hf_tae.estimation.ground_truth import SubsetFineTuner, average_seeds
     from hf_tae.estimation.lifted import evaluate_lifted

@@ -16,7 +16,12 @@ from hf_tae import (
     SignForMultiTaskNodeClassification,
     TaeError,
 )
-from hf_tae.estimation.compare import compare_affinities, compare_results
+from hf_tae.estimation.compare import (
+    compare_affinities,
+    compare_results,
+    corrected_spearman,
+    self_agreement,
+)
 from hf_tae.estimation.ground_truth import COLUMNS, SubsetFineTuner, average_seeds
 
 SUBSETS = [[0, 1], [1, 2, 3]]
@@ -151,6 +156,57 @@ def test_compare_affinities_rejects_different_tasks():
         compare_affinities(_matrix(np.zeros((4, 4)), "abcz"), _matrix(np.zeros((4, 4))))
     with pytest.raises(TaeError, match="different order"):
         compare_affinities(_matrix(np.zeros((4, 4)), "bacd"), _matrix(np.zeros((4, 4))))
+
+
+def _noisy_repeats(rng, signal, num, noise):
+    names = [f"t{i}" for i in range(len(signal))]
+    return [
+        AffinityMatrix(signal + noise * rng.normal(size=signal.shape), names, "estimated")
+        for _ in range(num)
+    ]
+
+
+def test_self_agreement_against_scipy_and_spearman_brown():
+    rng = np.random.default_rng(1)
+    signal = rng.normal(size=(6, 6))
+    repeats = _noisy_repeats(rng, signal, 3, 1.0)
+    out = self_agreement(repeats)
+    off = ~np.eye(6, dtype=bool)
+    rho = [
+        stats.spearmanr(a.values[off], b.values[off]).statistic
+        for a, b in [(repeats[0], repeats[1]), (repeats[0], repeats[2]), (repeats[1], repeats[2])]
+    ]
+    assert out["num_repeats"] == 3
+    assert out["mean_spearman"] == pytest.approx(np.mean(rho))
+    assert out["min_spearman"] == pytest.approx(min(rho))
+    r = np.mean(rho)
+    assert out["reliability"] == pytest.approx(3 * r / (1 + 2 * r))
+    identical = self_agreement([repeats[0], repeats[0]])
+    assert identical["reliability"] == pytest.approx(1.0)
+    assert identical["mean_relative_frobenius"] == 0.0
+    with pytest.raises(TaeError, match="at least 2 repeats"):
+        self_agreement(repeats[:1])
+
+
+def test_reliability_predicts_agreement_of_two_independent_means():
+    """Spearman–Brown: the reliability of an m-repeat mean is the correlation two independent
+    m-repeat means reach; the corrected Spearman of two noisy sides of one signal is about 1."""
+    rng = np.random.default_rng(2)
+    signal = rng.normal(size=(40, 40))
+    first, second = _noisy_repeats(rng, signal, 4, 1.5), _noisy_repeats(rng, signal, 4, 1.5)
+    observed = compare_affinities(AffinityMatrix.average(first), AffinityMatrix.average(second))
+    predicted = self_agreement(first)["reliability"]
+    assert observed["spearman"] == pytest.approx(predicted, abs=0.05)
+    estimate = AffinityMatrix.average(_noisy_repeats(rng, signal, 3, 2.5))
+    truth = AffinityMatrix.average(_noisy_repeats(rng, signal, 2, 1.0))
+    rho = compare_affinities(estimate, truth)["spearman"]
+    rel_est = self_agreement(_noisy_repeats(rng, signal, 3, 2.5))["reliability"]
+    rel_true = self_agreement(_noisy_repeats(rng, signal, 2, 1.0))["reliability"]
+    assert rho < 0.75
+    assert corrected_spearman(rho, rel_est, rel_true) == pytest.approx(1.0, abs=0.1)
+    assert np.isnan(corrected_spearman(rho, 0.0))
+    with pytest.raises(TaeError, match="reliability"):
+        corrected_spearman(rho)
 
 
 def test_compare_results_joins_on_subset_and_task(finished):

@@ -102,6 +102,8 @@ def test_recipe_under_accelerate_launch_uses_two_processes(tmp_path):
 def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     """Every stage runs through ``hf-tae run``; its outputs agree with independent recomputation."""
     import numpy as np
+    import pandas as pd
+    from scipy import stats
 
     from hf_tae import AffinityMatrix, CommunityGraph
 
@@ -131,6 +133,13 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
         for _, rows in affinity.results.groupby("member")
     ]
     np.testing.assert_allclose(affinity.to_numpy(), np.mean(members, axis=0), atol=1e-12)
+    # the members' agreement (scipy over the off-diagonal entries) and its Spearman–Brown
+    # reliability for the mean of two
+    off = ~np.eye(len(tasks), dtype=bool)
+    rho = stats.spearmanr(members[0][off], members[1][off]).statistic
+    agreement = results["estimation"]["self_agreement"]
+    assert agreement["mean_spearman"] == pytest.approx(rho)
+    assert agreement["reliability"] == pytest.approx(max(2 * rho / (1 + rho), 0))
     # the groups: a partition of the tasks into k = 2, whose reported objective is the average
     # within-group density Σ_c 1ᵀT_c1/|c| of the saved matrix (computed here by hand)
     grouping = json.loads((out / "groups.json").read_text())
@@ -156,6 +165,16 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     # ground truth: 3 fine-tuned subsets compared with their estimates
     truth = results["ground_truth"]
     assert truth["num_subsets"] == 3 and truth["scores"]["num_pairs"] == 6
+    # two seeds by default: the truth's own agreement, the estimate's, and the Spearman
+    # corrected for both (when both reliabilities are positive)
+    table = pd.read_json(out / "ground_truth" / "results.jsonl", lines=True)
+    assert sorted(table["seed"].unique()) == [0, 1] and len(table) == 6  # (subset, seed) lines
+    t_rel = truth["truth_self_agreement"]["reliability"]
+    e_rel = truth["estimate_self_agreement"]["reliability"]
+    if t_rel > 0 and e_rel > 0:
+        assert truth["corrected_spearman"] == pytest.approx(
+            truth["affinity"]["spearman"] / np.sqrt(t_rel * e_rel)
+        )
     for name in (
         "report.md",
         "affinity_by_group.png",
@@ -171,6 +190,7 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
         "## Estimated vs fine-tuned",
     ):
         assert heading in report
+    assert "Both sides are noisy: 2 fine-tuning seeds agree" in report
 
     # a rerun reuses the finished meta-initializations and comparison runs: same answers
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)

@@ -16,6 +16,7 @@ baselines).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -114,3 +115,41 @@ def compare_results(
         "mean_abs_error": float(np.abs(a - b).mean()),
         "num_pairs": len(joined),
     }
+
+
+def self_agreement(matrices: Sequence[AffinityMatrix]) -> dict[str, float | int]:
+    """How well repeats of one affinity agree with each other (seeds of the fine-tuned truth,
+    meta-initializations of the estimate).
+
+    Returns ``num_repeats`` m, ``mean_spearman`` r (over every pair, entries as in
+    :func:`compare_affinities`), ``min_spearman``, ``mean_relative_frobenius`` and
+    ``reliability`` of the m-repeat mean by Spearman–Brown, ``m r / (1 + (m − 1) r)``
+    (assumes the repeats' noise is independent and equal; clipped at 0).
+    """
+    if len(matrices) < 2:
+        raise TaeError(
+            f"self_agreement needs at least 2 repeats of the affinity, got {len(matrices)}; "
+            "fine-tune with several seeds or estimate at several meta-initializations."
+        )
+    pairs = [compare_affinities(a, b) for n, a in enumerate(matrices) for b in matrices[n + 1 :]]
+    rho = np.array([p["spearman"] for p in pairs], dtype=float)
+    m, r = len(matrices), float(np.nanmean(rho))
+    return {
+        "num_repeats": m,
+        "mean_spearman": r,
+        "min_spearman": float(np.nanmin(rho)),
+        "mean_relative_frobenius": float(np.mean([p["relative_frobenius"] for p in pairs])),
+        "reliability": max(m * r / (1 + (m - 1) * r), 0.0),
+    }
+
+
+def corrected_spearman(observed: float, *reliabilities: float) -> float:
+    """``observed / √(Π reliabilities)``: the Spearman the two matrices would reach without the
+    noise whose reliabilities are given (Spearman's correction for attenuation). NaN when a
+    reliability is not positive. An estimate under :func:`self_agreement`'s assumptions, not a
+    measurement; it can exceed 1 when they fail."""
+    if not reliabilities:
+        raise TaeError("give the reliability of at least one side (see self_agreement).")
+    if min(reliabilities) <= 0:
+        return float("nan")
+    return float(observed / np.sqrt(np.prod(reliabilities)))

@@ -16,7 +16,8 @@ Stages, each timed and reported (gradtae_methods.md A.8):
 6. **group training**: one model per group against one model on all tasks, one per task and
    the planted groups when the data has them (:func:`~hf_tae.compare_group_training`);
 7. optional **ground truth**: ``--ground_truth N`` fine-tunes N of the sampled subsets for real
-   and compares them with their estimates.
+   (each with every ``--ground_truth_seeds``) and compares them with their estimates, against
+   the ceiling set by the noise of both sides (:func:`~hf_tae.self_agreement`).
 
 Data: the embedded planted-community graph (default), SNAP files (``--snap_dir``) or a saved
 graph (``--dataset``). Outputs in ``--output_dir``: ``report.md``, ``results.json``, PNGs,
@@ -198,7 +199,17 @@ class GroupingArguments:
     )
     ground_truth: int = field(
         default=0,
-        metadata={"help": "Fine-tune this many sampled subsets for real and compare (0: skip)."},
+        metadata={
+            "help": "Fine-tune this many sampled subsets for real (from --group_init) and "
+            "compare them with their estimates (0: skip)."
+        },
+    )
+    ground_truth_seeds: list[int] = field(
+        default_factory=lambda: [0, 1],
+        metadata={
+            "help": "Seeds of each ground-truth fine-tuning. With two or more, the report gives "
+            "the truth's own seed-to-seed agreement, the ceiling any estimate is judged against."
+        },
     )
 
 
@@ -277,6 +288,8 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
             raise TaeError(f"{flag} must be >= {low}, got {value}.")
     if not grouping.group_seeds:
         raise TaeError("--group_seeds is empty; give at least one seed.")
+    if grouping.ground_truth and not grouping.ground_truth_seeds:
+        raise TaeError("--ground_truth_seeds is empty; give at least one seed.")
 
 
 FINGERPRINT_FILE = "meta_init.fingerprint.json"
@@ -374,6 +387,7 @@ def estimate_affinity(stores, graph, est_args: EstimationArguments):
     """Stages 3–4: estimated per-(subset, task) scores on every store (one per meta-initialization)
     and their averaged affinity matrix."""
     from hf_tae.estimation.affinity import AffinityMatrix
+    from hf_tae.estimation.compare import self_agreement
     from hf_tae.estimation.regression import RegressionEstimator
     from hf_tae.estimation.subsets import sample_subsets
 
@@ -417,6 +431,8 @@ def estimate_affinity(stores, graph, est_args: EstimationArguments):
         "seconds": round(seconds, 3),
         "subsets_per_second": num_subsets * len(stores) / max(seconds, 1e-9),
     }
+    if len(members) > 1:  # how much one meta-initialization's estimate says about another's
+        info["self_agreement"] = self_agreement(members)
     if graph.task_groups is not None:
         info["planted_gap"] = planted_gap(affinity.to_numpy(), graph.task_groups)
         info["planted_gap_per_meta_init"] = [
@@ -527,7 +543,12 @@ def run_ground_truth(task_set, subsets, estimates, graph, est_args, grouping_arg
                      training_args, output_dir: Path, estimation_seconds: float):  # fmt: skip
     """Stage 7: fine-tune ``--ground_truth`` sampled subsets and compare with their estimates."""
     from hf_tae.estimation.affinity import AffinityMatrix
-    from hf_tae.estimation.compare import compare_affinities, compare_results
+    from hf_tae.estimation.compare import (
+        compare_affinities,
+        compare_results,
+        corrected_spearman,
+        self_agreement,
+    )
     from hf_tae.estimation.ground_truth import SubsetFineTuner, average_seeds
 
     chosen = [tuple(s) for s in subsets[: grouping_args.ground_truth]]
@@ -537,9 +558,10 @@ def run_ground_truth(task_set, subsets, estimates, graph, est_args, grouping_arg
         task_set,
         _run_args(training_args),
         output_dir / "ground_truth",
-        seeds=grouping_args.group_seeds,
+        seeds=grouping_args.ground_truth_seeds,
     ).run(chosen, split=est_args.scoring_split, show_progress=not training_args.disable_tqdm)
     seconds = time.perf_counter() - start
+    per_seed = [rows.drop(columns="seed") for _, rows in truth.groupby("seed")]
     truth = average_seeds(truth)
     keep = {tuple(sorted(s)) for s in chosen}
     est = estimates[[tuple(sorted(s)) in keep for s in estimates["subset"]]]
@@ -547,16 +569,15 @@ def run_ground_truth(task_set, subsets, estimates, graph, est_args, grouping_arg
     metric = est_args.affinity_metric
     build = AffinityMatrix.from_results
     true_matrix = build(truth, graph.task_names, metric=metric, symmetrize=True, kind="fine-tuned")
-    est_matrix = AffinityMatrix.average(
-        [
-            build(rows, graph.task_names, metric=metric, symmetrize=True, kind="estimated")
-            for _, rows in est.groupby("member")
-        ]
-    )
+    est_members = [
+        build(rows, graph.task_names, metric=metric, symmetrize=True, kind="estimated")
+        for _, rows in est.groupby("member")
+    ]
+    est_matrix = AffinityMatrix.average(est_members)
     true_matrix.save(output_dir / "ground_truth" / "affinity", overwrite=True)
     est_mean = est.groupby(["subset_id", "task"], as_index=False)[metric].mean()
     joined = est_mean.merge(truth, on=["subset_id", "task"], suffixes=("_est", "_true"))
-    return joined, {
+    info = {
         "num_subsets": len(chosen),
         "seconds": seconds,
         "compute_ratio": estimation_seconds * len(chosen) / len(subsets) / max(seconds, 1e-9),
@@ -564,6 +585,20 @@ def run_ground_truth(task_set, subsets, estimates, graph, est_args, grouping_arg
         "scores": compare_results(est, truth, metric=metric),
         "metric": metric,
     }
+    # both sides are noisy: with repeats on both, judge the estimate against the ceiling
+    if len(per_seed) > 1:
+        info["truth_self_agreement"] = self_agreement(
+            [build(t, graph.task_names, metric=metric, symmetrize=True) for t in per_seed]
+        )
+    if len(est_members) > 1:
+        info["estimate_self_agreement"] = self_agreement(est_members)
+    if len(per_seed) > 1 and len(est_members) > 1:
+        info["corrected_spearman"] = corrected_spearman(
+            info["affinity"]["spearman"],
+            info["truth_self_agreement"]["reliability"],
+            info["estimate_self_agreement"]["reliability"],
+        )
+    return joined, info
 
 
 def run(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:

@@ -125,6 +125,15 @@ def render_report(results: Mapping[str, Any]) -> str:
             "![affinity](affinity_by_group.png)",
             "",
         ]
+        if "self_agreement" in est:
+            a = est["self_agreement"]
+            out += [
+                f"The meta-initializations' estimates agree with each other at Spearman "
+                f"{a['mean_spearman']:+.2f} on average, so the {a['num_repeats']}-member mean has "
+                f"a reliability of {a['reliability']:.2f} (Spearman–Brown); raise "
+                "`--num_meta_inits` if it is low.",
+                "",
+            ]
         if "planted_gap" in est:
             out += [
                 f"Mean within-group minus cross-group affinity of the planted groups: "
@@ -222,6 +231,23 @@ def render_report(results: Mapping[str, Any]) -> str:
             "![estimated vs true](estimated_vs_true.png)",
             "",
         ]
+        noise = []
+        for key, label in (("truth_self_agreement", "fine-tuning seeds"),
+                           ("estimate_self_agreement", "meta-initializations")):  # fmt: skip
+            if key in truth:
+                a = truth[key]
+                noise.append(
+                    f"{a['num_repeats']} {label} agree with each other at Spearman "
+                    f"{a['mean_spearman']:+.2f} (reliability of their mean {a['reliability']:.2f})"
+                )
+        if noise:
+            out += ["Both sides are noisy: " + "; ".join(noise) + "."]
+            if "corrected_spearman" in truth:
+                out[-1] += (
+                    f" Corrected for that noise, the Spearman of the affinity entries is "
+                    f"{truth['corrected_spearman']:+.2f}."
+                )
+            out += [""]
     return "\n".join(out)
 
 

@@ -243,9 +243,16 @@ def render_report(results: Mapping[str, Any]) -> str:
         if noise:
             out += ["Both sides are noisy: " + "; ".join(noise) + "."]
             if "corrected_spearman" in truth:
+                corrected = truth["corrected_spearman"]
                 out[-1] += (
                     f" Corrected for that noise, the Spearman of the affinity entries is "
-                    f"{truth['corrected_spearman']:+.2f}."
+                    f"{corrected:+.2f}"
+                    + (
+                        " (above 1: too few seeds, meta-initializations or subsets for the "
+                        "correction to be precise)."
+                        if corrected > 1
+                        else "."
+                    )
                 )
             out += [""]
     return "\n".join(out)

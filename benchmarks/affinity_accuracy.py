@@ -211,12 +211,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{a:4d} {b:4d} {z['relative_frobenius']:6.3f} {z['spearman']:+6.2f} "
                   f"{r['relative_frobenius']:7.4f} {r['spearman']:+6.2f} {c['spearman']:+6.2f} "
                   f"{c['mean_abs_error']:7.4f}")  # fmt: skip
+        reliability = {}
         for label, idx in (("normalized", 0), ("raw", 1), ("per (subset, task)", 2)):
             rho = float(np.mean([g[idx]["spearman"] for g in agree]))
+            reliability[label] = k * rho / (1 + (k - 1) * rho)
             line = (
                 f"  {label}: seed-vs-seed spearman r1 {rho:+.2f}; Spearman–Brown reliability of "
-                f"the {k}-seed mean r{k} = {k * rho / (1 + (k - 1) * rho):+.2f}, "
-                f"ceiling sqrt(r{k}) = {np.sqrt(max(k * rho / (1 + (k - 1) * rho), 0)):.2f}"
+                f"the {k}-seed mean r{k} = {reliability[label]:+.2f}, "
+                f"ceiling sqrt(r{k}) = {np.sqrt(max(reliability[label], 0)):.2f}"
             )
             if idx < 2:
                 rel = float(np.mean([g[idx]["relative_frobenius"] for g in agree]))
@@ -274,8 +276,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"{agreement['num_repeats']}-member mean {agreement['reliability']:+.2f}"
             )
             if len(seeds) >= 2:
-                rel_true = self_agreement(list(per_seed_truth.values()))["reliability"]
-                corrected = corrected_spearman(observed, agreement["reliability"], rel_true)
+                corrected = corrected_spearman(
+                    observed, agreement["reliability"], reliability["normalized"]
+                )
                 line += f"; corrected Spearman {corrected:+.2f}"
             print(line)
     best[1].save(out / "estimated_affinity", overwrite=True)

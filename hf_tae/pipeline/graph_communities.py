@@ -588,7 +588,10 @@ def run_ground_truth(task_set, subsets, estimates, graph, est_args, grouping_arg
     # both sides are noisy: with repeats on both, judge the estimate against the ceiling
     if len(per_seed) > 1:
         info["truth_self_agreement"] = self_agreement(
-            [build(t, graph.task_names, metric=metric, symmetrize=True) for t in per_seed]
+            [
+                build(t, graph.task_names, metric=metric, symmetrize=True, kind="fine-tuned")
+                for t in per_seed
+            ]
         )
     if len(est_members) > 1:
         info["estimate_self_agreement"] = self_agreement(est_members)

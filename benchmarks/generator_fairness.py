@@ -307,7 +307,9 @@ def train_subset(
     train_out = trainer.train()
     metrics = trainer.evaluate_tasks("validation")
     scores = {
-        t: {m: float(metrics[f"eval_{t}_{m}"]) for m in ("f1", "loss", "accuracy")} for t in tasks
+        t: {m: float(metrics[f"eval_{t}_{key}"]) for m, key in
+            (("f1", "f1"), ("loss", "log_loss"), ("accuracy", "accuracy"))}
+        for t in tasks
     }
     return {
         "scores": scores,
@@ -533,13 +535,13 @@ def provenance(graph) -> dict:
     import inspect
     import subprocess
 
-    from hf_tae.tasks import synthetic
+    from hf_tae.families.graph import generator as synthetic
 
     def sha(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()[:16]
 
     try:
-        root = Path(synthetic.__file__).resolve().parents[2]
+        root = Path(synthetic.__file__).resolve().parents[3]
         commit = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
             capture_output=True,
@@ -569,7 +571,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.num_threads)
     start = time.perf_counter()
     quiet_libraries()
-    from hf_tae.tasks.synthetic import generate_community_graph
+    from hf_tae.families.graph.generator import generate_community_graph
 
     graph = generate_community_graph(**graph_kwargs(args))
     task_set = graph.task_set(args.num_hops)

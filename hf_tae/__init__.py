@@ -21,11 +21,27 @@ _LAZY_ATTRS: dict[str, str] = {
     # tasks
     "TaskSet": "hf_tae.tasks.taskset",
     "TaskBalancedSampler": "hf_tae.tasks.sampling",
-    "CommunityGraph": "hf_tae.tasks.graph",
-    "load_snap_communities": "hf_tae.tasks.snap",
-    "generate_community_graph": "hf_tae.tasks.synthetic",
-    "sign_features": "hf_tae.tasks.features",
+    "CommunityGraph": "hf_tae.families.graph.data",
+    "load_snap_communities": "hf_tae.families.graph.snap",
+    "generate_community_graph": "hf_tae.families.graph.generator",
+    "sign_features": "hf_tae.families.graph.features",
+    # families
+    "TaskFamily": "hf_tae.families.base",
+    "TaskMetrics": "hf_tae.families.base",
+    "register_family": "hf_tae.families",
+    "get_family": "hf_tae.families",
+    "family_names": "hf_tae.families",
+    "GraphFamily": "hf_tae.families.graph.family",
+    "GraphArguments": "hf_tae.families.graph.family",
+    "ImageFamily": "hf_tae.families.image.family",
+    "ImageArguments": "hf_tae.families.image.family",
+    "ImageDomains": "hf_tae.families.image.domains",
+    "load_domainnet": "hf_tae.families.image.domainnet",
+    "make_digit_domains": "hf_tae.families.image.digits",
+    "add_pixel_values": "hf_tae.families.image.preprocessing",
     # models
+    "VisionMultiTaskConfig": "hf_tae.models.vision.configuration_vision",
+    "VisionForMultiTaskImageClassification": "hf_tae.models.vision.modeling_vision",
     "SignConfig": "hf_tae.models.sign.configuration_sign",
     "SignForMultiTaskNodeClassification": "hf_tae.models.sign.modeling_sign",
     "MultiTaskOutput": "hf_tae.models.sign.modeling_sign",
@@ -43,14 +59,14 @@ _LAZY_ATTRS: dict[str, str] = {
     "sample_subsets": "hf_tae.estimation.subsets",
     "all_pairs": "hf_tae.estimation.subsets",
     "sample_adaptive": "hf_tae.estimation.subsets",
-    "SubsetFineTuner": "hf_tae.estimation.ground_truth",
-    "average_seeds": "hf_tae.estimation.ground_truth",
+    "SubsetFineTuner": "hf_tae.evaluation.ground_truth",
+    "average_seeds": "hf_tae.evaluation.ground_truth",
     "compare_affinities": "hf_tae.estimation.compare",
     "compare_results": "hf_tae.estimation.compare",
     "self_agreement": "hf_tae.estimation.compare",
     "corrected_spearman": "hf_tae.estimation.compare",
-    "first_order_check": "hf_tae.estimation.first_order",
-    "evaluate_lifted": "hf_tae.estimation.lifted",
+    "first_order_check": "hf_tae.evaluation.first_order",
+    "evaluate_lifted": "hf_tae.evaluation.lifted",
     # clustering
     "Grouping": "hf_tae.clustering",
     "SdpSolution": "hf_tae.clustering",
@@ -65,8 +81,14 @@ _LAZY_ATTRS: dict[str, str] = {
     "sweep_k": "hf_tae.clustering",
     "recommend_k": "hf_tae.clustering",
     # pipeline
-    "compare_group_training": "hf_tae.pipeline.group_training",
-    "summarize_group_training": "hf_tae.pipeline.group_training",
+    "run_pipeline": "hf_tae.pipeline.run",
+    "PipelineArguments": "hf_tae.pipeline.arguments",
+    "GradientArguments": "hf_tae.pipeline.arguments",
+    "EstimationArguments": "hf_tae.pipeline.arguments",
+    "GroupingArguments": "hf_tae.pipeline.arguments",
+    # evaluation
+    "compare_group_training": "hf_tae.evaluation.group_training",
+    "summarize_group_training": "hf_tae.evaluation.group_training",
     # hub
     "load_meta_init": "hf_tae.hub",
     "publish": "hf_tae.hub",
@@ -75,6 +97,7 @@ _LAZY_ATTRS: dict[str, str] = {
     "MultitaskTrainingArguments": "hf_tae.trainers.arguments",
     "MultitaskTrainer": "hf_tae.trainers.multitask",
     "MultiLabelTaskMetrics": "hf_tae.trainers.metrics",
+    "SingleLabelTaskMetrics": "hf_tae.trainers.metrics",
 }
 
 __all__ = ["__version__", *_LAZY_ATTRS]
@@ -102,11 +125,24 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
         corrected_spearman,
         self_agreement,
     )
-    from hf_tae.estimation.first_order import first_order_check
-    from hf_tae.estimation.ground_truth import SubsetFineTuner, average_seeds
-    from hf_tae.estimation.lifted import evaluate_lifted
     from hf_tae.estimation.regression import RegressionEstimator, apply_delta
     from hf_tae.estimation.subsets import all_pairs, sample_adaptive, sample_subsets
+    from hf_tae.evaluation.first_order import first_order_check
+    from hf_tae.evaluation.ground_truth import SubsetFineTuner, average_seeds
+    from hf_tae.evaluation.group_training import compare_group_training, summarize_group_training
+    from hf_tae.evaluation.lifted import evaluate_lifted
+    from hf_tae.families import family_names, get_family, register_family
+    from hf_tae.families.base import TaskFamily, TaskMetrics
+    from hf_tae.families.graph.data import CommunityGraph
+    from hf_tae.families.graph.family import GraphArguments, GraphFamily
+    from hf_tae.families.graph.features import sign_features
+    from hf_tae.families.graph.generator import generate_community_graph
+    from hf_tae.families.graph.snap import load_snap_communities
+    from hf_tae.families.image.digits import make_digit_domains
+    from hf_tae.families.image.domainnet import load_domainnet
+    from hf_tae.families.image.domains import ImageDomains
+    from hf_tae.families.image.family import ImageArguments, ImageFamily
+    from hf_tae.families.image.preprocessing import add_pixel_values
     from hf_tae.gradients.capture import ProjectedGradientCapture
     from hf_tae.gradients.collector import GradientCollector
     from hf_tae.gradients.store import GradientStore
@@ -114,16 +150,20 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from hf_tae.models.scores import GoldLogOddsScore, TaskLogitScore, TokenLogOddsScore
     from hf_tae.models.sign.configuration_sign import SignConfig
     from hf_tae.models.sign.modeling_sign import MultiTaskOutput, SignForMultiTaskNodeClassification
-    from hf_tae.pipeline.group_training import compare_group_training, summarize_group_training
-    from hf_tae.tasks.features import sign_features
-    from hf_tae.tasks.graph import CommunityGraph
+    from hf_tae.models.vision.configuration_vision import VisionMultiTaskConfig
+    from hf_tae.models.vision.modeling_vision import VisionForMultiTaskImageClassification
+    from hf_tae.pipeline.arguments import (
+        EstimationArguments,
+        GradientArguments,
+        GroupingArguments,
+        PipelineArguments,
+    )
+    from hf_tae.pipeline.run import run_pipeline
     from hf_tae.tasks.sampling import TaskBalancedSampler
-    from hf_tae.tasks.snap import load_snap_communities
-    from hf_tae.tasks.synthetic import generate_community_graph
     from hf_tae.tasks.taskset import TaskSet
     from hf_tae.trainers.arguments import MultitaskTrainingArguments
     from hf_tae.trainers.callbacks import GradientCollectorCallback
-    from hf_tae.trainers.metrics import MultiLabelTaskMetrics
+    from hf_tae.trainers.metrics import MultiLabelTaskMetrics, SingleLabelTaskMetrics
     from hf_tae.trainers.multitask import MultitaskTrainer
 
 

@@ -1,5 +1,5 @@
-"""The ``hf-tae`` command line: ``hf-tae run [options]`` (the end-to-end job) and
-``hf-tae publish <artifact dir> <repo_id>``.
+"""The ``hf-tae`` command line: ``hf-tae run [<family>] [options]`` (the end-to-end job on a
+task family, ``graph`` by default) and ``hf-tae publish <artifact dir> <repo_id>``.
 
 Heavy libraries (torch, transformers) are imported only when a subcommand runs, so ``--help``
 answers instantly. The Hub token comes from the usual places (``HF_TOKEN``, ``hf auth login``)
@@ -39,18 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     commands.add_parser(
         "run",
-        help="the end-to-end job: meta-init, gradients, affinity, groups, group training, report "
-        "(hf-tae run --help lists its options)",
+        help="the end-to-end job on a task family (graph, images, …): meta-init, gradients, "
+        "affinity, groups, group training, report (hf-tae run <family> --help lists its options)",
         add_help=False,
     )
     publish = commands.add_parser(
         "publish",
-        help="publish a model, gradient store, graph or recipe run folder to the Hub",
+        help="publish a model, gradient store, task data or run folder to the Hub",
         description=(
             "Publish an hf_tae artifact folder to the Hugging Face Hub: a saved model "
             "(config.json / adapter_config.json) to a model repo, a GradientStore or a "
-            "CommunityGraph folder to a dataset repo, or a run folder of "
-            "recipes/graph_communities.py to REPO_ID (model), REPO_ID-data and "
+            "saved task data folder (CommunityGraph, ImageDomains) to a dataset repo, or a run "
+            "folder of hf-tae run / recipes/*.py to REPO_ID (model), REPO_ID-data and "
             "REPO_ID-gradients, with a model card linking them. Prints the commit URLs."
         ),
     )
@@ -72,10 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hf-tae``; bad inputs print the :class:`TaeError` message and exit with status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:  # options belong to the job's HfArgumentParser, help included
-        from hf_tae.pipeline.graph_communities import run
+        from hf_tae.pipeline.run import run
 
         try:
-            run(argv[1:], prog="hf-tae run")
+            run(argv[1:])
         except TaeError as err:
             print(f"hf-tae run: error: {err}", file=sys.stderr)
             return 2

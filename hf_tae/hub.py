@@ -1,7 +1,7 @@
 """Publish Grad-TAE artifacts to the Hugging Face Hub and load meta-initializations back.
 
 A meta-initialization θ0 is only useful next to what was derived from it (its projected
-gradients, the task graph, later the affinity matrix), so this module publishes them as linked
+gradients, the task data, the affinity matrix), so this module publishes them as linked
 repos and writes a model card that says which tasks θ0 was trained on, how well it does on each,
 and how to load it with or without hf_tae. Safety rules, everywhere in this module: weights are
 read and written as safetensors only (pickled files such as ``training_args.bin`` are never
@@ -42,7 +42,7 @@ __all__ = [
 #: Tags of every meta-initialization card (plus ``transformers``: the model is a transformers model).
 CARD_TAGS: tuple[str, ...] = ("hf-tae", "multitask", "task-affinity")
 #: Per-task metrics of :class:`~hf_tae.MultiLabelTaskMetrics` shown in the card, in column order.
-CARD_METRICS: tuple[str, ...] = ("f1", "accuracy", "loss")
+CARD_METRICS: tuple[str, ...] = ("f1", "accuracy", "log_loss")
 #: Training arguments worth reproducing a run; never anything secret (no ``hub_token``).
 CARD_TRAINING_ARGUMENTS: tuple[str, ...] = (
     "learning_rate",
@@ -224,7 +224,8 @@ def meta_init_card(
     task_names = [str(t) for t in task_names]
     metrics = dict(metrics or {})
     model_name = model_name or repo_id.split("/")[-1]
-    task_type = "graph-ml" if model_type == "tae_sign" else "other"
+    pipeline_tag = _pipeline_tag(model_type)
+    task_type = pipeline_tag or "other"
     links = [
         _Link(label, repo, _dataset_url(repo))
         for label, repo in (
@@ -241,7 +242,7 @@ def meta_init_card(
         tags=all_tags,
         model_name=model_name,
         datasets=[link.repo_id for link in links] or None,
-        pipeline_tag="graph-ml" if model_type == "tae_sign" else None,
+        pipeline_tag=pipeline_tag,
         eval_results=_eval_results(task_names, metrics, task_type, data_repo) or None,
     )
     metric_names, metric_rows = _metric_rows(task_names, metrics)
@@ -409,11 +410,34 @@ def load_meta_init(
     return model.eval()
 
 
+def _pipeline_tag(model_type: str | None) -> str | None:
+    """The Hub task tag of an hf_tae model type (``graph-ml``, ``image-classification``…)."""
+    from hf_tae.models import PIPELINE_TAGS
+
+    return PIPELINE_TAGS.get(model_type)
+
+
 # ---------------------------------------------------------------------------------- publishing
+#: Saved task-data folders: the file that marks one, and the class that loads and pushes it.
+_DATA_FOLDERS = {
+    "graph_info.json": ("hf_tae.families.graph.data", "CommunityGraph"),
+    "image_domains.json": ("hf_tae.families.image.domains", "ImageDomains"),
+}
+
+
+def _data_class(folder: Path):
+    """The class of the task data saved in ``folder`` (None when it holds none)."""
+    import importlib
+
+    for marker, (module, name) in _DATA_FOLDERS.items():
+        if (folder / marker).is_file():
+            return getattr(importlib.import_module(module), name)
+    return None
+
+
 def _detect(folder: Path) -> str:
-    """What an artifact folder holds: ``run``, ``model``, ``gradients`` or ``graph``."""
+    """What an artifact folder holds: ``run``, ``model``, ``gradients`` or ``data``."""
     from hf_tae.gradients.store import INFO_FILE as STORE_INFO
-    from hf_tae.tasks.graph import INFO_FILE as GRAPH_INFO
 
     if not folder.is_dir():
         raise TaeError(f"{str(folder)!r} is not a folder; pass the folder of a saved artifact.")
@@ -423,12 +447,12 @@ def _detect(folder: Path) -> str:
         return "model"
     if (folder / STORE_INFO).is_file():
         return "gradients"
-    if (folder / GRAPH_INFO).is_file():
-        return "graph"
+    if _data_class(folder) is not None:
+        return "data"
     raise TaeError(
         f"{str(folder)!r} is not an hf_tae artifact: expected config.json or adapter_config.json "
-        "(a saved model), gradient_store.json (a GradientStore), graph_info.json (a saved "
-        "CommunityGraph) or a run folder of recipes/graph_communities.py (meta_init/, data/, "
+        "(a saved model), gradient_store.json (a GradientStore), graph_info.json or "
+        "image_domains.json (saved task data) or a run folder of hf-tae run (meta_init/, data/, "
         "gradients/)."
     )
 
@@ -511,15 +535,13 @@ def _publish_gradients(
     return store.push_to_hub(repo_id, private=private, revision=revision, **kwargs)
 
 
-def _publish_graph(
+def _publish_data(
     folder: Path, repo_id: str, revision: str | None, private: bool | None, message: str | None
 ) -> str:
-    from hf_tae.tasks.graph import CommunityGraph
-
-    graph = CommunityGraph.load(folder)
+    data = _data_class(folder).load(folder)
     _prepare_repo(repo_id, "dataset", revision, private)
     kwargs = {"commit_message": message} if message else {}
-    return graph.push_to_hub(repo_id, private=private, revision=revision, **kwargs)
+    return data.push_to_hub(repo_id, private=private, revision=revision, **kwargs)
 
 
 def _run_metrics(run_dir: Path) -> dict[str, float]:
@@ -547,9 +569,10 @@ def publish(
     * a saved model (``config.json``, or a peft ``adapter_config.json``) → model repo
       ``repo_id``: config, safetensors weights, remote-code modules, tokenizer files and a card;
     * a :class:`~hf_tae.GradientStore` (``gradient_store.json``) → dataset repo ``repo_id``;
-    * a saved :class:`~hf_tae.CommunityGraph` (``graph_info.json``) → dataset repo ``repo_id``;
-    * a run folder of ``recipes/graph_communities.py`` (``meta_init/``, ``data/``,
-      ``gradients/``) → the graph to ``<repo_id>-data``, the gradients to
+    * saved task data (a :class:`~hf_tae.CommunityGraph`'s ``graph_info.json``, an
+      :class:`~hf_tae.ImageDomains`' ``image_domains.json``) → dataset repo ``repo_id``;
+    * a run folder of ``hf-tae run`` or a recipe (``meta_init/``, ``data/``,
+      ``gradients/``) → the data to ``<repo_id>-data``, the gradients to
       ``<repo_id>-gradients`` and the model to ``repo_id`` with a card linking both and showing
       the metrics of ``results.json``.
 
@@ -568,13 +591,13 @@ def publish(
         }
     if kind == "gradients":
         return {"gradients": _publish_gradients(folder, repo_id, revision, private, commit_message)}
-    if kind == "graph":
-        return {"data": _publish_graph(folder, repo_id, revision, private, commit_message)}
+    if kind == "data":
+        return {"data": _publish_data(folder, repo_id, revision, private, commit_message)}
     urls: dict[str, str] = {}
     links: dict[str, str | None] = dict(no_links)
-    if _detect_optional(folder / "data") == "graph":
+    if _detect_optional(folder / "data") == "data":
         links["data_repo"] = f"{repo_id}-data"
-        urls["data"] = _publish_graph(
+        urls["data"] = _publish_data(
             folder / "data", links["data_repo"], revision, private, commit_message
         )
     if _detect_optional(folder / "gradients") == "gradients":

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hf_tae import TaeError, sign_features
-from hf_tae.tasks.features import structural_features
+from hf_tae.families.graph.features import structural_features
 
 
 def _dense_norm_adj(edge_index: np.ndarray, n: int) -> np.ndarray:

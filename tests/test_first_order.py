@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hf_tae import SignConfig, SignForMultiTaskNodeClassification, TaeError
-from hf_tae.estimation.first_order import (
+from hf_tae.evaluation.first_order import (
     COLUMNS,
     DEFAULT_NORMS,
     first_order_check,

@@ -22,7 +22,7 @@ from hf_tae.estimation.compare import (
     corrected_spearman,
     self_agreement,
 )
-from hf_tae.estimation.ground_truth import COLUMNS, SubsetFineTuner, average_seeds
+from hf_tae.evaluation.ground_truth import COLUMNS, SubsetFineTuner, average_seeds
 
 SUBSETS = [[0, 1], [1, 2, 3]]
 
@@ -92,7 +92,7 @@ def test_table_matches_hand_trained_multitask_runs(graph, task_set, finished, tm
             assert row.num_rows == counts[name]
             assert row.f1 == pytest.approx(metrics[f"eval_{name}_f1"])
             assert row.accuracy == pytest.approx(metrics[f"eval_{name}_accuracy"])
-            assert row.log_loss == pytest.approx(metrics[f"eval_{name}_loss"])
+            assert row.log_loss == pytest.approx(metrics[f"eval_{name}_log_loss"])
 
 
 def test_resume_trains_only_new_subsets_and_ignores_a_partial_line(graph, task_set, finished):
@@ -229,7 +229,7 @@ import json, sys
 from accelerate import PartialState
 from hf_tae import (MultitaskTrainingArguments, SignConfig, SignForMultiTaskNodeClassification,
                     generate_community_graph)
-from hf_tae.estimation.ground_truth import SubsetFineTuner
+from hf_tae.evaluation.ground_truth import SubsetFineTuner
 
 out_dir, subsets = sys.argv[1], json.loads(sys.argv[2])
 state = PartialState(cpu=True)

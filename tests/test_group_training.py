@@ -12,7 +12,7 @@ from hf_tae import (
     SignForMultiTaskNodeClassification,
     TaeError,
 )
-from hf_tae.pipeline import compare_group_training, summarize_group_training
+from hf_tae.evaluation import compare_group_training, summarize_group_training
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_summary_means_gains_and_wins_by_hand():
                          "group_size": len(group), "f1": f1, "accuracy": f1, "log_loss": 1 - f1})  # fmt: skip
     summary = summarize_group_training(pd.DataFrame(rows), reference="all")
     assert summary.loc["grouped", "f1"] == pytest.approx(2.0 / 3)
-    assert summary.loc["grouped", "f1_gain"] == pytest.approx(2.0 / 3 - 0.6)
+    assert summary.loc["grouped", "gain"] == pytest.approx(2.0 / 3 - 0.6)
     assert summary.loc["grouped", "wins"] == 2  # the tie on task 1 is not a win
     assert summary.loc["single", "wins"] == 1
     assert summary.loc["all", "num_models"] == 1 and summary.loc["single", "num_models"] == 3

@@ -13,8 +13,8 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss
 from torch import nn
 
 from hf_tae import SignConfig, SignForMultiTaskNodeClassification, TaeError
-from hf_tae.estimation.lifted import COLUMNS, evaluate_lifted
 from hf_tae.estimation.regression import RegressionEstimator
+from hf_tae.evaluation.lifted import COLUMNS, evaluate_lifted
 from hf_tae.gradients.collector import GradientCollector
 from hf_tae.models.scores import TaskLogitScore
 

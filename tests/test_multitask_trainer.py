@@ -46,7 +46,7 @@ def test_metrics_match_hand_counted_confusion_matrices():
         assert out[f"{name}_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
         assert out[f"{name}_accuracy"] == pytest.approx((y == p).mean())
         prob = 1 / (1 + np.exp(-logits[mask[:, t], t]))
-        assert out[f"{name}_loss"] == pytest.approx(
+        assert out[f"{name}_log_loss"] == pytest.approx(
             -np.mean(np.where(y, np.log(prob), np.log(1 - prob)))
         )
     assert "c_f1" not in out
@@ -94,6 +94,33 @@ def test_training_on_a_subset_reports_and_learns_only_that_subset(small_graph, t
 
 def test_model_width_must_match_label_matrix(small_graph, tmp_path):
     config = SignConfig(in_features=small_graph.x.shape[1], num_hops=3, hidden_size=4, num_tasks=3)
-    with pytest.raises(TaeError, match="predicts 3 tasks but the label matrix has 6 columns"):
+    with pytest.raises(TaeError, match="the model has 3 task outputs but the task set has 6 tasks"):
         MultitaskTrainer(model=SignForMultiTaskNodeClassification(config), args=_args(tmp_path),
                          task_set=small_graph.task_set(3))  # fmt: skip
+
+
+def test_single_label_metrics_match_sklearn():
+    from scipy.special import log_softmax
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from hf_tae.trainers.metrics import SingleLabelTaskMetrics
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(60, 4))
+    labels = rng.integers(0, 4, 60)
+    task = rng.integers(0, 3, 60)
+    task[task == 2] = 0  # task "c" has no rows: not reported
+    out = SingleLabelTaskMetrics(["a", "b", "c"])(EvalPrediction(logits, (labels, task)))
+    for t, name in enumerate("ab"):
+        rows = task == t
+        y, z = labels[rows], logits[rows]
+        assert out[f"{name}_accuracy"] == pytest.approx(accuracy_score(y, z.argmax(1)))
+        assert out[f"{name}_f1"] == pytest.approx(
+            f1_score(y, z.argmax(1), average="macro", labels=np.unique(y), zero_division=0)
+        )
+        # cross-entropy from log-softmax, computed independently of sklearn's log_loss
+        assert out[f"{name}_log_loss"] == pytest.approx(
+            -np.mean(log_softmax(z, axis=1)[np.arange(len(y)), y]), rel=1e-9
+        )
+    assert "c_f1" not in out
+    assert out["avg_accuracy"] == pytest.approx((out["a_accuracy"] + out["b_accuracy"]) / 2)

@@ -1,4 +1,4 @@
-"""recipes/graph_communities.py (= ``hf-tae run``) end to end: plain python, the CLI, and
+"""recipes/graph_communities.py (= ``hf-tae run graph``) end to end: plain python, the CLI, and
 accelerate launch with 2 CPU processes."""
 
 import json
@@ -49,7 +49,7 @@ def test_recipe_trains_saves_and_reloads(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 1 and len(results["tasks"]) == 4
-    assert set(results["meta_init"]["label_frequency_baseline_test"]) == set(results["tasks"])
+    assert set(results["meta_init"]["baseline_per_task"]) == set(results["tasks"])
     assert (out / "test_f1_per_task.png").stat().st_size > 1000
     from hf_tae import GradientStore
 
@@ -80,8 +80,8 @@ def test_recipe_trains_saves_and_reloads(tmp_path):
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rerun = json.loads((again / "results.json").read_text())
-    assert rerun["meta_init"]["test_avg_f1"] == pytest.approx(
-        results["meta_init"]["test_avg_f1"], abs=1e-6
+    assert rerun["meta_init"]["test_avg"] == pytest.approx(
+        results["meta_init"]["test_avg"], abs=1e-6
     )
 
 
@@ -197,22 +197,20 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((out / "results.json").read_text())
     assert again["meta_init"]["reused"] and not results["meta_init"]["reused"]
-    assert again["meta_init"]["test_avg_f1"] == pytest.approx(results["meta_init"]["test_avg_f1"])
+    assert again["meta_init"]["test_avg"] == pytest.approx(results["meta_init"]["test_avg"])
     assert again["grouping"]["groups"] == results["grouping"]["groups"]
     assert again["group_training"]["summary"] == results["group_training"]["summary"]
 
 
 def test_meta_init_fingerprint_changes_with_what_changes_the_weights(tiny_graph, tmp_path):
     from hf_tae import MultitaskTrainingArguments
-    from hf_tae.pipeline.graph_communities import (
-        GraphDataArguments,
-        ModelArguments,
-        meta_init_fingerprint,
-    )
+    from hf_tae.families.graph.family import GraphArguments, GraphFamily
+    from hf_tae.pipeline.stages import meta_init_fingerprint
 
-    def fingerprint(graph=tiny_graph, **training):
+    def fingerprint(graph=tiny_graph, family_args=None, **training):
         args = MultitaskTrainingArguments(output_dir=str(tmp_path / "a"), **training)
-        return meta_init_fingerprint(graph, GraphDataArguments(), ModelArguments(), args)
+        family_args = family_args or GraphArguments()
+        return meta_init_fingerprint(GraphFamily(), family_args, graph.task_set(3), args)
 
     base = fingerprint()
     assert fingerprint(disable_tqdm=True) == base  # does not change the weights
@@ -220,6 +218,7 @@ def test_meta_init_fingerprint_changes_with_what_changes_the_weights(tiny_graph,
     assert fingerprint(seed=7) != base
     other = type(tiny_graph)(**{**tiny_graph.__dict__, "x": tiny_graph.x + 1})
     assert fingerprint(graph=other) != base
+    assert fingerprint(family_args=GraphArguments(hidden_size=16)) != base
 
 
 def test_cli_run_rejects_bad_options_before_training(tmp_path):

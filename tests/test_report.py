@@ -5,11 +5,17 @@ from __future__ import annotations
 from hf_tae.pipeline.report import render_report
 
 BASE = {
-    "graph": "planted (16 tasks)",
+    "family": "graph",
+    "data": "planted (16 tasks)",
     "command": "hf-tae run",
+    "metrics": {
+        "selection": "f1",
+        "affinity": "log_loss",
+        "labels": {"f1": "F1", "accuracy": "accuracy", "log_loss": "BCE"},
+    },
     "world_size": 1,
     "timings": {"ground truth": 100.0},
-    "meta_init": {"test_avg_f1": 0.9, "baseline_avg_f1": 0.1},
+    "meta_init": {"test_avg": 0.9, "baseline_avg": 0.1},
 }
 
 

@@ -5,8 +5,9 @@ For a subset S the estimator fits ``w_S`` on the stored training rows of the tas
 
     minimize_w  Σ_{e ∈ train(S)} loss(y_e, s_e(θ0) + z_e·w) + λ‖w‖²/2
 
-so that ``θ_S ≈ θ0 + P w_S``. Labels are read as binary (``label > 0``) and used as ±1
-margins: logistic loss ``softplus(−y f)``, squared loss ``(y − f)²/2`` with ``y ∈ {−1, +1}``
+so that ``θ_S ≈ θ0 + P w_S``. Labels are used as ±1 margins: binary labels (``label > 0``)
+when the score is a task's own logit (multi-label tasks), all +1 when the score is the log-odds
+of each example's gold answer (classifiers and language models, ``label_kind="gold"``); logistic loss ``softplus(−y f)``, squared loss ``(y − f)²/2`` with ``y ∈ {−1, +1}``
 (so that "logit > 0" is the decision rule for both).
 
 Two modes:
@@ -62,6 +63,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOSSES = ("logistic", "squared")
+#: How store labels become ±1 targets: ``"binary"`` (``label > 0``) or ``"gold"`` (all +1).
+LABEL_KINDS = ("binary", "gold")
+#: Score functions whose value is the log-odds of each example's gold answer.
+GOLD_SCORES = ("gold_log_odds", "token_log_odds")
 MODES = ("principled", "paper")
 NORM_METHODS = ("lift", "w")
 
@@ -91,6 +96,11 @@ class RegressionEstimator:
         tol: stop when ``‖∇‖ ≤ tol · ‖∇ at w=0‖`` for every subset.
         max_iter: Newton iterations at most (each with up to ``2d`` CG steps) (a warning names the subsets that did not converge).
         seed: seed of the one-class random labels.
+        label_kind: ``"binary"``: a store label > 0 is the positive class (multi-label tasks
+            scored by their own logit); ``"gold"``: every score is the log-odds of the example's
+            gold answer (classifiers, language models), so every target is +1 and ``log_loss``
+            is the cross-entropy of the gold answer. Default: ``"gold"`` for stores collected
+            with a gold log-odds score function, else ``"binary"``.
         device: where to solve (default: CUDA when available, else CPU).
         dtype: solver precision (default float64).
         batch_size: subsets solved together by :meth:`fit`.
@@ -115,6 +125,7 @@ class RegressionEstimator:
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float64,
         batch_size: int = 256,
+        label_kind: str | None = None,
     ) -> None:
         if loss not in LOSSES:
             raise TaeError(f"loss={loss!r} is not supported; use one of {list(LOSSES)}.")
@@ -145,6 +156,12 @@ class RegressionEstimator:
             raise TaeError("one_class=True is a logistic-regression trick; use loss='logistic'.")
         if not store.finished:
             raise TaeError(f"{store!r} is unfinished; call finalize() on it first.")
+        if label_kind is None:
+            score_name = (store.metadata.get("score_function") or {}).get("name")
+            label_kind = "gold" if score_name in GOLD_SCORES else "binary"
+        if label_kind not in LABEL_KINDS:
+            raise TaeError(f"label_kind={label_kind!r}; use one of {list(LABEL_KINDS)}.")
+        self.label_kind = label_kind
         if "train" not in store.splits:
             raise TaeError(f"{store!r} has no train rows; the regression is fitted on them.")
         self.store = store
@@ -162,7 +179,7 @@ class RegressionEstimator:
         train = self._load("train")
         self.num_tasks = len(names) if names is not None else int(train["task"].max()) + 1
         self.task_names = names if names is not None else [str(t) for t in range(self.num_tasks)]
-        self._train = _TaskRows(train, self.num_tasks, self.device, dtype)
+        self._train = _TaskRows(train, self.num_tasks, self.device, dtype, label_kind)
         #: ``{"iterations": ..., "max_relative_gradient": ...}`` of the last logistic fit.
         self.convergence: dict[str, float] = {}
         self._train_features = self._features(self._train)
@@ -471,7 +488,11 @@ class RegressionEstimator:
         One row per subset and target task (``targets="subset"``: the tasks of S, as A.3 and
         A.4 use; ``"all"``: every task) with columns ``subset_id``, ``subset`` (task ids),
         ``task``, ``task_name``, ``num_rows``, ``f1`` (positive when logit > 0), ``accuracy``
-        and ``log_loss`` (mean ``softplus(−y·logit)``). No network pass is made; for a real
+        and ``log_loss`` (mean ``softplus(−y·logit)``), the columns of
+        :data:`~hf_tae.estimation.schema.RESULT_COLUMNS`. With ``label_kind="gold"`` the logit is
+        the gold answer's log-odds: ``log_loss`` is then exactly its cross-entropy
+        ``−log p_gold``, ``accuracy`` the fraction with ``p_gold > 1/2`` (a lower bound on argmax
+        accuracy; equal for two classes) and ``f1`` is NaN. No network pass is made; for a real
         forward pass at ``θ0 + P w`` use :meth:`lift` and :func:`apply_delta`.
         """
         import pandas as pd
@@ -485,7 +506,9 @@ class RegressionEstimator:
                 f"w has shape {tuple(w.shape)}; evaluate needs [{len(canon)}, {self.store.dim}] "
                 "(one row of fit(subsets) per subset)."
             )
-        rows = _TaskRows(self._load(split), self.num_tasks, self.device, self.dtype)
+        rows = _TaskRows(
+            self._load(split), self.num_tasks, self.device, self.dtype, self.label_kind
+        )
         w = w.to(self.device, self.dtype)
         member = self._membership(canon)
         scored = member if targets == "subset" else torch.ones_like(member)
@@ -507,6 +530,8 @@ class RegressionEstimator:
             fp = (~pos & pred).sum(0).double()
             fn = (pos & ~pred).sum(0).double()
             f1 = torch.where(tp > 0, 2 * tp / (2 * tp + fp + fn), torch.zeros_like(tp))
+            if self.label_kind == "gold":  # every target is positive: F1 says nothing
+                f1 = torch.full_like(tp, float("nan"))
             columns["subset_id"] += idx.tolist()
             columns["task"] += [t] * len(idx)
             columns["num_rows"] += [len(y)] * len(idx)
@@ -542,7 +567,12 @@ class _TaskRows:
     """One split's rows grouped by task: ``blocks[t] = (Z_t, y_t ∈ ±1, s_t)`` on ``device``."""
 
     def __init__(
-        self, rows: Mapping[str, torch.Tensor], num_tasks: int, device: torch.device, dtype
+        self,
+        rows: Mapping[str, torch.Tensor],
+        num_tasks: int,
+        device: torch.device,
+        dtype,
+        label_kind: str = "binary",
     ) -> None:
         task = rows["task"]
         self.blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -554,6 +584,8 @@ class _TaskRows:
             sel = order[start : start + n]
             start += n
             y = torch.where(rows["label"][sel] > 0, 1.0, -1.0)
+            if label_kind == "gold":
+                y = torch.ones_like(y)
             self.blocks.append(
                 tuple(
                     x.to(device=device, dtype=dtype)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +27,11 @@ from hf_tae.gradients.store import INFO_FILE as STORE_INFO_FILE
 from hf_tae.gradients.store import GradientStore
 from hf_tae.models.scores import ScoreFunction, TaskLogitScore
 from hf_tae.tasks.splits import SPLIT_NAMES
+from hf_tae.tasks.batching import Collate, default_collate, example_batches
 from hf_tae.tasks.taskset import TaskSet
 
 logger = logging.getLogger(__name__)
 
-Collate = Callable[[TaskSet, np.ndarray], dict[str, torch.Tensor]]
-
-
-def default_collate(task_set: TaskSet, rows: np.ndarray) -> dict[str, torch.Tensor]:
-    """Model inputs of dataset ``rows``: the task set's input columns, stacked as tensors."""
-    view = task_set.dataset.with_format("torch", columns=task_set.input_columns)
-    return dict(view[rows.tolist()])
 
 
 def _process_state():
@@ -213,17 +207,9 @@ class GradientCollector:
         n = len(rows["task"])
         bar = tqdm(total=n, desc="gradients", unit="ex", disable=not progress, dynamic_ncols=True)
         try:
-            for start in range(0, n, self.batch_size):
-                sl = slice(start, start + self.batch_size)
+            batches = example_batches(task_set, rows, self.batch_size, self.collate_fn, device)
+            for sl, inputs, meta in batches:
                 example_ids, tasks = rows["example_id"][sl], rows["task"][sl]
-                inputs = {
-                    k: v.to(device) for k, v in self.collate_fn(task_set, example_ids).items()
-                }
-                meta = {
-                    "task": torch.as_tensor(tasks, device=device),
-                    "example_id": torch.as_tensor(example_ids, device=device),
-                    "example_label": torch.as_tensor(rows["label"][sl], device=device),
-                }
                 with self.capture:
                     outputs = self.model(**inputs)
                     scores = self.score_fn(outputs, {**inputs, **meta})

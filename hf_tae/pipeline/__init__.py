@@ -1,6 +1,20 @@
-"""Steps 5–6 and the end-to-end job: group training comparisons, the run report, and the
-graph-community pipeline behind ``hf-tae run`` and ``recipes/graph_communities.py``."""
+"""The end-to-end job for any task family (``hf-tae run <family>``): arguments, stages, the
+runner and the report."""
 
-from hf_tae.pipeline.group_training import compare_group_training, summarize_group_training
+from hf_tae.pipeline.arguments import (
+    EstimationArguments,
+    GradientArguments,
+    GroupingArguments,
+    PipelineArguments,
+)
+from hf_tae.pipeline.run import build_parser, run, run_pipeline
 
-__all__ = ["compare_group_training", "summarize_group_training"]
+__all__ = [
+    "EstimationArguments",
+    "GradientArguments",
+    "GroupingArguments",
+    "PipelineArguments",
+    "build_parser",
+    "run",
+    "run_pipeline",
+]

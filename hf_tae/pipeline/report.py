@@ -1,7 +1,8 @@
 """The run report of the end-to-end pipeline: ``report.md`` and the PNGs it links.
 
-Everything here reads the ``results`` dict that :mod:`hf_tae.pipeline.graph_communities`
-writes to ``results.json``, so a report can be rebuilt from a finished run without rerunning it.
+Everything here reads the ``results`` dict that :mod:`hf_tae.pipeline.run` writes to
+``results.json`` (metric names and labels included), so a report can be rebuilt from a finished
+run of any family without rerunning it.
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ def _pyplot():
 
 
 def plot_grouping_gains(
-    gains: Mapping[str, float], groups: Sequence[Sequence[str]], path: str | os.PathLike, title: str
+    gains: Mapping[str, float],
+    groups: Sequence[Sequence[str]],
+    path: str | os.PathLike,
+    title: str,
+    ylabel: str = "F1 gain",
 ) -> Path:
-    """Per-task F1 gain of the group models over a reference, tasks ordered and coloured by group."""
+    """Per-task gain of the group models over a reference, tasks ordered and coloured by group."""
     plt = _pyplot()
     order = [t for g in groups for t in g]
     colors = [f"C{k % 10}" for k, g in enumerate(groups) for _ in g]
@@ -47,7 +52,7 @@ def plot_grouping_gains(
     ax.bar(range(len(order)), [gains[t] for t in order], color=colors)
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("F1 gain")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     return _save_figure(fig, path)
 
@@ -81,9 +86,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def render_report(results: Mapping[str, Any]) -> str:
     """``report.md`` text: what ran, timings per stage, groups, and the per-task comparison."""
+    metrics = results["metrics"]
+    selection, labels = metrics["selection"], metrics["labels"]
+    sel = labels[selection]
     out = ["# hf_tae run report", ""]
     out += [
-        f"- data: {results['graph']}",
+        f"- family: {results['family']}",
+        f"- data: {results['data']}",
         f"- command: `{results['command']}`",
         f"- processes: {results['world_size']}",
         "",
@@ -93,18 +102,16 @@ def render_report(results: Mapping[str, Any]) -> str:
         "",
     ]
     meta = results["meta_init"]
-    out += [
-        "## Meta-initialization (all tasks)",
-        "",
-        f"Test average F1 {meta['test_avg_f1']:.3f} against {meta['baseline_avg_f1']:.3f} for the "
-        "label-frequency baseline (sklearn `DummyClassifier`).",
-        "",
-    ]
-    if results.get("ensemble"):
-        scores = ", ".join(
-            f"{m['test_avg_f1']:.3f} (seed {m['seed']})" for m in results["ensemble"]
+    line = f"Test average {sel} {meta['test_avg']:.3f}"
+    if meta.get("baseline_avg") is not None:
+        line += (
+            f" against {meta['baseline_avg']:.3f} for the label-frequency baseline "
+            "(sklearn `DummyClassifier`)"
         )
-        out += [f"Other meta-initializations of the ensemble: test average F1 {scores}.", ""]
+    out += ["## Meta-initialization (all tasks)", "", line + ".", ""]
+    if results.get("ensemble"):
+        scores = ", ".join(f"{m['test_avg']:.3f} (seed {m['seed']})" for m in results["ensemble"])
+        out += [f"Other meta-initializations of the ensemble: test average {sel} {scores}.", ""]
     if "gradients" in results:
         g = results["gradients"]
         out += [
@@ -119,7 +126,8 @@ def render_report(results: Mapping[str, Any]) -> str:
             "",
             f"{est['num_subsets']} subsets of {est['subset_size']} tasks on each of "
             f"{est['num_meta_inits']} meta-initialization(s) (matrices averaged), estimator "
-            f"`{est['estimator']}`, scored on {est['scoring_split']} rows by {est['metric']}; "
+            f"`{est['estimator']}`, scored on {est['scoring_split']} rows by "
+            f"{labels.get(est['metric'], est['metric'])}; "
             f"{est['subsets_per_second']:.0f} subset fits/s.",
             "",
             "![affinity](affinity_by_group.png)",
@@ -170,7 +178,8 @@ def render_report(results: Mapping[str, Any]) -> str:
             f"arguments ({training['seeds']} seed(s)), scored on {training['split']}.",
             "",
             _table(
-                ["strategy", "models", "avg F1", "avg accuracy", "avg log-loss", "F1 wins vs all"],
+                ["strategy", "models", *(f"avg {labels[m]}" for m in ("f1", "accuracy", "log_loss")),
+                 f"{sel} wins vs all"],
                 [
                     (
                         s,
@@ -178,15 +187,13 @@ def render_report(results: Mapping[str, Any]) -> str:
                         v["f1"],
                         v["accuracy"],
                         v["log_loss"],
-                        "—"
-                        if v.get("f1_gain") == 0 and s == "all tasks"
-                        else f"{v.get('wins', '')}/{len(training['per_task'])}",
+                        "—" if s == "all tasks" else f"{v.get('wins', '')}/{len(training['per_task'])}",
                     )
                     for s, v in training["summary"].items()
                 ],
-            ),
+            ),  # fmt: skip
             "",
-            "Per-task F1:",
+            f"Per-task {sel}:",
             "",
             _table(
                 ["task", *strategies],

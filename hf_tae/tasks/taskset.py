@@ -55,6 +55,8 @@ class TaskSet:
         input_columns: the model inputs kept by :meth:`trainer_dataset` (default: every column
             that is not a label, split, task or id column).
         label_column, split_column, task_column: column names.
+        source: the object the tasks were built from (a ``CommunityGraph``, ``ImageDomains``…),
+            kept for saving, planted groups and reports; views share it.
     """
 
     def __init__(
@@ -67,8 +69,10 @@ class TaskSet:
         label_column: str = "labels",
         split_column: str = "split",
         task_column: str = "task",
+        source: object | None = None,
     ):
         self.dataset = dataset
+        self.source = source
         self.label_column, self.split_column, self.task_column = (
             label_column,
             split_column,
@@ -215,10 +219,24 @@ class TaskSet:
         if self.is_multilabel:
             labels = self._labels[rows, tasks].astype(np.float32)
         else:
-            labels = np.asarray(self.dataset.with_format("numpy")[self.label_column])[rows].astype(
-                np.float32
-            )
+            labels = self._class_labels()[rows].astype(np.float32)
         return {"example_id": rows.astype(np.int64), "task": tasks, "label": labels}
+
+    def labels(self, task: TaskRef, split: str = "train") -> np.ndarray:
+        """Gold labels of ``task``'s examples in ``split``: booleans for multi-label data, class
+        ids otherwise (in the order of :meth:`rows`)."""
+        rows = self.rows(task, split)
+        if self.is_multilabel:
+            return self._labels[rows, int(self.resolve([task])[0])] > 0.5
+        return self._class_labels()[rows]
+
+    def _class_labels(self) -> np.ndarray:
+        if "_class_label_cache" not in self.__dict__:
+            column = self.dataset.select_columns([self.label_column]).with_format("numpy")
+            self.__dict__["_class_label_cache"] = np.asarray(column[self.label_column]).astype(
+                np.int64
+            )
+        return self.__dict__["_class_label_cache"]
 
     def task_counts(self, split: str = "train") -> dict[str, int]:
         """Number of examples of each selected task in ``split``."""

@@ -1,7 +1,16 @@
-"""Per-task evaluation metrics computed with scikit-learn.
+"""Per-task evaluation metrics computed with scikit-learn, for both task-set layouts.
 
-``evaluate.load("f1")`` fetches its metric script from the Hub, which many training
-machines cannot reach; scikit-learn computes the same numbers offline.
+Every family reports the same three per-task metrics (:data:`hf_tae.estimation.schema.METRICS`),
+so that training, estimation, ground truth, group training and the report share one schema:
+
+* ``f1``: binary F1 of multi-label tasks; macro-F1 over the task's classes for single-label
+  classification;
+* ``accuracy``: the fraction of correct decisions (logit > threshold, or argmax);
+* ``log_loss``: the negative log-likelihood of the gold label (binary cross-entropy, or
+  cross-entropy over the classes).
+
+``evaluate.load("f1")`` fetches its metric script from the Hub, which many training machines
+cannot reach; scikit-learn computes the same numbers offline.
 """
 
 from __future__ import annotations
@@ -12,20 +21,58 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 from transformers import EvalPrediction
 
-METRICS = ("f1", "accuracy", "loss")
+from hf_tae.estimation.schema import METRICS
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # stable for large |z|
 
 
-class MultiLabelTaskMetrics:
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class _TaskMetrics:
+    """Shared part: which tasks to report and the flat ``<task>_<metric>`` / ``avg_<metric>`` keys."""
+
+    def __init__(self, task_names: Sequence[str], task_ids: Sequence[int] | None = None):
+        self.task_names = list(task_names)
+        self.task_ids = None if task_ids is None else [int(t) for t in task_ids]
+
+    def _flatten(self, scores: dict[str, dict[str, float]]) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for name, values in scores.items():
+            for key in METRICS:
+                metrics[f"{name}_{key}"] = values[key]
+        for key in METRICS:
+            metrics[f"avg_{key}"] = (
+                float(np.mean([v[key] for v in scores.values()])) if scores else float("nan")
+            )
+        return metrics
+
+    @staticmethod
+    def _unpack(eval_pred: EvalPrediction, second: str) -> tuple[np.ndarray, ...]:
+        logits = eval_pred.predictions
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        label_ids = eval_pred.label_ids
+        if not isinstance(label_ids, (tuple, list)) or len(label_ids) != 2:
+            raise ValueError(
+                f"per-task metrics need label_ids = (labels, {second}); set "
+                f"TrainingArguments.label_names=['labels', '{second}']."
+            )
+        return logits, *label_ids
+
+
+class MultiLabelTaskMetrics(_TaskMetrics):
     """``compute_metrics`` for multi-label models: per-task F1, accuracy and BCE, and averages.
 
     Expects ``predictions`` = logits ``[rows, num_all_tasks]`` and ``label_ids`` =
     ``(labels, label_mask)``; task ``t`` is scored on the rows where ``label_mask[:, t]`` holds.
-    Keys are ``<task>_f1``, ``<task>_accuracy``, ``<task>_loss`` and ``avg_f1``,
-    ``avg_accuracy``, ``avg_loss`` (the Trainer adds the ``eval_`` prefix).
+    Keys are ``<task>_f1``, ``<task>_accuracy``, ``<task>_log_loss`` and ``avg_f1``,
+    ``avg_accuracy``, ``avg_log_loss`` (the Trainer adds the ``eval_`` prefix).
 
     Args:
         task_names: names of all tasks, in logit order.
@@ -39,14 +86,13 @@ class MultiLabelTaskMetrics:
         task_ids: Sequence[int] | None = None,
         threshold: float = 0.0,
     ):
-        self.task_names = list(task_names)
-        self.task_ids = None if task_ids is None else [int(t) for t in task_ids]
+        super().__init__(task_names, task_ids)
         self.threshold = threshold
 
     def per_task(
         self, logits: np.ndarray, labels: np.ndarray, mask: np.ndarray
     ) -> dict[str, dict[str, float]]:
-        """``{task_name: {"f1", "accuracy", "loss", "support"}}`` for the reported tasks."""
+        """``{task_name: {"f1", "accuracy", "log_loss", "support"}}`` for the reported tasks."""
         logits, labels, mask = (np.asarray(a) for a in (logits, labels, mask))
         mask = mask.astype(bool)
         tasks = self.task_ids if self.task_ids is not None else np.flatnonzero(mask.any(0)).tolist()
@@ -61,7 +107,7 @@ class MultiLabelTaskMetrics:
             out[self.task_names[t]] = {
                 "f1": float(f1_score(y, pred, zero_division=0.0)),
                 "accuracy": float(accuracy_score(y, pred)),
-                "loss": float(
+                "log_loss": float(
                     log_loss(y, np.clip(_sigmoid(z), 1e-12, 1 - 1e-12), labels=[False, True])
                 ),
                 "support": float(rows.sum()),
@@ -69,22 +115,45 @@ class MultiLabelTaskMetrics:
         return out
 
     def __call__(self, eval_pred: EvalPrediction) -> dict[str, float]:
-        logits = eval_pred.predictions
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
-        label_ids = eval_pred.label_ids
-        if not isinstance(label_ids, (tuple, list)) or len(label_ids) != 2:
-            raise ValueError(
-                "MultiLabelTaskMetrics needs label_ids = (labels, label_mask); set "
-                "TrainingArguments.label_names=['labels', 'label_mask']."
-            )
-        scores = self.per_task(logits, *label_ids)
-        metrics: dict[str, float] = {}
-        for name, values in scores.items():
-            for key in METRICS:
-                metrics[f"{name}_{key}"] = values[key]
-        for key in METRICS:
-            metrics[f"avg_{key}"] = (
-                float(np.mean([v[key] for v in scores.values()])) if scores else float("nan")
-            )
-        return metrics
+        return self._flatten(self.per_task(*self._unpack(eval_pred, "label_mask")))
+
+
+class SingleLabelTaskMetrics(_TaskMetrics):
+    """``compute_metrics`` for single-label classifiers whose rows belong to one task each
+    (image domains, templated classification): per-task accuracy, macro-F1 and cross-entropy.
+
+    Expects ``predictions`` = class logits ``[rows, num_classes]`` and ``label_ids`` =
+    ``(labels, task)``. Macro-F1 averages over the classes present in the task's gold labels;
+    the cross-entropy is over all classes of the logits. Keys as in
+    :class:`MultiLabelTaskMetrics` (``f1`` is the macro-F1).
+
+    Args:
+        task_names: names of all tasks (``task`` ids index it).
+        task_ids: the tasks to report (default: every task present in the rows).
+    """
+
+    def per_task(
+        self, logits: np.ndarray, labels: np.ndarray, task: np.ndarray
+    ) -> dict[str, dict[str, float]]:
+        """``{task_name: {"f1", "accuracy", "log_loss", "support"}}`` for the reported tasks."""
+        logits = np.asarray(logits, dtype=np.float64)
+        labels, task = np.asarray(labels).astype(np.int64), np.asarray(task).astype(np.int64)
+        classes = np.arange(logits.shape[1])
+        tasks = self.task_ids if self.task_ids is not None else np.unique(task).tolist()
+        out: dict[str, dict[str, float]] = {}
+        for t in tasks:
+            rows = task == t
+            if not rows.any():
+                continue
+            y, z = labels[rows], logits[rows]
+            pred = z.argmax(1)
+            out[self.task_names[t]] = {
+                "f1": float(f1_score(y, pred, labels=np.unique(y), average="macro", zero_division=0.0)),
+                "accuracy": float(accuracy_score(y, pred)),
+                "log_loss": float(log_loss(y, np.clip(_softmax(z), 1e-12, 1.0), labels=classes)),
+                "support": float(rows.sum()),
+            }
+        return out
+
+    def __call__(self, eval_pred: EvalPrediction) -> dict[str, float]:
+        return self._flatten(self.per_task(*self._unpack(eval_pred, "task")))

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, Trainer
 from hf_tae.errors import TaeError
 from hf_tae.tasks.taskset import TaskSet
 from hf_tae.trainers.arguments import MultitaskTrainingArguments
-from hf_tae.trainers.metrics import MultiLabelTaskMetrics
+from hf_tae.trainers.metrics import MultiLabelTaskMetrics, SingleLabelTaskMetrics
 
 if TYPE_CHECKING:
     from hf_tae.gradients.store import GradientStore
@@ -37,11 +37,13 @@ class MultitaskTrainer(Trainer):
         args: :class:`~hf_tae.MultitaskTrainingArguments` (``args.tasks`` narrows the task set).
         task_set: where the tasks, splits and labels come from. ``train_dataset`` and
             ``eval_dataset`` default to its ``train`` and ``validation`` views and
-            ``compute_metrics`` to per-task F1/accuracy/loss.
+            ``compute_metrics`` to per-task F1/accuracy/log-loss: binary per task for
+            multi-label task sets (one logit per task), macro-F1, accuracy and cross-entropy for
+            single-label ones (one class per row, the row's ``task`` given to the model).
         **kwargs: anything ``transformers.Trainer`` accepts.
 
     Per-task metrics are logged as ``eval_<task>_f1``, ``eval_<task>_accuracy``,
-    ``eval_<task>_loss`` with their averages ``eval_avg_*``.
+    ``eval_<task>_log_loss`` with their averages ``eval_avg_*``.
     """
 
     _tag_names = ["hf-tae", "multitask", "task-affinity"]
@@ -59,30 +61,29 @@ class MultitaskTrainer(Trainer):
             task_set = task_set.select(args.tasks)
         self.task_set = task_set
         if task_set is not None:
-            if not task_set.is_multilabel:
-                raise TaeError(
-                    "MultitaskTrainer drives multi-label task sets (one logit per task) in this release; "
-                    "single-label task sets (text, image) plug in through their own score heads later."
-                )
             width = _model_num_tasks(model) if model is not None else None
             if width is not None and width != task_set.num_all_tasks:
                 raise TaeError(
-                    f"the model predicts {width} tasks but the label matrix has {task_set.num_all_tasks} columns; "
-                    f"build the model with num_tasks={task_set.num_all_tasks}."
+                    f"the model has {width} task outputs but the task set has "
+                    f"{task_set.num_all_tasks} tasks; build the model with the task set's "
+                    f"task_names ({task_set.num_all_tasks} tasks)."
                 )
             kwargs.setdefault("train_dataset", task_set.trainer_dataset("train"))
             if args.eval_strategy != "no":
                 kwargs.setdefault("eval_dataset", task_set.trainer_dataset("validation"))
-            kwargs.setdefault(
-                "compute_metrics",
-                MultiLabelTaskMetrics(
+            if task_set.is_multilabel:
+                metrics = MultiLabelTaskMetrics(
                     task_set.all_task_names,
                     task_set.task_ids,
                     getattr(args, "decision_threshold", 0.0),
-                ),
-            )
+                )
+                label_names = ["labels", "label_mask"]
+            else:
+                metrics = SingleLabelTaskMetrics(task_set.all_task_names, task_set.task_ids)
+                label_names = [task_set.label_column, task_set.task_column]
+            kwargs.setdefault("compute_metrics", metrics)
             if args.label_names is None:
-                args.label_names = ["labels", "label_mask"]
+                args.label_names = label_names
         super().__init__(model=model, args=args, **kwargs)
 
     def create_model_card(

@@ -118,7 +118,7 @@ class CommunityGraph:
     # ----------------------------------------------------------------- model views
     def hop_features(self, num_hops: int = 3) -> np.ndarray:
         """SIGN hop features ``[num_nodes, num_hops + 1, num_features]``."""
-        from hf_tae.tasks.features import sign_features
+        from hf_tae.families.graph.features import sign_features
 
         return sign_features(self.x, self.edge_index, num_hops)
 
@@ -147,7 +147,7 @@ class CommunityGraph:
             },
             features=features,
         )
-        task_set = TaskSet(ds, task_names=self.task_names)
+        task_set = TaskSet(ds, task_names=self.task_names, source=self)
         return task_set.select(tasks) if tasks is not None else task_set
 
     # ----------------------------------------------------------------- datasets

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hf_tae.errors import TaeError
+from hf_tae.estimation.schema import METRICS, RESULT_COLUMNS
 from hf_tae.utils.io import atomic_write_text
 
 if TYPE_CHECKING:
@@ -57,9 +58,8 @@ _DISTRIBUTED_ENV = (
     "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE",
     "MPI_LOCALRANKID", "ACCELERATE_TORCH_DEVICE",
 )  # fmt: skip
-#: Columns of :meth:`SubsetFineTuner.run`: those of ``RegressionEstimator.evaluate`` plus ``seed``.
-COLUMNS = ("subset_id", "subset", "task", "task_name", "num_rows", "f1", "accuracy", "log_loss")
-METRICS = ("f1", "accuracy", "log_loss")
+#: Columns of :meth:`SubsetFineTuner.run`: the results schema, plus ``seed``.
+COLUMNS = RESULT_COLUMNS
 
 
 class SubsetFineTuner:
@@ -140,7 +140,7 @@ class SubsetFineTuner:
         Returns one row per (subset, target task in the subset, seed) with the columns of
         ``RegressionEstimator.evaluate`` — ``subset_id`` (position in ``subsets``), ``subset``
         (sorted global task ids), ``task``, ``task_name``, ``num_rows`` (examples of the task in
-        ``split``), ``f1``, ``accuracy``, ``log_loss`` (the trainer's per-task BCE) — plus
+        ``split``), ``f1``, ``accuracy``, ``log_loss`` (the trainer's per-task metrics, :mod:`hf_tae.estimation.schema`) — plus
         ``seed``. ``AffinityMatrix.from_results`` accepts it as is (each seed then counts as a
         sample of ``m_i(S)``); :func:`average_seeds` gives one row per (subset, task) first.
 
@@ -274,9 +274,7 @@ class SubsetFineTuner:
                 "task": t,
                 "task_name": name,
                 "num_rows": int(counts[name]),
-                "f1": float(metrics[f"{prefix}_{name}_f1"]),
-                "accuracy": float(metrics[f"{prefix}_{name}_accuracy"]),
-                "log_loss": float(metrics[f"{prefix}_{name}_loss"]),
+                **{m: float(metrics[f"{prefix}_{name}_{m}"]) for m in METRICS},
             }
             for t, name in zip(subset, task_set.task_names, strict=True)
         ]

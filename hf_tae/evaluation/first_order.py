@@ -28,7 +28,7 @@ metadata, on the (row, task) examples of a task set's split.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from hf_tae.errors import TaeError
+from hf_tae.tasks.batching import Collate, example_batches
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,8 +49,6 @@ DEFAULT_NORMS = tuple(float(n) for n in range(10, 0, -1))
 #: A.7 text: ‖Δ‖ as fractions 0.01, …, 0.10 of ‖θ0‖.
 TEXT_FRACTIONS = tuple(round(0.01 * k, 2) for k in range(1, 11))
 COLUMNS = ("norm", "fraction", "first_order_error", "zeroth_order_error", "num_examples")
-
-Collate = Callable[["TaskSet", np.ndarray], dict[str, torch.Tensor]]
 
 
 def parameter_delta(
@@ -125,19 +124,8 @@ def _batches(
     collate_fn: Collate | None,
     device: torch.device,
 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
-    """``(inputs, meta)`` per batch of the examples ``ex``, as GradientCollector builds them:
-    the model inputs of the rows, and ``task``/``example_id``/``example_label`` for the score."""
-    from hf_tae.gradients.collector import default_collate
-
-    collate = collate_fn or default_collate
-    for start in range(0, len(ex["task"]), batch_size):
-        sl = slice(start, start + batch_size)
-        inputs = {k: v.to(device) for k, v in collate(task_set, ex["example_id"][sl]).items()}
-        meta = {
-            "task": torch.as_tensor(ex["task"][sl], device=device),
-            "example_id": torch.as_tensor(ex["example_id"][sl], device=device),
-            "example_label": torch.as_tensor(ex["label"][sl], device=device),
-        }
+    """``(inputs, meta)`` per batch of the examples ``ex``, as GradientCollector builds them."""
+    for _, inputs, meta in example_batches(task_set, ex, batch_size, collate_fn, device):
         yield inputs, meta
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from hf_tae.errors import TaeError
+from hf_tae.estimation.schema import METRICS, higher_is_better
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
     from hf_tae.tasks.taskset import TaskSet
     from hf_tae.trainers.arguments import MultitaskTrainingArguments
 
-#: Per-task metrics reported by :func:`compare_group_training`.
-METRICS = ("f1", "accuracy", "log_loss")
 
 
 def _partition(task_set: TaskSet, name: str, groups: Sequence[Sequence[int | str]]):
@@ -80,7 +79,7 @@ def compare_group_training(
     """
     import pandas as pd
 
-    from hf_tae.estimation.ground_truth import SubsetFineTuner
+    from hf_tae.evaluation.ground_truth import SubsetFineTuner
 
     if not strategies:
         raise TaeError("strategies is empty; give at least one partition of the tasks.")
@@ -114,12 +113,18 @@ def compare_group_training(
     return pd.DataFrame(rows).sort_values(["strategy", "task"], ignore_index=True)
 
 
-def summarize_group_training(table: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
-    """Mean scores per strategy (rows) and, with ``reference``, the per-task win rate against it.
+def summarize_group_training(
+    table: pd.DataFrame, reference: str | None = None, metric: str = "f1"
+) -> pd.DataFrame:
+    """Mean scores per strategy (rows) and, with ``reference``, the per-task wins against it.
 
-    ``wins`` counts tasks whose F1 beats ``reference``'s F1 for the same task (ties are not
-    wins), e.g. ``reference="all tasks"`` for "do the groups beat one model on everything?".
+    ``wins`` counts tasks whose ``metric`` beats ``reference``'s for the same task (ties are
+    not wins; lower is better for losses), ``gain`` is the strategy's mean ``metric`` minus the
+    reference's, e.g. ``reference="all tasks"`` for "do the groups beat one model on everything?".
     """
+    from hf_tae.estimation.schema import check_metric
+
+    check_metric(metric)
     summary = table.groupby("strategy", sort=False)[list(METRICS)].mean()
     summary["num_models"] = table.groupby("strategy", sort=False)["group"].apply(
         lambda g: len({tuple(x) for x in g})
@@ -130,7 +135,10 @@ def summarize_group_training(table: pd.DataFrame, reference: str | None = None) 
                 f"reference {reference!r} is not a strategy of the table; use one of "
                 f"{list(summary.index)}."
             )
-        wide = table.pivot(index="task", columns="strategy", values="f1")
-        summary["f1_gain"] = summary["f1"] - summary.loc[reference, "f1"]
-        summary["wins"] = [int((wide[s] > wide[reference]).sum()) for s in summary.index]
+        wide = table.pivot(index="task", columns="strategy", values=metric)
+        sign = 1.0 if higher_is_better(metric) else -1.0
+        summary["gain"] = summary[metric] - summary.loc[reference, metric]
+        summary["wins"] = [
+            int((sign * (wide[s] - wide[reference]) > 0).sum()) for s in summary.index
+        ]
     return summary

@@ -5,7 +5,7 @@
 instead lifts ``w_S`` to parameter space and evaluates the network there (A.3 steps 4–7:
 ``Δθ = P w``, ``θ_S = θ0 + Δθ``, evaluated "directly, with no training"). The two agree when
 the model is linear in its parameters along ``Δθ``; how far they differ otherwise is the
-first-order error of A.7 (see :mod:`hf_tae.estimation.first_order`).
+first-order error of A.7 (see :mod:`hf_tae.evaluation.first_order`).
 
 :func:`evaluate_lifted` does steps 4–7 for many subsets: for each S it applies
 ``Δθ = estimator.lift(w_S)`` with :func:`~hf_tae.estimation.regression.apply_delta` (θ0 is put
@@ -27,7 +27,8 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from hf_tae.errors import TaeError
-from hf_tae.estimation.first_order import Collate, _batches, default_score
+from hf_tae.estimation.schema import RESULT_COLUMNS
+from hf_tae.evaluation.first_order import Collate, _batches, default_score
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from hf_tae.models.scores import ScoreFunction
     from hf_tae.tasks.taskset import TaskSet
 
-COLUMNS = ("subset_id", "subset", "task", "task_name", "num_rows", "f1", "accuracy", "log_loss")
+COLUMNS = RESULT_COLUMNS
 
 
 def _excluded(names: Sequence[str], exclude: str | Sequence[str] | None) -> set[str]:
@@ -48,17 +49,19 @@ def _excluded(names: Sequence[str], exclude: str | Sequence[str] | None) -> set[
     return {n for n in names if patterns and _matches(n, patterns)}
 
 
-def _metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def _metrics(logits: np.ndarray, labels: np.ndarray, gold: bool = False) -> dict[str, float]:
     """F1 (positive when logit > 0; 0 without true positives), accuracy and mean
-    ``softplus(−y·logit)``: the definitions of ``RegressionEstimator.evaluate``."""
-    pos, pred = labels > 0, logits > 0
+    ``softplus(−y·logit)``: the definitions of ``RegressionEstimator.evaluate``. ``gold``: the
+    logit is a gold answer's log-odds, every target is positive and F1 is NaN."""
+    pos = np.ones(len(labels), dtype=bool) if gold else labels > 0
+    pred = logits > 0
     tp = float(np.sum(pos & pred))
     fp = float(np.sum(~pos & pred))
     fn = float(np.sum(pos & ~pred))
     y = np.where(pos, 1.0, -1.0)
     margin = torch.as_tensor(-y * logits, dtype=torch.float64)
     return {
-        "f1": 2 * tp / (2 * tp + fp + fn) if tp > 0 else 0.0,
+        "f1": float("nan") if gold else 2 * tp / (2 * tp + fp + fn) if tp > 0 else 0.0,
         "accuracy": float(np.mean(pos == pred)),
         "log_loss": float(F.softplus(margin).mean()),
     }
@@ -124,6 +127,10 @@ def evaluate_lifted(
             from hf_tae.models.scores import TaskLogitScore
 
             score_fn = TaskLogitScore(clamp=recorded.get("clamp"))
+        elif recorded.get("name") == "gold_log_odds":
+            from hf_tae.models.scores import GoldLogOddsScore
+
+            score_fn = GoldLogOddsScore(recorded.get("label_key", "labels"), recorded.get("clamp"))
     score_fn = default_score(model, score_fn)
     ex = task_set.examples(split)
     order = np.argsort(ex["task"], kind="stable")
@@ -137,6 +144,7 @@ def evaluate_lifted(
             "in the task set, score another split, or drop the subsets that contain them."
         )
     device = next(model.parameters()).device
+    gold = estimator.label_kind == "gold"
     columns: dict[str, list] = {k: [] for k in COLUMNS}
     was_training = model.training
     model.eval()
@@ -162,7 +170,7 @@ def evaluate_lifted(
                 columns["task"].append(t)
                 columns["task_name"].append(estimator.task_names[t])
                 columns["num_rows"].append(int(sel.sum()))
-                for key, value in _metrics(logits[sel], mine["label"][sel]).items():
+                for key, value in _metrics(logits[sel], mine["label"][sel], gold).items():
                     columns[key].append(value)
     finally:
         model.train(was_training)

@@ -37,8 +37,8 @@ from typing import Literal
 import numpy as np
 
 from hf_tae.errors import TaeError
-from hf_tae.tasks.features import structural_features
-from hf_tae.tasks.graph import CommunityGraph
+from hf_tae.families.graph.data import CommunityGraph
+from hf_tae.families.graph.features import structural_features
 from hf_tae.tasks.splits import check_fractions, per_task_splits
 
 

@@ -1,0 +1,18 @@
+"""Code that runs real models: ground truth by subset fine-tuning, group training, lifted
+scoring of estimates and the first-order (A.7) check."""
+
+from hf_tae.evaluation.first_order import first_order_check, parameter_delta, score_jvp
+from hf_tae.evaluation.ground_truth import SubsetFineTuner, average_seeds
+from hf_tae.evaluation.group_training import compare_group_training, summarize_group_training
+from hf_tae.evaluation.lifted import evaluate_lifted
+
+__all__ = [
+    "SubsetFineTuner",
+    "average_seeds",
+    "compare_group_training",
+    "evaluate_lifted",
+    "first_order_check",
+    "parameter_delta",
+    "score_jvp",
+    "summarize_group_training",
+]

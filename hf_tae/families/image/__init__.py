@@ -1,0 +1,1 @@
+"""Image domains as tasks (DomainNet layout, digits domains, vision models)."""

@@ -1,0 +1,169 @@
+"""The pipeline's arguments: dataclasses whose fields become ``hf-tae run`` flags (TRL style).
+
+A run parses ``(family arguments, PipelineArguments, GradientArguments, EstimationArguments,
+GroupingArguments, MultitaskTrainingArguments)``; the family's own dataclass comes first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hf_tae.errors import TaeError
+from hf_tae.estimation.schema import check_metric
+
+
+@dataclass
+class PipelineArguments:
+    """Where the meta-initialization comes from."""
+
+    meta_init: str | None = field(
+        default=None,
+        metadata={
+            "help": "Path or Hub repo id of a meta-initialization to start from instead of training one."
+        },
+    )
+    meta_init_revision: str | None = field(
+        default=None, metadata={"help": "Revision (branch, tag or sha) of --meta_init."}
+    )
+    reuse_meta_init: bool = field(
+        default=True,
+        metadata={
+            "help": "Reuse a meta-initialization already in the output folder when it was trained "
+            "on the same data with the same model and training arguments (resumed runs)."
+        },
+    )
+
+
+@dataclass
+class GradientArguments:
+    """Step 2: projected per-example gradients at the meta-initialization (Grad-TAE notes A.2)."""
+
+    collect_gradients: bool = field(
+        default=True, metadata={"help": "Collect gradients into <output_dir>/gradients."}
+    )
+    projection_dim: int = field(
+        default=200, metadata={"help": "Dimension d of the projected gradients."}
+    )
+    projection_kind: str = field(
+        default="factored", metadata={"help": "'factored' (per-layer hooks) or 'dense' (exact JL)."}
+    )
+    projection_seed: int = field(default=0, metadata={"help": "Seed of the projection matrices."})
+    gradient_batch_size: int = field(default=512, metadata={"help": "Examples per gradient batch."})
+    exclude_task_heads: bool = field(
+        default=True,
+        metadata={
+            "help": "Leave the family's task-private parameters (per-task heads) out of the "
+            "gradients: they carry no transfer between tasks, and projection would mix them "
+            "into shared coordinates."
+        },
+    )
+    gradient_exclude: list[str] = field(
+        default_factory=list,
+        metadata={"help": "More parameter-name patterns (regular expressions) to leave out."},
+    )
+
+
+@dataclass
+class EstimationArguments:
+    """Steps 3–4: estimated fine-tuning of sampled subsets and the affinity matrix (A.3, A.4)."""
+
+    estimate: bool = field(
+        default=True, metadata={"help": "Run estimation, grouping and group training."}
+    )
+    num_subsets: int = field(
+        default=1000,
+        metadata={"help": "Sampled task subsets (capped at the number of distinct subsets)."},
+    )
+    subset_size: int = field(default=4, metadata={"help": "Tasks per sampled subset."})
+    num_meta_inits: int = field(
+        default=6,
+        metadata={
+            "help": "Meta-initializations (training seeds seed, seed+1, …) whose estimated "
+            "affinities are averaged (A.6 ensembles); 1 with --meta_init."
+        },
+    )
+    subset_seed: int = field(default=0, metadata={"help": "Seed of the subset sampler."})
+    estimator_l2: float = field(
+        default=1000.0,
+        metadata={"help": "λ of the estimator's ridge penalty (README: choosing λ)."},
+    )
+    estimator_mode: str = field(
+        default="principled", metadata={"help": "'principled' (offsets) or 'paper' (A.3 code)."}
+    )
+    scoring_split: str = field(
+        default="validation", metadata={"help": "Rows that score each estimated model."}
+    )
+    affinity_metric: str | None = field(
+        default=None,
+        metadata={
+            "help": "Per-task score of the affinity: log_loss, f1 or accuracy (default: the "
+            "family's, log_loss for the built-in families)."
+        },
+    )
+
+
+@dataclass
+class GroupingArguments:
+    """Steps 5–6: SDP task groups and one model per group; optional ground truth."""
+
+    num_task_groups: int = field(
+        default=0, metadata={"help": "k, the number of task groups; 0 chooses k by a sweep."}
+    )
+    max_task_groups: int = field(default=8, metadata={"help": "Largest k the sweep tries."})
+    clustering: str = field(default="sdp", metadata={"help": "'sdp' (A.5) or 'spectral'."})
+    train_groups: bool = field(
+        default=True, metadata={"help": "Train one model per group and compare (step 6)."}
+    )
+    compare_single_tasks: bool = field(
+        default=True, metadata={"help": "Also train one model per task for the comparison."}
+    )
+    group_init: str = field(
+        default="scratch",
+        metadata={"help": "Group models start from 'scratch' or from the 'meta' initialization."},
+    )
+    group_seeds: list[int] = field(
+        default_factory=lambda: [0], metadata={"help": "Seeds of each group training run."}
+    )
+    ground_truth: int = field(
+        default=0,
+        metadata={
+            "help": "Fine-tune this many sampled subsets for real (from --group_init) and "
+            "compare them with their estimates (0: skip)."
+        },
+    )
+    ground_truth_seeds: list[int] = field(
+        default_factory=lambda: [0, 1],
+        metadata={
+            "help": "Seeds of each ground-truth fine-tuning. With two or more, the report gives "
+            "the truth's own seed-to-seed agreement, the ceiling any estimate is judged against."
+        },
+    )
+
+
+def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> None:
+    """Bad option values fail before any training, naming the option and the fix."""
+    choices = {
+        "--estimator_mode": (est.estimator_mode, ("principled", "paper")),
+        "--scoring_split": (est.scoring_split, ("train", "validation")),
+        "--clustering": (grouping.clustering, ("sdp", "spectral")),
+        "--group_init": (grouping.group_init, ("scratch", "meta")),
+    }
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise TaeError(f"{flag} {value!r} is not one of {list(allowed)}.")
+    if est.affinity_metric is not None:
+        check_metric(est.affinity_metric, option="--affinity_metric")
+    for flag, value, low in (
+        ("--num_subsets", est.num_subsets, 1),
+        ("--subset_size", est.subset_size, 2),
+        ("--num_task_groups", grouping.num_task_groups, 0),
+        ("--max_task_groups", grouping.max_task_groups, 2),
+        ("--ground_truth", grouping.ground_truth, 0),
+        ("--num_meta_inits", est.num_meta_inits, 1),
+    ):
+        if value < low:
+            raise TaeError(f"{flag} must be >= {low}, got {value}.")
+    if not grouping.group_seeds:
+        raise TaeError("--group_seeds is empty; give at least one seed.")
+    if grouping.ground_truth and not grouping.ground_truth_seeds:
+        raise TaeError("--ground_truth_seeds is empty; give at least one seed.")

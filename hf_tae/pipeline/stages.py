@@ -1,0 +1,336 @@
+"""The pipeline's stages as functions of a family, its tasks and the parsed arguments.
+
+Each stage is usable on its own (the job in :mod:`hf_tae.pipeline.run` chains them) and takes
+everything family-specific from the :class:`~hf_tae.families.TaskFamily`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hf_tae.errors import TaeError
+from hf_tae.utils.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from hf_tae.families.base import TaskFamily
+    from hf_tae.pipeline.arguments import (
+        EstimationArguments,
+        GroupingArguments,
+        PipelineArguments,
+    )
+    from hf_tae.tasks.taskset import TaskSet
+    from hf_tae.trainers.arguments import MultitaskTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINT_FILE = "meta_init.fingerprint.json"
+#: TrainingArguments that do not change the trained weights.
+_VOLATILE = {
+    "output_dir", "logging_dir", "run_name", "disable_tqdm", "report_to", "push_to_hub",
+    "hub_model_id", "hub_token", "hub_strategy", "hub_private_repo", "dataloader_pin_memory",
+    "logging_steps", "logging_strategy", "save_total_limit", "local_rank",
+}  # fmt: skip
+
+
+def meta_init_fingerprint(family: TaskFamily, family_args: Any, tasks: TaskSet,
+                          training_args: MultitaskTrainingArguments) -> str:  # fmt: skip
+    """sha256 of what determines a trained meta-initialization: the family's data fingerprint
+    (data and family arguments) and the training arguments that affect the weights."""
+    digest = hashlib.sha256(family.fingerprint(family_args, tasks).encode())
+    training = {k: v for k, v in training_args.to_dict().items() if k not in _VOLATILE}
+    digest.update(json.dumps([family.name, training], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def train_meta_init(
+    family: TaskFamily,
+    family_args: Any,
+    tasks: TaskSet,
+    pipeline_args: PipelineArguments,
+    training_args: MultitaskTrainingArguments,
+    output_dir: Path,
+    save_data: bool = True,
+):
+    """Stage 1: the multitask model on all tasks, its per-task metrics and the baseline.
+
+    Reuses ``output_dir/meta_init`` when its fingerprint matches (resumed runs) or starts from
+    ``--meta_init``. Returns ``(trainer, info)``.
+    """
+    from transformers import set_seed
+
+    from hf_tae.hub import load_meta_init
+    from hf_tae.trainers.multitask import MultitaskTrainer
+
+    set_seed(training_args.seed)  # the model is built before the Trainer seeds anything
+    fingerprint = meta_init_fingerprint(family, family_args, tasks, training_args)
+    stamp = output_dir / FINGERPRINT_FILE
+    reuse = (
+        pipeline_args.reuse_meta_init
+        and not pipeline_args.meta_init
+        and stamp.is_file()
+        and json.loads(stamp.read_text()).get("fingerprint") == fingerprint
+    )
+    if pipeline_args.meta_init or reuse:
+        source = pipeline_args.meta_init or output_dir / "meta_init"
+        model = load_meta_init(source, revision=pipeline_args.meta_init_revision)
+        logger.info("starting from the meta-initialization %s (no training)", source)
+    else:
+        model = family.model_init(family_args, tasks)
+    training_args.output_dir = str(output_dir / "checkpoints")
+    trainer = MultitaskTrainer(model=model, args=training_args, task_set=tasks)
+    if not (pipeline_args.meta_init or reuse):
+        trainer.train()
+    validation = trainer.evaluate_tasks("validation")
+    test = trainer.evaluate_tasks("test")
+    baseline = family.baseline(tasks, "test")
+    if trainer.is_world_process_zero():
+        if not reuse:
+            stamp.unlink(missing_ok=True)  # the stamp vouches for a complete meta_init/ only
+            trainer.save_model(str(output_dir / "meta_init"))
+            if not pipeline_args.meta_init:
+                atomic_write_text(stamp, json.dumps({"fingerprint": fingerprint}))
+        if save_data:
+            family.save_data(tasks, output_dir / "data")
+    selection = family.metrics.selection
+    return trainer, {
+        "reused": bool(reuse),
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "validation": validation,
+        "test": test,
+        "test_per_task": {t: test[f"test_{t}_{selection}"] for t in tasks.task_names},
+        "test_avg": test[f"test_avg_{selection}"],
+        "baseline_per_task": baseline,
+        "baseline_avg": None if not baseline else float(np.mean(list(baseline.values()))),
+    }
+
+
+def planted_gap(matrix: np.ndarray, groups: Sequence[int]) -> float:
+    """Mean within-group off-diagonal affinity minus mean cross-group affinity."""
+    groups = np.asarray(groups)
+    same = groups[:, None] == groups[None, :]
+    off = ~np.eye(len(groups), dtype=bool)
+    return float(np.nanmean(matrix[same & off]) - np.nanmean(matrix[~same]))
+
+
+def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
+                      planted: np.ndarray | None = None):  # fmt: skip
+    """Stages 3–4: estimated per-(subset, task) scores on every store (one per
+    meta-initialization) and their averaged affinity matrix. Returns ``(subsets, affinity,
+    info)``."""
+    from hf_tae.estimation.affinity import AffinityMatrix
+    from hf_tae.estimation.compare import self_agreement
+    from hf_tae.estimation.regression import RegressionEstimator
+    from hf_tae.estimation.subsets import sample_subsets
+
+    n = tasks.num_tasks
+    if est_args.subset_size > n:
+        raise TaeError(
+            f"--subset_size {est_args.subset_size} exceeds the {n} tasks; use at most {n}."
+        )
+    available = math.comb(n, est_args.subset_size)
+    num_subsets = min(est_args.num_subsets, available)
+    if num_subsets < est_args.num_subsets:
+        logger.info("only %d subsets of size %d exist; using all", available, est_args.subset_size)
+    subsets = sample_subsets(n, num_subsets, est_args.subset_size, seed=est_args.subset_seed)
+    metric = est_args.affinity_metric
+    provenance = {
+        "estimator_l2": est_args.estimator_l2,
+        "estimator_mode": est_args.estimator_mode,
+        "scoring_split": est_args.scoring_split,
+        "num_subsets": num_subsets,
+        "subset_size": est_args.subset_size,
+    }
+    start = time.perf_counter()
+    members = []
+    for store in stores:
+        estimator = RegressionEstimator(
+            store, l2=est_args.estimator_l2, mode=est_args.estimator_mode
+        )
+        table = estimator.evaluate(subsets, estimator.fit(subsets), split=est_args.scoring_split)
+        members.append(
+            AffinityMatrix.from_results(table, tasks.task_names, metric=metric, symmetrize=True,
+                                        zero_diagonal=True, provenance=provenance)
+        )  # fmt: skip
+    affinity = AffinityMatrix.average(members)
+    seconds = time.perf_counter() - start
+    info: dict[str, Any] = {
+        "num_subsets": num_subsets,
+        "subset_size": est_args.subset_size,
+        "num_meta_inits": len(stores),
+        "estimator": f"{est_args.estimator_mode}, logistic, l2={est_args.estimator_l2:g}",
+        "targets": estimator.label_kind,
+        "scoring_split": est_args.scoring_split,
+        "metric": metric,
+        "seconds": round(seconds, 3),
+        "subsets_per_second": num_subsets * len(stores) / max(seconds, 1e-9),
+    }
+    if len(members) > 1:  # how much one meta-initialization's estimate says about another's
+        info["self_agreement"] = self_agreement(members)
+    if planted is not None:
+        info["planted_gap"] = planted_gap(affinity.to_numpy(), planted)
+        info["planted_gap_per_meta_init"] = [planted_gap(m.to_numpy(), planted) for m in members]
+    return subsets, affinity, info
+
+
+def choose_groups(affinity, grouping_args: GroupingArguments,
+                  planted: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
+    """Stage 5: k (given or swept) and the task groups."""
+    from hf_tae.clustering import recommend_k, sdp_cluster, spectral_cluster, sweep_k
+
+    T = np.nan_to_num(affinity.to_numpy(), nan=0.0)  # pairs no subset covered: no evidence
+    n = len(T)
+    sweep = None
+    k = grouping_args.num_task_groups
+    if k > n:
+        raise TaeError(f"--num_task_groups {k} exceeds the {n} tasks; use at most {n}.")
+    if k == 0:
+        ks = range(1, min(grouping_args.max_task_groups, n) + 1)  # gain 0 at k = 1 and k = n
+        sweep = sweep_k(T, ks, method=grouping_args.clustering)
+        k = recommend_k(sweep)
+    cluster = sdp_cluster if grouping_args.clustering == "sdp" else spectral_cluster
+    grouping = cluster(T, k)
+    info: dict[str, Any] = {
+        "method": grouping.method,
+        "k": k,
+        "k_choice": "given" if grouping_args.num_task_groups else "recommended by the k sweep",
+        "objective": grouping.objective,
+        "groups": grouping.named(affinity.task_names),
+        "labels": grouping.labels.tolist(),
+        "sweep": None if sweep is None else json.loads(sweep.to_json(orient="records")),
+    }
+    if planted is not None:
+        from sklearn.metrics import adjusted_rand_score
+
+        info["adjusted_rand_vs_planted"] = float(adjusted_rand_score(planted, grouping.labels))
+    return info
+
+
+def fresh_model(family: TaskFamily, family_args: Any, tasks: TaskSet, run_dir: Path,
+                init: str) -> Callable[[], Any]:  # fmt: skip
+    """A fresh model per run: the family's model from scratch (``init="scratch"``), or a copy
+    of the run's saved meta-initialization (``"meta"``, read from disk once)."""
+    saved: dict[str, Any] = {}
+
+    def model_init():
+        if init == "scratch":
+            return family.model_init(family_args, tasks).train()
+        if "meta" not in saved:
+            from hf_tae.hub import load_meta_init
+
+            saved["meta"] = load_meta_init(run_dir / "meta_init")
+        return copy.deepcopy(saved["meta"]).train()
+
+    return model_init
+
+
+def _run_args(training_args: MultitaskTrainingArguments) -> MultitaskTrainingArguments:
+    return dataclasses.replace(training_args, push_to_hub=False, report_to=[])
+
+
+def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_args,
+                 output_dir: Path, planted: np.ndarray | None, metric: str) -> dict[str, Any]:  # fmt: skip
+    """Stage 6: the group models against one model on all tasks, one per task and the planted
+    groups; scored per task on the test split by every metric, compared by ``metric``."""
+    from hf_tae.evaluation.group_training import compare_group_training, summarize_group_training
+
+    names = tasks.task_names
+    strategies = {"grouped": groups, "all tasks": [list(names)]}
+    if grouping_args.compare_single_tasks:
+        strategies["single task"] = [[t] for t in names]
+    if planted is not None:
+        by_group: dict[int, list[str]] = {}
+        for name, g in zip(names, planted, strict=True):
+            by_group.setdefault(int(g), []).append(name)
+        strategies["planted groups"] = list(by_group.values())
+    table = compare_group_training(
+        model_init,
+        tasks,
+        strategies,
+        _run_args(training_args),
+        output_dir / "group_training",
+        seeds=grouping_args.group_seeds,
+        split="test",
+        show_progress=not training_args.disable_tqdm,
+    )
+    summary = summarize_group_training(table, reference="all tasks", metric=metric)
+    wide = table.pivot(index="task_name", columns="strategy", values=metric).loc[names]
+    return {
+        "init": "from scratch" if grouping_args.group_init == "scratch" else "from θ0",
+        "seeds": len(grouping_args.group_seeds),
+        "split": "test",
+        "metric": metric,
+        "summary": json.loads(summary.to_json(orient="index")),
+        "per_task": {t: {s: float(wide.loc[t, s]) for s in strategies} for t in names},
+    }
+
+
+def run_ground_truth(model_init, tasks: TaskSet, subsets, estimates, est_args, grouping_args,
+                     training_args, output_dir: Path, estimation_seconds: float):  # fmt: skip
+    """Stage 7: fine-tune ``--ground_truth`` sampled subsets and compare with their estimates."""
+    from hf_tae.estimation.affinity import AffinityMatrix
+    from hf_tae.estimation.compare import (
+        compare_affinities,
+        compare_results,
+        corrected_spearman,
+        self_agreement,
+    )
+    from hf_tae.evaluation.ground_truth import SubsetFineTuner, average_seeds
+
+    chosen = [tuple(s) for s in subsets[: grouping_args.ground_truth]]
+    start = time.perf_counter()
+    truth = SubsetFineTuner(
+        model_init,
+        tasks,
+        _run_args(training_args),
+        output_dir / "ground_truth",
+        seeds=grouping_args.ground_truth_seeds,
+    ).run(chosen, split=est_args.scoring_split, show_progress=not training_args.disable_tqdm)
+    seconds = time.perf_counter() - start
+    per_seed = [rows.drop(columns="seed") for _, rows in truth.groupby("seed")]
+    truth = average_seeds(truth)
+    keep = {tuple(sorted(s)) for s in chosen}
+    est = estimates[[tuple(sorted(s)) in keep for s in estimates["subset"]]]
+    est = est.assign(subset_id=[chosen.index(tuple(s)) for s in est["subset"]])
+    metric = est_args.affinity_metric
+    names = tasks.task_names
+
+    def build(table, kind):
+        return AffinityMatrix.from_results(table, names, metric=metric, symmetrize=True, kind=kind)
+
+    true_matrix = build(truth, "fine-tuned")
+    est_members = [build(rows, "estimated") for _, rows in est.groupby("member")]
+    est_matrix = AffinityMatrix.average(est_members)
+    true_matrix.save(output_dir / "ground_truth" / "affinity", overwrite=True)
+    est_mean = est.groupby(["subset_id", "task"], as_index=False)[metric].mean()
+    joined = est_mean.merge(truth, on=["subset_id", "task"], suffixes=("_est", "_true"))
+    info: dict[str, Any] = {
+        "num_subsets": len(chosen),
+        "seconds": seconds,
+        "compute_ratio": estimation_seconds * len(chosen) / len(subsets) / max(seconds, 1e-9),
+        "affinity": compare_affinities(est_matrix, true_matrix),
+        "scores": compare_results(est, truth, metric=metric),
+        "metric": metric,
+    }
+    # both sides are noisy: with repeats on both, judge the estimate against the ceiling
+    if len(per_seed) > 1:
+        info["truth_self_agreement"] = self_agreement([build(t, "fine-tuned") for t in per_seed])
+    if len(est_members) > 1:
+        info["estimate_self_agreement"] = self_agreement(est_members)
+    if len(per_seed) > 1 and len(est_members) > 1:
+        info["corrected_spearman"] = corrected_spearman(
+            info["affinity"]["spearman"],
+            info["truth_self_agreement"]["reliability"],
+            info["estimate_self_agreement"]["reliability"],
+        )
+    return joined, info

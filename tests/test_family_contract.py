@@ -1,0 +1,161 @@
+"""The family contract: a family defined here (single-label tasks, its own model) runs through
+the whole pipeline; the registry and the CLI name the families."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@dataclass
+class ToyArguments:
+    """Two planted groups of tasks: rows of a group share one labelling rule."""
+
+    tasks_per_group: int = field(default=2, metadata={"help": "tasks in each of the 2 groups"})
+    hidden: int = field(default=8, metadata={"help": "width of the shared layer"})
+
+
+def _toy_family():
+    from datasets import ClassLabel, Dataset, Features, List, Value
+    from torch import nn
+    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import ImageClassifierOutput
+
+    from hf_tae.families import TaskFamily, TaskMetrics
+    from hf_tae.models.scores import GoldLogOddsScore
+    from hf_tae.tasks.taskset import TaskSet
+
+    class ToyConfig(PretrainedConfig):
+        model_type = "hf_tae_toy_test"
+
+        def __init__(self, hidden=8, task_names=(), **kwargs):
+            super().__init__(**kwargs)
+            self.hidden, self.task_names = hidden, list(task_names)
+
+    class ToyModel(PreTrainedModel):
+        config_class = ToyConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.body = nn.Sequential(nn.Linear(4, config.hidden), nn.Tanh())
+            self.head = nn.Linear(config.hidden, 3)
+            self.post_init()
+
+        def forward(self, x, labels=None, task=None, **kwargs):
+            logits = self.head(self.body(x))
+            loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+            return ImageClassifierOutput(loss=loss, logits=logits)
+
+    class Toy:
+        task_groups = None
+
+    class ToyFamily(TaskFamily):
+        name = "toy-test"
+        description = "a test family"
+        arguments_class = ToyArguments
+        training_defaults = {"learning_rate": 5e-2, "num_train_epochs": 8,
+                             "per_device_train_batch_size": 32, "metric_for_best_model": "avg_accuracy"}  # fmt: skip
+        metrics = TaskMetrics(selection="accuracy", affinity="log_loss",
+                              estimated=("accuracy", "log_loss"))  # fmt: skip
+
+        def load_tasks(self, args):
+            rng = np.random.default_rng(0)
+            n_tasks = 2 * args.tasks_per_group
+            rules = rng.normal(size=(2, 4, 3))
+            rows = {"x": [], "labels": [], "task": [], "split": []}
+            for t in range(n_tasks):
+                x = rng.normal(size=(60, 4)).astype(np.float32)
+                y = (x @ rules[t // args.tasks_per_group]).argmax(1)
+                rows["x"] += list(x)
+                rows["labels"] += y.tolist()
+                rows["task"] += [t] * 60
+                rows["split"] += ["train"] * 36 + ["validation"] * 12 + ["test"] * 12
+            names = [f"g{t // args.tasks_per_group}_t{t}" for t in range(n_tasks)]
+            features = Features({"x": List(Value("float32"), length=4),
+                                 "labels": ClassLabel(num_classes=3),
+                                 "task": ClassLabel(names=names), "split": Value("string")})  # fmt: skip
+            source = Toy()
+            source.task_groups = [t // args.tasks_per_group for t in range(n_tasks)]
+            return TaskSet(Dataset.from_dict(rows, features=features), source=source)
+
+        def model_init(self, args, tasks):
+            return ToyModel(ToyConfig(hidden=args.hidden, task_names=tasks.all_task_names))
+
+        def score_function(self, args):
+            return GoldLogOddsScore(label_key="example_label")
+
+    return ToyFamily
+
+
+def test_a_family_defined_outside_runs_the_whole_pipeline(tmp_path):
+    import torch
+
+    from hf_tae.families import get_family, register_family
+    from hf_tae.pipeline import run
+
+    torch.set_num_threads(1)
+    family = register_family(_toy_family())
+    assert get_family("toy-test").name == "toy-test"
+    out = tmp_path / "run"
+    results = run(
+        ["toy-test", "--output_dir", str(out), "--disable_tqdm", "true", "--num_meta_inits", "2",
+         "--subset_size", "2", "--num_task_groups", "2", "--ground_truth", "2",
+         "--ground_truth_seeds", "0", "--projection_dim", "16", "--hidden", "6"]
+    )  # fmt: skip
+    tasks = results["tasks"]
+    assert results["family"] == family.name and len(tasks) == 4
+    assert results["metrics"]["selection"] == "accuracy"
+    # single-label tasks: gold log-odds, every estimate target positive; F1 cannot be estimated
+    assert results["estimation"]["targets"] == "gold"
+    from hf_tae import AffinityMatrix, GradientStore
+
+    affinity = AffinityMatrix.load(out / "affinity")
+    assert affinity.results["f1"].isna().all() and affinity.results["log_loss"].gt(0).all()
+    store = GradientStore.load(out / "gradients")
+    assert store.metadata["score_function"]["name"] == "gold_log_odds" and store.dim == 16
+    # the meta-init's reported test accuracy equals an independent evaluation of the saved model
+    meta = results["meta_init"]
+    assert meta["test_avg"] == pytest.approx(
+        np.mean([meta["test"][f"test_{t}_accuracy"] for t in tasks])
+    )
+    assert set(meta["baseline_per_task"]) == set(tasks)
+    grouping = results["grouping"]
+    assert sorted(t for g in grouping["groups"] for t in g) == sorted(tasks)
+    assert "adjusted_rand_vs_planted" in grouping
+    training = results["group_training"]
+    assert set(training["summary"]) == {"grouped", "all tasks", "single task", "planted groups"}
+    for name, summary in training["summary"].items():
+        per_task = [training["per_task"][t][name] for t in tasks]
+        assert summary["accuracy"] == pytest.approx(np.mean(per_task), abs=1e-9)
+    assert results["ground_truth"]["num_subsets"] == 2
+    report = (out / "report.md").read_text()
+    assert "- family: toy-test" in report and "Test average accuracy" in report
+    assert (out / "test_accuracy_per_task.png").stat().st_size > 500
+    assert json.loads((out / "results.json").read_text())["family"] == "toy-test"
+
+
+def test_unknown_family_lists_the_known_ones():
+    from hf_tae.errors import TaeError
+    from hf_tae.families import family_names, get_family
+
+    assert {"graph", "images"} <= set(family_names())
+    with pytest.raises(TaeError, match=r"unknown task family 'nope'; known families: \[.*'graph', 'images'"):
+        get_family("nope")
+
+
+def test_cli_help_lists_families_and_rejects_unknown_ones():
+    cli = Path(sys.executable).with_name("hf-tae")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(cli), "run", "--help"], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "Families: graph, images" in proc.stdout
+    proc = subprocess.run([str(cli), "run", "nope"], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "known families: ['graph', 'images']" in proc.stderr

@@ -18,9 +18,9 @@ What it measures (gradient_projection.md D5, on CPU)
       the timings (blockwise regeneration per batch if ``D·dim`` exceeds ``--max_matrix_gb``);
     * ``less``: a batch-size-1 loop of forward + backward, gradients flattened, same ``P``.
 
-    Timings: ``--warmup`` 2 rounds, then ``--repeats`` 5 rounds; in each round every method
-    runs once (interleaved), the median and min per batch are reported with the ratio of the
-    medians to ``plain``. Memory: a separate pass per method; the peak resident set size
+    Timings: ``--warmup`` 2 rounds, then ``--repeats`` 5 rounds (``--cnn_repeats`` 20 for the
+    cheaper ``cnn`` batches); in each round every method runs once (interleaved), the median
+    and min per batch are reported with the ratio of the medians to ``plain``. Memory: a separate pass per method; the peak resident set size
     (``VmHWM`` reset through ``/proc/self/clear_refs``, after ``malloc_trim``) minus the
     resident size before the call. tracemalloc does not see torch's allocator, so RSS is used.
 
@@ -28,9 +28,18 @@ What it measures (gradient_projection.md D5, on CPU)
     ``[1, seq]`` ids the position embedding is unbatched and the capture falls back to one
     backward per example for it.
 
+    Variant ``cnn``: a random-init ``transformers`` ResNet (``--cnn_hidden`` 32 64,
+    ``--cnn_depths`` 1 1, ``--cnn_embedding`` 32, ``--cnn_layer_type`` basic: two 3 × 3
+    convolutions per block; eval mode, random batch-norm statistics), ``--cnn_batch`` 64 RGB
+    images of ``--cnn_image`` 32 × 32, score = gold-class log-odds
+    (:class:`~hf_tae.models.scores.GoldLogOddsScore`), all parameters. Besides the methods
+    above it has ``exact_convs``: the factored capture with convolutions forced onto the
+    exact ``torch.func`` path (``vmap`` of ``vjp``, then Kronecker blocks), which is what
+    convolutions took before they joined the factored path.
+
 How to run
-    ``OMP_NUM_THREADS=1 python benchmarks/gradient_capture.py`` (about 3 minutes on one thread);
-    ``--variants lora`` or ``--methods plain factored`` restrict it; ``--json out.json``
+    ``OMP_NUM_THREADS=1 python benchmarks/gradient_capture.py`` (about 4 minutes on one thread);
+    ``--variants lora cnn`` or ``--methods plain factored`` restrict it; ``--json out.json``
     saves the numbers.
 """
 
@@ -49,14 +58,27 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import torch  # noqa: E402
 from torch.func import functional_call, grad, vmap  # noqa: E402
 
 from hf_tae.gradients import ProjectedGradientCapture  # noqa: E402
+from hf_tae.gradients import capture as capture_module  # noqa: E402
+from hf_tae.models.scores import GoldLogOddsScore  # noqa: E402
 
-METHODS = ("plain", "factored", "factored_stage1", "dense", "dense_cached", "trak", "less")
-VARIANTS = ("full", "lora")
+METHODS = (
+    "plain",
+    "factored",
+    "factored_stage1",
+    "exact_convs",
+    "dense",
+    "dense_cached",
+    "trak",
+    "less",
+)
+VARIANTS = ("full", "lora", "cnn")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,9 +104,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cnn_repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max_matrix_gb", type=float, default=3.0)
     parser.add_argument("--dense_cache_gb", type=float, default=0.25)
+    parser.add_argument("--cnn_hidden", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--cnn_depths", type=int, nargs="+", default=[1, 1])
+    parser.add_argument("--cnn_embedding", type=int, default=32)
+    parser.add_argument("--cnn_layer_type", choices=["basic", "bottleneck"], default="basic")
+    parser.add_argument("--cnn_image", type=int, default=32)
+    parser.add_argument("--cnn_batch", type=int, default=64)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--json", help="write the results to this file")
@@ -92,6 +121,77 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- setup
+@dataclass
+class Workload:
+    """A model, one batch, and how to turn (a slice of) the batch into per-example scores."""
+
+    model: torch.nn.Module
+    batch: dict[str, torch.Tensor]
+    model_inputs: Callable[[dict], dict]  # batch -> keyword arguments of the model
+    score: Callable[[object, dict], torch.Tensor]  # (model outputs, batch) -> [B]
+    description: str
+
+    def scores(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return self.score(model(**self.model_inputs(batch)), batch)
+
+
+def build_workload(args: argparse.Namespace, variant: str) -> Workload:
+    if variant == "cnn":
+        return build_cnn(args)
+    model = build_model(args, variant)
+    gen = torch.Generator().manual_seed(1)
+    shape = (args.batch_size, args.seq_len)
+    batch = {
+        "input_ids": torch.randint(0, args.vocab_size, shape, generator=gen),
+        "position_ids": torch.arange(args.seq_len).expand(shape),
+    }
+    return Workload(
+        model,
+        batch,
+        lambda batch: batch,
+        lambda out, batch: score_logits(out.logits, batch["input_ids"]),
+        f"B = {args.batch_size}, T = {args.seq_len}",
+    )
+
+
+def build_cnn(args: argparse.Namespace) -> Workload:
+    """Random-init ResNet in eval mode with random batch-norm statistics; gold-class log-odds."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = ResNetConfig(
+        num_channels=3,
+        embedding_size=args.cnn_embedding,
+        hidden_sizes=args.cnn_hidden,
+        depths=args.cnn_depths,
+        layer_type=args.cnn_layer_type,
+        num_labels=10,
+    )
+    model = ResNetForImageClassification(config)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+    gen = torch.Generator().manual_seed(1)
+    size = args.cnn_image
+    batch = {
+        "pixel_values": torch.randn(args.cnn_batch, 3, size, size, generator=gen),
+        "labels": torch.randint(0, 10, (args.cnn_batch,), generator=gen),
+    }
+    score = GoldLogOddsScore()
+    return Workload(
+        model.eval(),
+        batch,
+        lambda batch: {"pixel_values": batch["pixel_values"]},
+        score,
+        f"ResNet ({args.cnn_layer_type}) hidden {args.cnn_hidden} depths {args.cnn_depths}, "
+        f"B = {args.cnn_batch}, {size}x{size} RGB",
+    )
+
+
 def build_model(args: argparse.Namespace, variant: str) -> torch.nn.Module:
     """Random-init GPT-2 in eval mode; for ``lora`` wrapped by peft (adapters trainable)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -129,10 +229,6 @@ def score_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1).mean(1)
 
 
-def scores_of(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    return score_logits(model(**batch).logits, batch["input_ids"])
-
-
 def reference_matrix(num_params: int, dim: int, max_bytes: float) -> torch.Tensor | None:
     """TRAK/LESS's dense Gaussian ``P`` ``[D, dim]``, or ``None`` when it exceeds ``max_bytes``."""
     if num_params * dim * 4 > max_bytes:
@@ -154,13 +250,23 @@ def reference_project(flat: torch.Tensor, matrix: torch.Tensor | None, dim: int)
     return out.div_(math.sqrt(dim))
 
 
+_FACTORED_LAYER = capture_module.factored_layer
+
+
+def no_factored_convs(module: torch.nn.Module) -> str | None:
+    """``factored_layer`` as before convolutions joined the factored path."""
+    layer = _FACTORED_LAYER(module)
+    return None if layer == "conv" else layer
+
+
 def make_methods(
-    args: argparse.Namespace, model: torch.nn.Module, batch: dict
+    args: argparse.Namespace, work: Workload
 ) -> tuple[dict[str, Callable[[], object]], int, bool]:
-    """One zero-argument callable per selected method, each processing ``batch`` once.
+    """One zero-argument callable per selected method, each processing the batch once.
 
     Also returns the number of differentiated parameters and whether ``P`` is stored.
     """
+    model, batch, scores_of = work.model, work.batch, work.scores
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names = [n for n, _ in params]
     num_params = sum(p.numel() for _, p in params)
@@ -172,8 +278,10 @@ def make_methods(
         model.zero_grad(set_to_none=True)
         scores_of(model, batch).sum().backward()
 
-    def ours(dim: int | None = args.dim, **options):
-        capture = ProjectedGradientCapture(model, dim=dim, **options)
+    def ours(dim: int | None = args.dim, exact_convs: bool = False, **options):
+        layer = no_factored_convs if exact_convs else _FACTORED_LAYER
+        with mock.patch.object(capture_module, "factored_layer", layer):  # read by __init__ only
+            capture = ProjectedGradientCapture(model, dim=dim, **options)
 
         def run():
             with capture:
@@ -184,19 +292,18 @@ def make_methods(
     def trak():
         detached = {n: p.detach() for n, p in params}
 
-        def one(p, ids, pos):
-            out = functional_call(model, p, (), {"input_ids": ids[None], "position_ids": pos[None]})
-            return score_logits(out.logits, ids[None])[0]
+        def one(p, example):
+            example = {k: v[None] for k, v in example.items()}
+            out = functional_call(model, p, (), work.model_inputs(example))
+            return work.score(out, example)[0]
 
-        grads = vmap(grad(one), in_dims=(None, 0, 0))(
-            detached, batch["input_ids"], batch["position_ids"]
-        )
+        grads = vmap(grad(one), in_dims=(None, 0))(detached, batch)
         flat = torch.cat([grads[n].flatten(1) for n in names], 1)
         return reference_project(flat, matrix, args.dim)
 
     def less():
         rows = []
-        for e in range(batch["input_ids"].shape[0]):
+        for e in range(next(iter(batch.values())).shape[0]):
             model.zero_grad(set_to_none=True)
             scores_of(model, {k: v[e : e + 1] for k, v in batch.items()}).sum().backward()
             rows.append(torch.cat([p.grad.flatten() for _, p in params]))
@@ -208,12 +315,18 @@ def make_methods(
         "plain": lambda: plain,
         "factored": lambda: ours(kind="factored"),
         "factored_stage1": lambda: ours(dim=None, kind="factored", second_stage=False),
+        "exact_convs": lambda: ours(kind="factored", exact_convs=True),
         "dense": lambda: ours(kind="dense", cache_bytes=int(args.dense_cache_gb * 2**30)),
         "dense_cached": lambda: ours(kind="dense", cache_bytes=whole_matrix_bytes),
         "trak": lambda: trak,
         "less": lambda: less,
     }
-    return {name: factories[name]() for name in args.methods}, num_params, matrix is not None
+    chosen = [m for m in args.methods if m != "exact_convs" or has_convs(model)]
+    return {name: factories[name]() for name in chosen}, num_params, matrix is not None
+
+
+def has_convs(model: torch.nn.Module) -> bool:
+    return any(_FACTORED_LAYER(m) == "conv" for m in model.modules())
 
 
 # --------------------------------------------------------------------------- measurement
@@ -250,15 +363,10 @@ def time_methods(methods: dict, warmup: int, repeats: int) -> dict[str, list[flo
 
 
 def run_variant(args: argparse.Namespace, variant: str) -> dict:
-    model = build_model(args, variant)
-    gen = torch.Generator().manual_seed(1)
-    shape = (args.batch_size, args.seq_len)
-    batch = {
-        "input_ids": torch.randint(0, args.vocab_size, shape, generator=gen),
-        "position_ids": torch.arange(args.seq_len).expand(shape),
-    }
-    methods, num_params, stored = make_methods(args, model, batch)
-    times = time_methods(methods, args.warmup, args.repeats)
+    work = build_workload(args, variant)
+    methods, num_params, stored = make_methods(args, work)
+    repeats = args.cnn_repeats if variant == "cnn" else args.repeats
+    times = time_methods(methods, args.warmup, repeats)
     memory = {name: peak_extra_rss_mb(fn) for name, fn in methods.items()}
     base = statistics.median(times["plain"]) if "plain" in times else float("nan")
     rows = {
@@ -270,7 +378,12 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
         }
         for name, t in times.items()
     }
-    return {"num_params": num_params, "reference_matrix_stored": stored, "methods": rows}
+    return {
+        "num_params": num_params,
+        "reference_matrix_stored": stored,
+        "workload": work.description,
+        "methods": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -282,8 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         result = run_variant(args, variant)
         results["variants"][variant] = result
         print(
-            f"\n{variant}: D = {result['num_params']:,} parameters, B = {args.batch_size}, "
-            f"T = {args.seq_len}, dim = {args.dim}, threads = {args.threads}, "
+            f"\n{variant}: D = {result['num_params']:,} parameters, {result['workload']}, "
+            f"dim = {args.dim}, threads = {args.threads}, "
             f"reference P stored: {result['reference_matrix_stored']}"
         )
         print(f"{'method':<16}{'median s':>10}{'min s':>10}{'ratio':>8}{'peak +MiB':>11}")

@@ -8,16 +8,25 @@ into per-example projected features, so nothing of size ``B × D`` is ever forme
 factored path. Each parameter takes one of three paths (recorded in ``capture.paths``):
 
 ``"factored"`` (``kind="factored"``; weights and biases of ``nn.Linear``, GPT-2's ``Conv1D``,
-    peft's ``lora_A``/``lora_B`` linears, and ``nn.Embedding`` weights)
+    peft's ``lora_A``/``lora_B`` linears, ``nn.Embedding`` weights, and ``nn.Conv1d``/
+    ``nn.Conv2d``/``nn.Conv3d``)
     The forward hook stores ``x @ P_in`` (a row lookup for an embedding); the gradient hook
     forms ``Σ_t (P_outᵀ g_t)(P_inᵀ x_t)ᵀ`` per example (LoGra, A3/D1.2) and the bias feature
     ``Σ_t g_t`` (projected by the bias's own stage-1 block). No ``[out, in]`` tensor exists.
+    A convolution is the same sum over output positions ``p``, with ``x_p`` the input patch
+    (``F.unfold`` order, matching the weight viewed as ``[C_out, C_in/groups·kh·kw]``) and
+    ``g_p`` the output gradient at ``p``: the forward hook convolves the input with ``P_inᵀ``
+    reshaped as a kernel (the module's own stride, padding, dilation, padding mode and
+    groups), so the patches are projected without being unfolded; with ``groups > 1``
+    output channel ``o`` of group ``j`` pairs with the patches of group ``j`` only.
 ``"exact"`` (every parameter of ``kind="dense"``; other parameters of leaf modules, e.g.
-    norms, PReLU, convolutions)
+    norms, PReLU, transposed convolutions, convolution subclasses that override ``forward``)
     The gradient hook recomputes the module on its saved inputs with ``torch.func``
     (``vmap`` over examples of ``vjp``, A5) to get exact per-example gradients of the module's
     own parameters, which are then projected (Kronecker stage-1 blocks for matrices in
-    factored mode, dense JL otherwise). Only that module's gradients exist at a time.
+    factored mode, dense JL otherwise). Only that module's gradients exist at a time. A batch
+    norm on running statistics (eval mode) is a per-channel affine map: its per-example
+    ``Σ g x̂`` and ``Σ g`` are formed directly, without ``torch.func``.
 ``"loop"`` (parameters owned by modules that have children, e.g. a class token)
     One ``torch.autograd.grad`` of ``s_e`` per example (LESS's way, A2) on those parameters
     only. Slow; exclude such parameters when they do not matter.
@@ -48,6 +57,7 @@ embeddings, batch norm in training mode) use the example's own statistics.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -62,18 +72,28 @@ from transformers.pytorch_utils import Conv1D
 from hf_tae.errors import TaeError
 from hf_tae.gradients.projection import DEFAULT_CACHE_BYTES, GradientProjector, apply_factor
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
 
 def factored_layer(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv1d"`` or ``"embedding"`` for modules the factored path handles.
+    """``"linear"``, ``"conv1d"``, ``"embedding"`` or ``"conv"``: modules of the factored path.
 
     peft's LoRA A/B are ``nn.Linear``. An embedding is a linear map of one-hot inputs (its
     weight is ``[in, out]`` like GPT-2's ``Conv1D``); one that renormalizes rows
-    (``max_norm``) or scales gradients by frequency is left to the exact path.
+    (``max_norm``) or scales gradients by frequency is left to the exact path. ``"conv1d"``
+    is GPT-2's ``Conv1D`` (a linear layer); ``"conv"`` is ``nn.Conv1d``/``Conv2d``/``Conv3d``
+    (peft's LoRA convolution adapters included), unless a subclass overrides ``forward`` or
+    ``_conv_forward`` (e.g. weight standardization): those take the exact path.
     """
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, Conv1D):
         return "conv1d"
+    for conv in _CONVS:
+        if isinstance(module, conv):
+            cls = type(module)
+            plain = cls.forward is conv.forward and cls._conv_forward is conv._conv_forward
+            return "conv" if plain else None
     if isinstance(module, nn.Embedding) and module.max_norm is None:
         return None if module.scale_grad_by_freq else "embedding"
     return None
@@ -98,7 +118,8 @@ class _Call:
     plan: _ModulePlan
     batched: bool  # dimension 0 of the output is the batch
     out_meta: tuple[tuple[int, ...], torch.dtype, torch.device]
-    inputs_proj: torch.Tensor | None = None  # x @ P_in, [N, k_in], for a factored weight
+    # x @ P_in for a factored weight: [N, k_in], or [N, groups, k_in, positions] for a conv
+    inputs_proj: torch.Tensor | None = None
     args: tuple = ()  # saved inputs for the exact path
     kwargs: dict = field(default_factory=dict)
     edge: Any = None  # gradient edge of an unbatched output (per-example loop)
@@ -214,8 +235,13 @@ def per_example_module_grads(
     ``cotangents[e]`` is ``∂s_e/∂output``. For a batched call, example ``e`` is the module
     applied to row ``e`` of every input whose dimension 0 is the batch (kept as a batch of
     one, so modules that need a batch axis work); for an unbatched call the inputs are shared
-    and only the cotangent varies. Uses ``torch.func`` ``vjp`` under ``vmap`` (A5).
+    and only the cotangent varies. Uses ``torch.func`` ``vjp`` under ``vmap`` (A5), except
+    for batch norm on running statistics, a per-channel affine map whose gradients have a
+    closed form (:func:`batch_norm_eval_grads`).
     """
+    closed_form = batch_norm_eval_grads(module, attrs, args, kwargs, cotangents, batched)
+    if closed_form is not None:
+        return closed_form
     params = {attr: getattr(module, attr).detach() for attr in attrs}
 
     def pullback(call_args: tuple, call_kwargs: dict, cotangent: torch.Tensor) -> dict:
@@ -244,6 +270,114 @@ def per_example_module_grads(
     return torch.func.vmap(pullback, in_dims=(arg_dims, kwarg_dims, 0))(
         args, kwargs, cotangents.unsqueeze(1)
     )
+
+
+def project_patches(
+    module: nn.Module, x: torch.Tensor, factor: torch.Tensor | None
+) -> torch.Tensor:
+    """``P_inᵀ x_p`` for every input patch ``x_p`` of convolution ``module``, per group.
+
+    ``x`` is the module's input (``[N, C_in, *spatial]``, or unbatched ``[C_in, *spatial]``),
+    ``factor`` is ``P_in`` ``[C_in/groups · prod(kernel_size), k_in]`` (``None``: identity).
+    The patches are never unfolded: ``P_inᵀ`` reshaped as a ``[k_in, C_in/groups, *kernel]``
+    kernel, repeated for every group, is applied by the module's own ``_conv_forward``, so
+    stride, padding (ints or ``"same"``/``"valid"``), dilation, ``padding_mode`` and groups
+    are the module's. Patch entries are ordered as ``F.unfold`` orders them, i.e. as the
+    weight ``[C_out, C_in/groups, *kernel]`` flattens. Returns ``[N, groups, k_in, L]``
+    (``L`` output positions).
+    """
+    kernel, groups = tuple(module.kernel_size), module.groups
+    if x.ndim == len(kernel) + 1:
+        x = x.unsqueeze(0)
+    if factor is None:
+        side = module.in_channels // groups * math.prod(kernel)
+        factor = torch.eye(side, dtype=x.dtype, device=x.device)
+    k_in = factor.shape[1]
+    weight = factor.T.reshape(k_in, module.in_channels // groups, *kernel)
+    if groups > 1:
+        weight = weight.repeat(groups, *[1] * (weight.ndim - 1))
+    out = module._conv_forward(x, weight, None)
+    return out.reshape(out.shape[0], groups, k_in, -1)
+
+
+def conv_features(
+    grads: torch.Tensor,
+    inputs: torch.Tensor,
+    rows: torch.Tensor | None,
+    order: str | None = None,
+) -> torch.Tensor:
+    """``Σ_j Σ_p (P_out[j]ᵀ g_p^(j)) (u_p^(j))ᵀ`` per example, ``[B, k_out, k_in]``.
+
+    ``grads`` ``[B, G, C_out/G, L]`` are output gradients by group, ``inputs`` ``[B, G, k_in,
+    L]`` the projected patches ``u_p^(j) = P_inᵀ x_p^(j)``, ``rows`` is ``P_out``
+    ``[C_out, k_out]`` (``None``: identity). Either the gradients are projected first
+    (``L·(C_out·k_out + G·k_out·k_in)`` multiply-adds per example) or the positions are summed
+    first, giving the input-projected gradient ``[C_out, k_in]``, then ``P_out`` is applied
+    (``L·C_out·k_in + C_out·k_out·k_in``). ``order`` (``"grads_first"`` or
+    ``"positions_first"``) forces one; by default the cheaper is used (the second for
+    depthwise convolutions, where ``G·k_out`` exceeds ``C_out``). Neither forms a
+    ``[C_out, C_in·kh·kw]`` tensor per example.
+    """
+    size, groups, per_group, positions = grads.shape
+    c_out, k_in = groups * per_group, inputs.shape[2]
+    if order is None and rows is not None:
+        k_out = rows.shape[1]
+        grads_first = positions * (c_out * k_out + groups * k_out * k_in)
+        positions_first = positions * c_out * k_in + c_out * k_out * k_in
+        order = "grads_first" if grads_first <= positions_first else "positions_first"
+    if rows is not None and order == "grads_first":
+        # [G, k_out, C_out/G] @ [B, G, C_out/G, L] -> [B, G, k_out, L]
+        grads_proj = rows.reshape(groups, per_group, -1).transpose(1, 2) @ grads
+        features = grads_proj @ inputs.transpose(2, 3)  # [B, G, k_out, k_in]
+        return features[:, 0] if groups == 1 else features.sum(1)
+    half = (grads @ inputs.transpose(2, 3)).reshape(size, c_out, k_in)  # [B, C_out, k_in]
+    return half if rows is None else rows.T @ half
+
+
+def batch_norm_eval_grads(
+    module: nn.Module,
+    attrs: Sequence[str],
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    cotangents: torch.Tensor,
+    batched: bool,
+) -> dict[str, torch.Tensor] | None:
+    """Per-example ``weight``/``bias`` gradients of a batch norm that uses running statistics.
+
+    Then ``y = γ x̂ + β`` with ``x̂ = (x - running_mean) / sqrt(running_var + eps)`` channel by
+    channel (dimension 1), so ``∂s_e/∂γ = Σ g x̂`` and ``∂s_e/∂β = Σ g`` over every other axis
+    of example ``e`` (all rows of a shared input for an unbatched call). ``None`` when that
+    does not apply (training mode or no running statistics: batch statistics couple the
+    examples; a subclass that overrides ``forward``); the caller then uses ``torch.func``.
+    """
+    norm = nn.modules.batchnorm._BatchNorm
+    if (
+        not isinstance(module, norm)
+        or type(module).forward is not norm.forward
+        or module.training
+        or module.running_mean is None
+        or module.running_var is None
+        or not set(attrs) <= {"weight", "bias"}
+        or len(args) != 1
+        or kwargs
+        or not isinstance(args[0], torch.Tensor)
+    ):
+        return None
+    size, channels = cotangents.shape[0], module.num_features
+    dtype = torch.promote_types(cotangents.dtype, module.running_var.dtype)
+    x = args[0].detach().to(dtype)
+    x = x.reshape(x.shape[0], channels, -1)  # [N, C, L]; N = B for a batched call
+    grads = cotangents.to(dtype).reshape(size, -1, channels, x.shape[2])  # [B, 1 or N, C, L]
+    bias = grads.sum((1, 3))
+    out = {"bias": bias} if "bias" in attrs else {}
+    if "weight" in attrs:  # Σ g x̂ = (Σ g x - mean Σ g) / std: x̂ is never formed
+        scale = (module.running_var.to(dtype) + module.eps).rsqrt()
+        if batched:  # example e pairs with row e of the input
+            moment = torch.linalg.vecdot(grads[:, 0], x)
+        else:  # the input is shared by every example
+            moment = torch.linalg.vecdot(grads, x[None]).sum(1)
+        out["weight"] = (moment - module.running_mean.to(dtype) * bias) * scale
+    return out
 
 
 class ProjectedGradientCapture:
@@ -465,6 +599,8 @@ class ProjectedGradientCapture:
             )
         x, module = args[0].detach(), plan.module
         block = self.projector.blocks[plan.weight]
+        if plan.layer == "conv":
+            return project_patches(module, x, block.col_factor(x.device, x.dtype))
         if plan.layer == "linear":
             return apply_factor(x.reshape(-1, x.shape[-1]), block.col_factor(x.device, x.dtype))
         if plan.layer == "conv1d":
@@ -494,7 +630,9 @@ class ProjectedGradientCapture:
                 f"captured module's output must be the batch (exclude {self._plan_names(call.plan)})."
             )
         plan = call.plan
-        if plan.weight is not None or plan.bias is not None:
+        if plan.layer == "conv" and (plan.weight is not None or plan.bias is not None):
+            self._accumulate_conv(call, cotangents)
+        elif plan.weight is not None or plan.bias is not None:
             self._accumulate_factored(call, cotangents.reshape(size, -1, cotangents.shape[-1]))
         if plan.exact:
             self._recomputing = True
@@ -537,6 +675,33 @@ class ProjectedGradientCapture:
             features = grads_proj.transpose(1, 2) @ inputs
         else:
             features = inputs.transpose(1, 2) @ grads_proj
+        self._add(plan.weight, lambda flat: flat, features)
+
+    def _accumulate_conv(self, call: _Call, cotangents: torch.Tensor) -> None:
+        """Convolution features ``Σ_j Σ_p (P_out[j]ᵀ g_p^(j)) (P_inᵀ x_p^(j))ᵀ`` and ``Σ_p g_p``.
+
+        ``cotangents`` is ``[B, *output shape]``; ``j`` runs over the groups (``P_out[j]``:
+        the rows of ``P_out`` of group ``j``'s output channels), ``p`` over output positions
+        (and over the leading axis of an unbatched call's output). See
+        :func:`conv_features` for the contraction order.
+        """
+        plan, module, dtype = call.plan, call.plan.module, self._stage1.dtype
+        size, groups, c_out = cotangents.shape[0], module.groups, module.out_channels
+        positions = math.prod(call.out_meta[0][-len(module.kernel_size) :])
+        grads = cotangents.reshape(size, -1, groups, c_out // groups, positions)
+        if plan.bias is not None:
+            bias_grads = grads.sum((1, 4)).reshape(size, c_out)
+            self._add(plan.bias, self.projector.blocks[plan.bias].project, bias_grads)
+        if plan.weight is None:
+            return
+        # [B, N, G, C_out/G, L] -> [B, G, C_out/G, N·L] (N = 1 for a batched call)
+        grads = grads.permute(0, 2, 3, 1, 4).reshape(size, groups, c_out // groups, -1)
+        inputs = call.inputs_proj.to(dtype)  # [N, G, k_in, L]
+        if not call.batched:  # inputs shared by all examples: positions of all N rows
+            inputs = inputs.permute(1, 2, 0, 3).reshape(1, groups, inputs.shape[2], -1)
+            inputs = inputs.expand(size, -1, -1, -1)
+        block = self.projector.blocks[plan.weight]
+        features = conv_features(grads.to(dtype), inputs, block.row_factor(grads.device, dtype))
         self._add(plan.weight, lambda flat: flat, features)
 
     def per_example(self, scores: torch.Tensor) -> torch.Tensor:

@@ -159,3 +159,24 @@ def test_cli_help_lists_families_and_rejects_unknown_ones():
     proc = subprocess.run([str(cli), "run", "nope"], env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 2 and "known families: ['graph', 'images']" in proc.stderr
+
+
+def test_default_scores_follow_the_model_type():
+    from torch import nn
+    from transformers import ResNetConfig
+
+    from hf_tae.errors import TaeError
+    from hf_tae.gradients.collector import GradientCollector
+    from hf_tae.models import SignConfig, SignForMultiTaskNodeClassification
+    from hf_tae.models.scores import GoldLogOddsScore, TaskLogitScore
+    from hf_tae.models.vision import VisionForMultiTaskImageClassification, VisionMultiTaskConfig
+
+    sign = SignForMultiTaskNodeClassification(SignConfig(in_features=3, num_hops=1, num_tasks=2))
+    vision = VisionForMultiTaskImageClassification(VisionMultiTaskConfig(
+        backbone_config=ResNetConfig(num_channels=1, embedding_size=4, hidden_sizes=[4],
+                                     depths=[1]), task_names=["a", "b"], num_labels=3))  # fmt: skip
+    assert isinstance(GradientCollector(sign, dim=8).score_fn, TaskLogitScore)
+    # a classifier's default is the gold-class log-odds, never the "task logit" of its classes
+    assert isinstance(GradientCollector(vision, dim=8).score_fn, GoldLogOddsScore)
+    with pytest.raises(TaeError, match="no default score function for model type None"):
+        GradientCollector(nn.Linear(3, 2), dim=8)

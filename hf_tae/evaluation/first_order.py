@@ -143,18 +143,15 @@ def _example_batches(
 
 
 def default_score(model: nn.Module, score_fn: ScoreFunction | None) -> ScoreFunction:
-    """``score_fn``, or :class:`~hf_tae.models.scores.TaskLogitScore` for multi-label models
-    (``config.num_tasks``), the collector's default."""
+    """``score_fn``, or the default of hf_tae's models (the collector's default)."""
     if score_fn is not None:
         return score_fn
-    if getattr(getattr(model, "config", None), "num_tasks", None) is None:
-        raise TaeError(
-            "pass score_fn= for models without config.num_tasks (the score the gradients were "
-            "collected with, e.g. TaskLogitScore, GoldLogOddsScore)."
-        )
-    from hf_tae.models.scores import TaskLogitScore
+    from hf_tae.models.scores import default_score_function
 
-    return TaskLogitScore()
+    try:
+        return default_score_function(model)
+    except ValueError as err:
+        raise TaeError(str(err)) from err
 
 
 def score_jvp(

@@ -25,7 +25,7 @@ from hf_tae.errors import TaeError
 from hf_tae.gradients.capture import ProjectedGradientCapture
 from hf_tae.gradients.store import INFO_FILE as STORE_INFO_FILE
 from hf_tae.gradients.store import GradientStore
-from hf_tae.models.scores import ScoreFunction, TaskLogitScore
+from hf_tae.models.scores import ScoreFunction, default_score_function
 from hf_tae.tasks.splits import SPLIT_NAMES
 from hf_tae.tasks.batching import Collate, default_collate, example_batches
 from hf_tae.tasks.taskset import TaskSet
@@ -50,7 +50,8 @@ class GradientCollector:
     Args:
         model: the meta-initialization θ0 (any ``nn.Module``; a peft model differentiates its adapters).
         score_fn: per-example scalar (default: :class:`~hf_tae.models.scores.TaskLogitScore`
-            for multi-label models that have ``config.num_tasks``).
+            for SIGN, :class:`~hf_tae.models.scores.GoldLogOddsScore` for the vision model; other
+            models must pass theirs).
         dim, seed, kind, dense_kind, factor_dim, second_stage, include, exclude: the projection,
             see :class:`~hf_tae.gradients.capture.ProjectedGradientCapture`.
         batch_size: examples per forward/backward pass.
@@ -88,11 +89,10 @@ class GradientCollector:
                 f"batch_size and rows_per_shard must be >= 1, got {batch_size} and {rows_per_shard}."
             )
         if score_fn is None:
-            if getattr(getattr(model, "config", None), "num_tasks", None) is None:
-                raise TaeError(
-                    "pass score_fn= for models without config.num_tasks (e.g. GoldLogOddsScore, TokenLogOddsScore)."
-                )
-            score_fn = TaskLogitScore()
+            try:
+                score_fn = default_score_function(model)
+            except ValueError as err:
+                raise TaeError(str(err)) from err
         self.model, self.score_fn = model, score_fn
         self.capture = ProjectedGradientCapture(
             model, dim=dim, seed=seed, kind=kind, dense_kind=dense_kind, factor_dim=factor_dim,

@@ -148,3 +148,21 @@ class TokenLogOddsScore(_Score):
             "first_token": self.first_token,
             "ignore_index": self.ignore_index,
         }
+
+
+#: Score of each hf_tae model type when none is given: multi-label models (one logit per task)
+#: score a task's own logit, classifiers the gold class's log-odds.
+DEFAULT_SCORES = {"tae_sign": TaskLogitScore, "hf_tae_vision_multitask": GoldLogOddsScore}
+
+
+def default_score_function(model: torch.nn.Module) -> ScoreFunction:
+    """The score function of an hf_tae model (:data:`DEFAULT_SCORES`); other models must name
+    theirs, since a wrong default would silently differentiate the wrong quantity."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_SCORES:
+        raise ValueError(
+            f"no default score function for model type {model_type!r}; pass score_fn= "
+            "(e.g. TaskLogitScore() for one logit per task, GoldLogOddsScore() for classifiers, "
+            "TokenLogOddsScore.for_model(model) for language models)."
+        )
+    return DEFAULT_SCORES[model_type]()

@@ -19,7 +19,6 @@ with ``heatmap.png``) that loads from its path or a Hub repo id.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -32,7 +31,6 @@ from hf_tae.errors import TaeError
 from hf_tae.utils.io import (
     artifact_source,
     atomic_folder,
-    atomic_write_bytes,
     load_dataset_config,
     read_artifact_json,
 )
@@ -313,11 +311,9 @@ class AffinityMatrix:
     # ------------------------------------------------------------------ presentation
     def plot(self, path: str | os.PathLike, order: Sequence[int] | None = None) -> Path:
         """Heatmap PNG (matplotlib Agg), tasks in ``order`` (default: as stored), written atomically."""
-        import matplotlib
+        from hf_tae.utils.plots import pyplot, save_figure
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         n = len(self.task_names)
         order = list(range(n)) if order is None else [int(k) for k in order]
         if sorted(order) != list(range(n)):
@@ -333,11 +329,7 @@ class AffinityMatrix:
         ax.set_ylabel("target task i")
         ax.set_title(f"{self.kind} task affinity ({self.provenance.get('metric', 'score')})")
         fig.colorbar(image, ax=ax)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=100)
-        plt.close(fig)
-        return atomic_write_bytes(path, buffer.getvalue())
+        return save_figure(fig, path, dpi=100)
 
     def _card(self, has_subsets: bool) -> str:
         configs = "".join(

@@ -7,7 +7,6 @@ run of any family without rerunning it.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,26 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from hf_tae.utils.io import atomic_write_bytes, atomic_write_text
-
-
-def _save_figure(fig, path: str | os.PathLike) -> Path:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+from hf_tae.utils.io import atomic_write_text
+from hf_tae.utils.plots import pyplot, save_figure
 
 
 def plot_grouping_gains(
@@ -45,7 +26,7 @@ def plot_grouping_gains(
     ylabel: str = "F1 gain",
 ) -> Path:
     """Per-task gain of the group models over a reference, tasks ordered and coloured by group."""
-    plt = _pyplot()
+    plt = pyplot()
     order = [t for g in groups for t in g]
     colors = [f"C{k % 10}" for k, g in enumerate(groups) for _ in g]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(order) + 2), 3.6))
@@ -54,14 +35,14 @@ def plot_grouping_gains(
     ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_estimated_vs_true(
     estimated: Sequence[float], true: Sequence[float], path: str | os.PathLike, metric: str
 ) -> Path:
     """Scatter of estimated against fine-tuned per-(subset, task) scores, with the diagonal."""
-    plt = _pyplot()
+    plt = pyplot()
     est, tru = np.asarray(estimated, float), np.asarray(true, float)
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
     ax.scatter(tru, est, s=12, alpha=0.7)
@@ -70,7 +51,7 @@ def plot_estimated_vs_true(
     ax.set_xlabel(f"fine-tuned {metric}")
     ax.set_ylabel(f"estimated {metric}")
     ax.set_title("per (subset, task) score", fontsize=10)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -10,6 +10,26 @@ from pathlib import Path
 from hf_tae.utils.io import atomic_write_bytes
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (no display needed; set once per process)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it to ``path`` as PNG atomically and close it."""
+    plt = pyplot()
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
 def plot_task_scores(
     series: Mapping[str, Mapping[str, float]],
     path: str | os.PathLike,
@@ -17,11 +37,9 @@ def plot_task_scores(
     title: str | None = None,
 ) -> Path:
     """Grouped bar chart of per-task scores, one bar colour per series; written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     tasks = list(next(iter(series.values())))
     width = 0.8 / max(len(series), 1)
@@ -41,8 +59,4 @@ def plot_task_scores(
     top = max((v for scores in series.values() for v in scores.values()), default=1.0)
     ax.set_ylim(0, top * 1.2 if top > 0 else 1.0)  # headroom so the legend never hides a bar
     ax.legend(fontsize=8, loc="upper center", ncol=len(series), frameon=False)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_figure(fig, path, dpi=120)

@@ -80,7 +80,9 @@ class TaskFamily:
 
     Class attributes: ``name`` (the registry key and ``hf-tae run <name>``), ``description``
     (one line for ``--help``), ``arguments_class`` (a dataclass of data and model options),
-    ``training_defaults`` (``TrainingArguments`` overrides for this family), ``metrics``
+    ``training_defaults`` (``TrainingArguments`` overrides for this family),
+    ``pipeline_defaults`` (overrides of the pipeline's flags, e.g. ``subset_size`` for a family
+    with few tasks), ``metrics``
     (:class:`TaskMetrics`), ``pipeline_tag`` (the Hub task tag of its models, or None).
     """
 
@@ -88,6 +90,7 @@ class TaskFamily:
     description: ClassVar[str] = ""
     arguments_class: ClassVar[type] = object
     training_defaults: ClassVar[dict[str, Any]] = {}
+    pipeline_defaults: ClassVar[dict[str, Any]] = {}
     metrics: ClassVar[TaskMetrics] = TaskMetrics()
     pipeline_tag: ClassVar[str | None] = None
 

@@ -79,7 +79,10 @@ def build_parser(family: str | TaskFamily, prog: str | None = None):
     parser = TrlParser((family.arguments_class, *PIPELINE_ARGUMENTS), prog=prog,
                        description=description)  # fmt: skip
     parser.set_defaults(
-        output_dir=f"runs/{family.name}", disable_tqdm=False, **family.training_defaults
+        output_dir=f"runs/{family.name}",
+        disable_tqdm=False,
+        **family.training_defaults,
+        **family.pipeline_defaults,
     )
     return parser
 
@@ -126,6 +129,12 @@ def run_pipeline(
     with _stage(timings, "data"):
         tasks = family.load_tasks(family_args)
     logger.info("%s", tasks)
+    for flag, value in (("--subset_size", est_args.subset_size),
+                        ("--num_task_groups", grouping_args.num_task_groups)):  # fmt: skip
+        if est_args.estimate and value > tasks.num_tasks:
+            raise TaeError(
+                f"{flag} {value} exceeds the {tasks.num_tasks} tasks; use at most {tasks.num_tasks}."
+            )
     selection = family.metrics.selection
     results: dict[str, Any] = {
         "family": family.name,
@@ -295,7 +304,7 @@ def run(
     family = get_family(family)
     parser = build_parser(family, prog or f"hf-tae run {family.name}")
     parsed = parser.parse_args_and_config(argv)
-    command = shlex.join(["hf-tae run", family.name, *argv])
+    command = "hf-tae run " + shlex.join([family.name, *argv])
     return run_pipeline(family, *parsed, command=command)
 
 

@@ -54,22 +54,45 @@ class ImageArguments:
     )
     skip_bad_images: bool = field(
         default=False,
-        metadata={"help": "DomainNet: leave out images that do not decode (recorded) instead of failing."},
+        metadata={
+            "help": "DomainNet: leave out images that do not decode (recorded) instead of failing."
+        },
     )
-    train_per_domain: int = field(
-        default=150,
-        metadata={"help": "Digits default: training images per domain (fewer: more transfer)."},
+    views: list[str] | None = field(
+        default=None,
+        metadata={"help": "Digits default: the geometric views (the planted groups); default: the generator's."},
     )
-    data_seed_images: int = field(default=0, metadata={"help": "Seed of the data splits and transforms."})
+    styles: list[str] | None = field(
+        default=None,
+        metadata={"help": "Digits default: the photometric styles within each view; default: the generator's."},
+    )
+    train_per_domain: int | None = field(
+        default=None,
+        metadata={"help": "Digits default: training images per domain (default: all of its share)."},
+    )
+    conflict: float = field(
+        default=1.0,
+        metadata={"help": "Digits default: share of a domain's images shown in its view (lower: weaker groups)."},
+    )
+    noise_std: float = field(
+        default=0.15, metadata={"help": "Digits default: Gaussian noise of the noisy style."}
+    )
+    data_seed_images: int = field(
+        default=0, metadata={"help": "Seed of the data splits and transforms."}
+    )
     image_size: int = field(
-        default=0, metadata={"help": "Side of the model's input images (0: 8 for digits, 64 otherwise)."}
+        default=0,
+        metadata={"help": "Side of the model's input images (0: 8 for digits, 64 otherwise)."},
     )
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Hub repo id or folder of a pretrained vision backbone (else built from config)."},
+        metadata={
+            "help": "Hub repo id or folder of a pretrained vision backbone (else built from config)."
+        },
     )
     backbone: str = field(
-        default="resnet", metadata={"help": f"Backbone built from config: one of {list(BACKBONES)}."}
+        default="resnet",
+        metadata={"help": f"Backbone built from config: one of {list(BACKBONES)}."},
     )
     hidden_sizes: list[int] = field(
         default_factory=lambda: [16, 32], metadata={"help": "Channels of each backbone stage."}
@@ -123,7 +146,9 @@ class ImageFamily(TaskFamily):
                 seed=args.data_seed_images,
                 on_bad_image="skip" if args.skip_bad_images else "raise",
             )
-        return make_digit_domains(train_per_domain=args.train_per_domain, seed=args.data_seed_images)
+        return make_digit_domains(
+            train_per_domain=args.train_per_domain, seed=args.data_seed_images
+        )
 
     def _geometry(self, args: ImageArguments, domains) -> tuple[int, int]:
         digits = not (args.dataset or args.domainnet_root)
@@ -137,7 +162,9 @@ class ImageFamily(TaskFamily):
 
         domains = self.load_domains(args)
         size, channels = self._geometry(args, domains)
-        dataset = add_pixel_values(domains.dataset, image_size=size, num_channels=channels)
+        dataset = add_pixel_values(
+            domains.dataset, image_size=size, num_channels=channels, mean=0.5, std=0.5
+        )
         return TaskSet(dataset, task_names=domains.task_names, input_columns=["pixel_values"],
                        source=domains)  # fmt: skip
 

@@ -26,8 +26,8 @@ from hf_tae.gradients.capture import ProjectedGradientCapture
 from hf_tae.gradients.store import INFO_FILE as STORE_INFO_FILE
 from hf_tae.gradients.store import GradientStore
 from hf_tae.models.scores import ScoreFunction, default_score_function
-from hf_tae.tasks.splits import SPLIT_NAMES
 from hf_tae.tasks.batching import Collate, default_collate, example_batches
+from hf_tae.tasks.splits import SPLIT_NAMES
 from hf_tae.tasks.taskset import TaskSet
 
 logger = logging.getLogger(__name__)

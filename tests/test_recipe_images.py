@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "images.py"
-SMALL = ["--num_train_epochs", "3", "--disable_tqdm", "true", "--num_meta_inits", "2",
+SMALL = ["--max_steps", "40", "--disable_tqdm", "true", "--num_meta_inits", "2",
          "--num_subsets", "20", "--num_task_groups", "0", "--max_task_groups", "4",
          "--projection_dim", "32"]  # fmt: skip
 

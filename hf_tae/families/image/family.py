@@ -156,8 +156,13 @@ class ImageFamily(TaskFamily):
                 seed=args.data_seed_images,
                 on_bad_image="skip" if args.skip_bad_images else "raise",
             )
+        digits = {"views": args.views, "styles": args.styles}
         return make_digit_domains(
-            train_per_domain=args.train_per_domain, seed=args.data_seed_images
+            **{k: v for k, v in digits.items() if v},
+            train_per_domain=args.train_per_domain,
+            conflict=args.conflict,
+            noise_std=args.noise_std,
+            seed=args.data_seed_images,
         )
 
     def _geometry(self, args: ImageArguments, domains) -> tuple[int, int]:

@@ -11,6 +11,7 @@ import warnings
 import peft
 import pytest
 import torch
+from capture_helpers import assert_close, naive_grads, run_capture
 from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
 from hf_tae import SignConfig, SignForMultiTaskNodeClassification, TaeError
@@ -115,46 +116,26 @@ def _double(batch):
     return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
 
 
-def _capture(model, batch, score, **kwargs):
-    """Run a float64 capture; return it and the projected per-example gradients."""
-    capture = ProjectedGradientCapture(model, dtype=torch.float64, **kwargs)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "modules .* ran on inputs without the batch")
-        with capture:
-            z = capture.per_example(score(model, batch))
-    return capture, z
 
 
-def _naive_grads(model, batch, score, names):
-    """{name: [B, *shape]} from one autograd.grad of s_e per example on the batched forward."""
-    params = dict(model.named_parameters())
-    scores = score(model, batch)
-    rows = [
-        torch.autograd.grad(scores[e], [params[n] for n in names], retain_graph=True)
-        for e in range(len(scores))
-    ]
-    return {n: torch.stack([row[i] for row in rows]) for i, n in enumerate(names)}
 
 
-def _assert_close(actual, expected, rtol=1e-9):
-    scale = expected.abs().max().clamp_min(1e-12)
-    assert (actual - expected).abs().max() <= rtol * scale, (actual - expected).abs().max() / scale
 
 
 # --------------------------------------------------------------------------- (1) exactness
 @pytest.mark.parametrize("mode", list(MODES))
 def test_projected_grads_equal_naive_per_example_grads(case, mode):
     model, batch, score = case
-    capture, z = _capture(model, batch, score, **MODES[mode])
+    capture, z = run_capture(model, batch, score, **MODES[mode])
     names = [name for name, _ in capture.parameters]
-    grads = _naive_grads(model, batch, score, names)
+    grads = naive_grads(model, batch, score, names)
     reference = sum(
         grads[n].flatten(1) @ capture.projector.matrix_block(n) for n in names
     )  # explicit P
     assert z.shape == (B, capture.output_dim) and z.dtype == torch.float64
     assert z.abs().max() > 0
-    _assert_close(z, reference)
-    _assert_close(capture.projector.project(grads), reference)
+    assert_close(z, reference)
+    assert_close(capture.projector.project(grads), reference)
 
 
 def test_paths_cover_tied_unbatched_and_lora_parameters():
@@ -201,12 +182,12 @@ def test_tied_and_padded_embeddings(kind):
     def score(model, batch):
         return model(batch["ids"]).log_softmax(-1)[:, -1].gather(1, batch["ids"][:, :1]).squeeze(1)
 
-    capture, z = _capture(model, batch, score, kind=kind, factor_dim=4, dim=9)
+    capture, z = run_capture(model, batch, score, kind=kind, factor_dim=4, dim=9)
     expected = {"factored": "exact+factored", "dense": "exact"}[kind]
     assert capture.paths["shared.weight"] == expected
     assert capture.paths["padded.weight"] == {"factored": "factored", "dense": "exact"}[kind]
-    grads = _naive_grads(model, batch, score, [n for n, _ in capture.parameters])
-    _assert_close(z, capture.projector.project(grads))
+    grads = naive_grads(model, batch, score, [n for n, _ in capture.parameters])
+    assert_close(z, capture.projector.project(grads))
 
 
 def test_non_leaf_owner_takes_the_loop_path():
@@ -226,14 +207,14 @@ def test_non_leaf_owner_takes_the_loop_path():
     def score(model, batch):
         return model(batch["x"]).pow(2).sum(1)
 
-    capture, z = _capture(model, {"x": x}, score, factor_dim=2, dim=7)
+    capture, z = run_capture(model, {"x": x}, score, factor_dim=2, dim=7)
     assert capture.paths == {
         "token": "loop",
         "linear.weight": "factored",
         "linear.bias": "factored",
     }
-    grads = _naive_grads(model, {"x": x}, score, [n for n, _ in capture.parameters])
-    _assert_close(z, capture.projector.project(grads))
+    grads = naive_grads(model, {"x": x}, score, [n for n, _ in capture.parameters])
+    assert_close(z, capture.projector.project(grads))
 
 
 @pytest.mark.parametrize("which", ["sign", "gpt2", "gpt2_lora"])
@@ -241,10 +222,10 @@ def test_factored_features_are_kronecker_projections_of_materialized_grads(which
     torch.manual_seed(0)
     model, batch, score = CASES[which]()
     model, batch = model.double().eval(), _double(batch)
-    capture, z = _capture(model, batch, score, factor_dim=4, second_stage=False, dim=None)
+    capture, z = run_capture(model, batch, score, factor_dim=4, second_stage=False, dim=None)
     blocks = capture.projector.blocks
     kron = [n for n, b in blocks.items() if isinstance(b, KroneckerBlock)]
-    grads = _naive_grads(model, batch, score, kron)
+    grads = naive_grads(model, batch, score, kron)
     assert kron
     for name in kron:
         block = capture.projector.blocks[name]
@@ -256,8 +237,8 @@ def test_factored_features_are_kronecker_projections_of_materialized_grads(which
         grad = grads[name].reshape(B, *block.shape)
         expected = (rows.T @ grad @ cols).flatten(1)
         got = z[:, capture.projector.offsets[name]]
-        _assert_close(got, expected)
-        _assert_close(got, grad.flatten(1) @ torch.kron(rows, cols))  # dense P = P_r ⊗ P_c
+        assert_close(got, expected)
+        assert_close(got, grad.flatten(1) @ torch.kron(rows, cols))  # dense P = P_r ⊗ P_c
 
 
 def test_warns_about_modules_that_did_not_run():
@@ -289,7 +270,7 @@ def test_lift_is_the_adjoint_of_the_projection(mode):
     rhs = sum((grads[n][0] * lifted[n]).sum() for n in lifted)
     assert lhs.item() == pytest.approx(rhs.item(), rel=1e-10)
     explicit = torch.cat([capture.projector.matrix_block(n) for n, _ in capture.parameters]) @ w
-    _assert_close(torch.cat([lifted[n].flatten() for n, _ in capture.parameters]), explicit)
+    assert_close(torch.cat([lifted[n].flatten() for n, _ in capture.parameters]), explicit)
 
 
 def test_metadata_is_json_and_rebuilds_the_same_projection():

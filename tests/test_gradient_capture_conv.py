@@ -8,11 +8,11 @@ its padding, stride, dilation and group handling are checked, not assumed. float
 """
 
 import functools
-import warnings
 
 import peft
 import pytest
 import torch
+from capture_helpers import assert_close, naive_grads, run_capture
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
 
@@ -30,31 +30,13 @@ ORDERS = [None, "grads_first", "positions_first"]  # conv_features: automatic or
 
 
 # --------------------------------------------------------------------------- helpers
-def _capture(model, batch, score, **kwargs):
-    """Float64 capture of ``score(model, batch)``; returns the capture and ``z`` ``[B, dim]``."""
-    capture = ProjectedGradientCapture(model, dtype=torch.float64, **kwargs)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "modules .* ran on inputs without the batch")
-        with capture:
-            z = capture.per_example(score(model, batch))
-    return capture, z
+def _close(actual, expected, rtol=1e-10):
+    assert_close(actual, expected, rtol)
 
 
-def _naive_grads(model, batch, score, names):
-    """{name: [B, *shape]}: one autograd.grad of s_e per example on the batched forward."""
-    params = dict(model.named_parameters())
-    scores = score(model, batch)
-    rows = [
-        torch.autograd.grad(scores[e], [params[n] for n in names], retain_graph=True)
-        for e in range(len(scores))
-    ]
-    return {n: torch.stack([row[i] for row in rows]) for i, n in enumerate(names)}
 
 
-def _assert_close(actual, expected, rtol=1e-10):
-    scale = expected.abs().max().clamp_min(1e-12)
-    err = (actual - expected).abs().max() / scale
-    assert err <= rtol, err
+
 
 
 def _matrix_block(projector, name):
@@ -90,10 +72,10 @@ def _check(model, batch, score, order=None, monkeypatch=None, **kwargs):
     if order is not None:
         forced = functools.partial(conv_features, order=order)
         monkeypatch.setattr(capture_module, "conv_features", forced)
-    capture, z = _capture(model, batch, score, **kwargs)
-    grads = _naive_grads(model, batch, score, [n for n, _ in capture.parameters])
+    capture, z = run_capture(model, batch, score, **kwargs)
+    grads = naive_grads(model, batch, score, [n for n, _ in capture.parameters])
     assert z.shape == (B, capture.output_dim) and z.abs().max() > 0
-    _assert_close(z, _explicit(capture, grads))
+    _close(z, _explicit(capture, grads))
     return capture, z, grads
 
 
@@ -168,13 +150,13 @@ def test_conv_features_are_kronecker_projections_of_the_weight_gradient(which):
     """Stage 1 = ``P_outᵀ G P_in`` with ``G`` the autograd gradient viewed as [C_out, rest]."""
     make, in_shape = CONVS[which]
     model, batch, score = _conv_model(make(), in_shape)
-    capture, z = _capture(model, batch, score, factor_dim=3, second_stage=False, dim=None)
-    grad = _naive_grads(model, batch, score, ["conv.weight"])["conv.weight"]
+    capture, z = run_capture(model, batch, score, factor_dim=3, second_stage=False, dim=None)
+    grad = naive_grads(model, batch, score, ["conv.weight"])["conv.weight"]
     block = capture.projector.blocks["conv.weight"]
     assert block.shape == (grad.shape[1], grad[0, 0].numel())
     rows, cols = block.row_factor(dtype=torch.float64), block.col_factor(dtype=torch.float64)
     expected = (rows.T @ grad.reshape(B, *block.shape) @ cols).flatten(1)
-    _assert_close(z[:, capture.projector.offsets["conv.weight"]], expected)
+    _close(z[:, capture.projector.offsets["conv.weight"]], expected)
 
 
 def test_conv_features_orders_agree_with_an_explicit_sum():
@@ -188,9 +170,9 @@ def test_conv_features_orders_agree_with_an_explicit_sum():
         for p in range(5):
             expected += (grads[:, j, :, p] @ block_rows)[:, :, None] * inputs[:, j, None, :, p]
     for order in ORDERS:
-        _assert_close(conv_features(grads, inputs, rows, order), expected)
+        _close(conv_features(grads, inputs, rows, order), expected)
     identity = conv_features(grads, inputs, None)
-    _assert_close(identity, conv_features(grads, inputs, torch.eye(12, dtype=torch.float64)))
+    _close(identity, conv_features(grads, inputs, torch.eye(12, dtype=torch.float64)))
 
 
 # --------------------------------------------------------------------------- models
@@ -286,10 +268,10 @@ def test_lift_is_the_adjoint_for_conv_weights(mode):
         lhs = capture.projector.project({**_zeros(capture), name: w})[0] @ v  # ⟨P^T w, v⟩
         rhs = (w[0] * lifted[name]).sum()  # ⟨w, P v⟩
         assert lhs.item() == pytest.approx(rhs.item(), rel=1e-11)
-        _assert_close(lifted[name].flatten(), _matrix_block(capture.projector, name) @ v)
+        _close(lifted[name].flatten(), _matrix_block(capture.projector, name) @ v)
     # the captured features pair with the lift exactly as the true per-example gradients do
     expected = torch.stack([sum((grads[n][e] * lifted[n]).sum() for n in lifted) for e in range(B)])
-    _assert_close(z @ v, expected)
+    _close(z @ v, expected)
 
 
 def _zeros(capture):
@@ -396,8 +378,8 @@ def test_batch_norm_closed_form_only_on_running_statistics():
     for e in range(B):  # independent reference: autograd through the module, one example
         out = norm(x[e : e + 1].clone())
         expected.append(torch.autograd.grad(out, [norm.weight, norm.bias], cotangents[e : e + 1]))
-    _assert_close(grads["weight"], torch.stack([w for w, _ in expected]))
-    _assert_close(grads["bias"], torch.stack([b for _, b in expected]))
+    _close(grads["weight"], torch.stack([w for w, _ in expected]))
+    _close(grads["bias"], torch.stack([b for _, b in expected]))
     untracked = nn.BatchNorm2d(3, track_running_stats=False).double().eval()
     assert closed(untracked, cotangents=cotangents, batched=True) is None
 

@@ -296,3 +296,48 @@ def test_pickled_training_arguments_never_hold_the_hub_token(tmp_path):
     torch.save(args, tmp_path / "training_args.bin")
     assert b"hf_secret_value_123" not in (tmp_path / "training_args.bin").read_bytes()
     assert args.hub_token == "hf_secret_value_123"  # the live object keeps it for pushing
+
+
+def test_image_run_folder_publishes_domains_model_and_card(tmp_path, loopback_hub):
+    """A run of the image family publishes its domains (loadable by repo id, same images and
+    fingerprint) and a vision meta-initialization whose card carries the image pipeline tag."""
+    from transformers import ResNetConfig
+
+    from hf_tae import ImageDomains, VisionForMultiTaskImageClassification, VisionMultiTaskConfig
+
+    domains = ImageDomains.from_dataset(_image_dataset(), validation_fraction=0.2,
+                                        test_fraction=0.2, seed=0)  # fmt: skip
+    run = tmp_path / "run"
+    domains.save(run / "data")
+    config = VisionMultiTaskConfig(
+        backbone_config=ResNetConfig(num_channels=1, embedding_size=4, hidden_sizes=[4], depths=[1]),
+        task_names=domains.task_names, num_labels=len(domains.class_names))  # fmt: skip
+    VisionForMultiTaskImageClassification(config).save_pretrained(run / "meta_init")
+    repo_id = _repo_id("image-run")
+    urls = publish(run, repo_id)
+    assert set(urls) == {"model", "data"}
+    card = ModelCard(loopback_hub.files(repo_id)["README.md"].decode())
+    assert card.data.pipeline_tag == "image-classification"
+    assert f"{repo_id}-data" in card.data.datasets
+    loaded = ImageDomains.load(f"{repo_id}-data")
+    assert loaded.task_names == domains.task_names and loaded.class_names == domains.class_names
+    assert loaded.fingerprint() == domains.fingerprint()
+    with pytest.raises(TaeError, match="neither an existing folder nor a Hub repo id"):
+        ImageDomains.load(tmp_path / "missing")
+
+
+def _image_dataset():
+    from datasets import ClassLabel, Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(0)
+    rows = {"image": [], "label": [], "domain": []}
+    for domain in ("a", "b"):
+        for k in range(20):
+            pixels = rng.integers(0, 255, (8, 8), dtype=np.uint8)
+            rows["image"].append(PILImage.fromarray(pixels))
+            rows["label"].append(k % 2)
+            rows["domain"].append(domain)
+    features = Features({"image": Image(), "label": ClassLabel(names=["even", "odd"]),
+                         "domain": Value("string")})  # fmt: skip
+    return Dataset.from_dict(rows, features=features)

@@ -27,7 +27,7 @@ import numpy as np
 
 from hf_tae.errors import TaeError
 from hf_tae.tasks.splits import SPLIT_NAMES
-from hf_tae.utils.io import atomic_folder
+from hf_tae.utils.io import artifact_source, atomic_folder, push_folder_to_hub
 
 if TYPE_CHECKING:
     from datasets import Dataset, Features
@@ -265,16 +265,23 @@ class ImageDomains:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ImageDomains:
-        """Load a folder written by :meth:`save`."""
+    def load(cls, path_or_repo_id: str | os.PathLike, revision: str | None = None) -> ImageDomains:
+        """Load a folder written by :meth:`save`, or a Hub dataset repo pushed by
+        :meth:`push_to_hub` (downloaded at ``revision``)."""
         from datasets import load_from_disk
 
-        path = Path(path)
+        source = artifact_source(path_or_repo_id, revision)
+        if Path(source).is_dir():
+            path = Path(source)
+        else:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(source, repo_type="dataset", revision=revision))
         info_file = path / INFO_FILE
         if not info_file.is_file() or not (path / DATA_FOLDER).is_dir():
             found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "no such folder"
             raise TaeError(
-                f"{path} is not an ImageDomains folder: it needs {INFO_FILE} and {DATA_FOLDER}/ "
+                f"{source} is not an ImageDomains folder: it needs {INFO_FILE} and {DATA_FOLDER}/ "
                 f"as written by ImageDomains.save() (found: {found})."
             )
         info = json.loads(info_file.read_text())
@@ -286,6 +293,19 @@ class ImageDomains:
             description=info.get("description", ""),
             skipped=list(info.get("skipped", [])),
             info=dict(info.get("info", {})),
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload image domains with hf_tae",
+    ) -> str:
+        """Push the folder of :meth:`save` to a Hub dataset repo; returns the commit URL."""
+        return push_folder_to_hub(
+            self.save, repo_id, private=private, revision=revision, commit_message=commit_message
         )
 
     # ------------------------------------------------------------------ adapters

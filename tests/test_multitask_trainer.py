@@ -124,3 +124,29 @@ def test_single_label_metrics_match_sklearn():
         )
     assert "c_f1" not in out
     assert out["avg_accuracy"] == pytest.approx((out["a_accuracy"] + out["b_accuracy"]) / 2)
+
+
+def test_gradient_accumulation_matches_one_large_batch(small_graph, tmp_path):
+    """SIGN's loss is a batch mean: two accumulated half-batches take (up to the halves' unequal
+    numbers of selected pairs) the step of one batch, not twice it."""
+    import torch
+
+    task_set = small_graph.task_set(3)
+    params = []
+    for batch, accumulation in ((64, 1), (32, 2)):
+        torch.manual_seed(0)
+        model = _model(small_graph)
+        model.config.dropout = model.config.input_dropout = 0.0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        args = _args(tmp_path / f"b{batch}", per_device_train_batch_size=batch,
+                     gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd",
+                     learning_rate=1.0, eval_strategy="no", save_strategy="no",
+                     load_best_model_at_end=False, lr_scheduler_type="constant")  # fmt: skip
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        trainer = MultitaskTrainer(model=model, args=args, task_set=task_set)
+        trainer.train()
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]) - before)
+    full, accumulated = params
+    assert (accumulated - full).norm() < 0.1 * full.norm()  # without scaling: ≈ 1.0 × full

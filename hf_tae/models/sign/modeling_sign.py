@@ -59,6 +59,9 @@ class SignPreTrainedModel(PreTrainedModel):
     config_class = SignConfig
     base_model_prefix = "sign"
     main_input_name = "hop_features"
+    # the loss is a mean over the batch's selected pairs and ignores num_items_in_batch, so the
+    # Trainer must scale it under gradient accumulation itself
+    accepts_loss_kwargs = False
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

@@ -165,8 +165,9 @@ def test_two_processes_write_the_same_store_as_one(setup, tmp_path):
         from datasets import load_from_disk
         from transformers import AutoModel
         from hf_tae import TaskSet
-        from hf_tae.gradients.collector import GradientCollector, _process_state
-        state = _process_state()
+        from hf_tae.gradients.collector import GradientCollector
+        from hf_tae.utils.distributed import process_state
+        state = process_state()
         assert state.num_processes == int(sys.argv[2]), state.num_processes
         model = AutoModel.from_pretrained({str(tmp_path / "model")!r}).eval()
         task_set = TaskSet(load_from_disk({str(tmp_path / "nodes")!r}), task_names=model.config.task_names)

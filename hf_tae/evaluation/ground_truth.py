@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from hf_tae.errors import TaeError
 from hf_tae.estimation.schema import METRICS, RESULT_COLUMNS
+from hf_tae.utils.distributed import process_state
 from hf_tae.utils.io import atomic_write_text
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ class SubsetFineTuner:
         import pandas as pd
         from tqdm.auto import tqdm
 
-        state = _process_state()
+        state = process_state()
         # read now: every TrainingArguments resets accelerate's singleton state in place
         world, rank, local_rank = (
             state.num_processes,
@@ -318,17 +319,6 @@ def _append_line(path: Path, line: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
 
-
-def _process_state():
-    """accelerate's ``PartialState`` of the launch (CPU when asked or without CUDA)."""
-    import torch
-    from accelerate import PartialState
-
-    use_cpu = (
-        os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-        or not torch.cuda.is_available()
-    )
-    return PartialState(cpu=use_cpu)
 
 
 @contextlib.contextmanager

@@ -29,19 +29,11 @@ from hf_tae.models.scores import ScoreFunction, default_score_function
 from hf_tae.tasks.batching import Collate, default_collate, example_batches
 from hf_tae.tasks.splits import SPLIT_NAMES
 from hf_tae.tasks.taskset import TaskSet
+from hf_tae.utils.distributed import process_state
 
 logger = logging.getLogger(__name__)
 
 
-
-def _process_state():
-    from accelerate import PartialState
-
-    use_cpu = (
-        os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-        or not torch.cuda.is_available()
-    )
-    return PartialState(cpu=use_cpu)
 
 
 class GradientCollector:
@@ -162,7 +154,7 @@ class GradientCollector:
                     f"task(s) {empty} have no examples in the {split!r} split; drop them from the "
                     "selection (TaskSet.select) or collect other splits."
                 )
-        state = _process_state()
+        state = process_state()
         metadata = self.metadata(task_set, splits)
         if (
             not overwrite

@@ -86,14 +86,15 @@ def main(argv: list[str] | None = None) -> dict:
     table = SubsetFineTuner(model_init, tasks, run_args, out / "pairs", seeds=args_seeds(extra)).run(
         subsets, split="test"
     )
-    means = table.groupby([table["subset"].map(tuple), "task"])[["accuracy", "log_loss"]].mean()
+    grouped = table.groupby([table["subset"].map(tuple), "task"])[["accuracy", "log_loss"]].mean()
+    means = {key: row for key, row in grouped.iterrows()}  # (subset tuple, task) -> scores
     pairs = []
     for i in range(n):
-        alone = means.loc[((i,), i)]
+        alone = means[((i,), i)]
         for j in range(n):
             if j == i:
                 continue
-            pair = means.loc[(tuple(sorted((i, j))), i)]
+            pair = means[(tuple(sorted((i, j))), i)]
             pairs.append({
                 "target": names[i], "partner": names[j],
                 "kind": "within" if groups[i] == groups[j] else "cross",
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     strategies = {"planted groups": list(planted.values()), "all domains": [names],
                   "single domain": [[t] for t in names]}  # fmt: skip
     comparison = compare_group_training(model_init, tasks, strategies, run_args,
-                                        out / "strategies", seeds=args_seeds(extra), split="test",
+                                        out / "pairs", seeds=args_seeds(extra), split="test",
                                         show_progress=False)  # fmt: skip
     strategy_summary = summarize_group_training(comparison, reference="all domains",
                                                 metric="accuracy")  # fmt: skip

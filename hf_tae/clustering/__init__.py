@@ -1,4 +1,4 @@
-"""Step 5: group tasks by their affinity matrix (gradtae_methods.md A.5, F.19–22).
+"""Step 5: group tasks by their affinity matrix (Grad-TAE's SDP clustering, made robust).
 
 numpy in, numpy out. :func:`sdp_cluster` solves the SDP relaxation of the average-density
 objective (:func:`partition_objective`) with SCS and rounds it (k-means, always exactly k

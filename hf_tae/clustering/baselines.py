@@ -1,10 +1,10 @@
-"""Baseline task groupings to compare the SDP against (gradtae_methods.md A.5 "alternatives").
+"""Baseline task groupings to compare the SDP against (as the Grad-TAE reference code does).
 
 * :func:`spectral_cluster`: spectral clustering on (T + Tᵀ)/2, as the reference baseline;
 * :func:`kmeans_cluster`: Lloyd's k-means on the rows of T (tasks with similar affinity
   profiles group together);
-* :func:`exhaustive_cluster`: the true optimum of the A.5 objective over all partitions into
-  exactly k non-empty groups, for n ≤ 10 (the yardstick for the relaxation's quality).
+* :func:`exhaustive_cluster`: the true optimum of Grad-TAE's objective over all partitions
+  into exactly k non-empty groups, for n ≤ 10 (the yardstick for the relaxation's quality).
 
 All return exactly k non-empty groups as a :class:`~hf_tae.clustering.rounding.Grouping`
 scored on T with :func:`~hf_tae.clustering.rounding.partition_objective`.
@@ -37,11 +37,11 @@ def spectral_cluster(T: np.ndarray, k: int, seed: int = 0) -> Grouping:
     """Spectral clustering on S = (T + Tᵀ)/2 with ``affinity="precomputed"``.
 
     Spectral clustering needs nonnegative affinities, while task affinities are often negative
-    (z-normalized scores, A.4). Negatives are handled by shifting: A = S − min(S) when
-    min(S) < 0, so the most negative entry becomes 0 and the order of all entries is kept
-    (clipping at 0 would instead erase the differences among negative entries). A constant S
-    carries no structure and becomes all-ones. Labels are assigned by k-means
-    (``random_state=seed``); empty clusters are split deterministically.
+    (z-normalized scores, as Grad-TAE builds them). Negatives are handled by shifting:
+    A = S − min(S) when min(S) < 0, so the most negative entry becomes 0 and the order of all
+    entries is kept (clipping at 0 would instead erase the differences among negative
+    entries). A constant S carries no structure and becomes all-ones. Labels are assigned by
+    k-means (``random_state=seed``); empty clusters are split deterministically.
     """
     S = check_affinity(T, k, symmetrize=True)
     start = time.perf_counter()
@@ -94,7 +94,7 @@ def restricted_growth_strings(n: int, k: int) -> np.ndarray:
 
 
 def exhaustive_cluster(T: np.ndarray, k: int) -> Grouping:
-    """The exact optimum of the A.5 objective over all partitions into exactly k groups.
+    """The exact optimum of Grad-TAE's objective over all partitions into exactly k groups.
 
     Enumerates restricted growth strings (at most Bell(10) = 115,975 for n = 10) and scores
     them in vectorized batches: with one-hot V_p (n × k) per partition p, the objective is

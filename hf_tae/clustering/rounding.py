@@ -1,13 +1,13 @@
 """Partitions of tasks: input checks, the objective, the result type and the SDP roundings.
 
 Every clustering method in :mod:`hf_tae.clustering` returns a :class:`Grouping` scored with
-:func:`partition_objective`, the average-density objective of gradtae_methods.md A.5. The two
-roundings turn a relaxed SDP solution X into labels:
+:func:`partition_objective`, the average-density objective of Grad-TAE's SDP clustering (Li
+et al., KDD 2024). The two roundings turn a relaxed SDP solution X into labels:
 
-* :func:`threshold_rounding`: the reference threshold-and-scan (A.5 rounding steps 1–3),
-  kept faithful, so it may produce a number of groups other than k (F.21);
+* :func:`threshold_rounding`: the threshold-and-scan of the Grad-TAE reference code, kept
+  faithful, so it may produce a number of groups other than k;
 * :func:`kmeans_rounding`: k-means on the top-k eigenvectors of X, always exactly k non-empty
-  groups (the robust rounding (c) of F.19–22).
+  groups (a robust rounding in place of the reference's).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def check_affinity(
 ) -> np.ndarray:
     """Return T as a float64 n × n array, or raise :class:`TaeError` naming the problem and fix.
 
-    Checks: 2-D, square, finite, ``1 <= k <= n`` (F.19: the reference asks for k = 20 groups of
+    Checks: 2-D, square, finite, ``1 <= k <= n`` (the reference code asks for k = 20 groups of
     10 tasks, which is infeasible because tr X = k cannot exceed n), and, when
     ``require_symmetric``, symmetry. ``symmetrize=True`` returns ``(T + Tᵀ)/2`` instead.
     """
@@ -62,8 +62,8 @@ def check_affinity(
     n = T.shape[0]
     if k is not None and not 1 <= int(k) <= n:
         raise TaeError(
-            f"k={k} groups is impossible for n={n} tasks; pick 1 <= k <= {n} (gradtae_methods.md "
-            "F.19: the reference's k=20 on 10 tasks is infeasible since tr X = k <= n)."
+            f"k={k} groups is impossible for n={n} tasks; pick 1 <= k <= {n} (the SDP needs "
+            "tr X = k <= n)."
         )
     if symmetrize:
         return (T + T.T) / 2
@@ -92,7 +92,7 @@ def groups_from_labels(labels: np.ndarray) -> list[list[int]]:
 
 
 def partition_objective(T: np.ndarray, labels: np.ndarray) -> float:
-    """Average within-group density Σ_c v_cᵀ T v_c / |C_c| (A.5 poster objective).
+    """Average within-group density Σ_c v_cᵀ T v_c / |C_c| (Grad-TAE's objective).
 
     ``v_c`` is the 0/1 indicator of group c and ``labels[i]`` the group id of task i (any ints).
     """
@@ -133,12 +133,12 @@ def kmeans_labels(points: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def threshold_rounding(X: np.ndarray, c: float = 1.0) -> np.ndarray:
-    """The reference threshold-and-scan rounding (A.5 rounding steps 1–3), faithfully.
+    """The threshold-and-scan rounding of the Grad-TAE reference code, faithfully.
 
     1. B = X > c/n (the code uses c = 1; the poster suggests c > 1);
     2. scan rows i in order: every still-unassigned j ≥ i with B[i, j] joins a new group, and
        i joins it too if i is still unassigned;
-    3. the number of groups is not forced to k (F.21): singletons, and groups split away from
+    3. the number of groups is not forced to k: singletons, and groups split away from
        an already-assigned i, are possible. Use :func:`kmeans_rounding` for exactly k groups.
     """
     X = check_affinity(X, name="X")
@@ -159,7 +159,7 @@ def threshold_rounding(X: np.ndarray, c: float = 1.0) -> np.ndarray:
 def kmeans_rounding(X: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     """Exactly k non-empty groups from X: k-means on the rows of its top-k eigenvectors.
 
-    For an exact solution X = Σ_c v_c v_cᵀ/|C_c| (A.5) the top-k eigenvectors are constant on
+    For an exact solution X = Σ_c v_c v_cᵀ/|C_c| the top-k eigenvectors are constant on
     each group, so k-means recovers the groups; near-optimal X perturbs them only slightly.
     Rows are scaled by √λ (clipped at 0) so the embedding's Gram matrix is the best rank-k
     approximation of X. Degenerate X (identity, all-equal) can leave k-means with empty

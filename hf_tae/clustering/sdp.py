@@ -1,15 +1,16 @@
-"""Task grouping by semidefinite programming (gradtae_methods.md A.5, fixes F.19–22).
+"""Task grouping by semidefinite programming (Grad-TAE's SDP clustering, Li et al., KDD 2024).
 
 A partition into groups C_1 … C_k with 0/1 indicators v_c is scored by the average
 within-group density Σ_c v_cᵀ T v_c / |C_c|. With X = Σ_c v_c v_cᵀ / |C_c| this is ⟨T, X⟩,
-and dropping rank(X) = k gives the relaxation (A.5)::
+and dropping rank(X) = k gives Grad-TAE's relaxation::
 
     max ⟨T, X⟩  s.t.  X ⪰ 0,  X ≥ 0 (elementwise),  X·1 = 1,  tr X = k,  X = Xᵀ.
 
 The reference writes the row sums as n separate constraints tr(A_i X) = 1 (A_i all-ones in
 column i); here they are one vectorized ``X @ 1 == 1``, which avoids building n dense n × n
 matrices (1 GB at n = 500) and compiles faster: about 1.2× less time end to end at n ≤ 300
-(``benchmarks/clustering.py``), where the shared SCS solve dominates. SCS is pinned (F.22; Clarabel is much slower at this size).
+(``benchmarks/clustering.py``), where the shared SCS solve dominates. The reference code pins
+no solver; here SCS is pinned (Clarabel is much slower at this size).
 
 Scale: X has n² entries and every SCS iteration eigendecomposes an n × n matrix, so the time
 grows roughly like n³. Measured with SCS, eps = 1e-4, k = 5, on a shared 2-core CPU: n = 100
@@ -77,7 +78,7 @@ def sdp_relaxation(
     symmetrize: bool = False,
     verbose: bool = False,
 ) -> SdpSolution:
-    """Solve the A.5 relaxation with SCS and return the best X found.
+    """Solve Grad-TAE's SDP relaxation with SCS and return the best X found.
 
     ``temperature`` applies the reference's optional exp(T/temperature) preprocessing. The
     matrix is divided by its largest |entry| before solving (the maximizer is unchanged) so
@@ -158,7 +159,7 @@ def sdp_cluster(
 
     ``rounding="kmeans"`` (default) gives exactly k non-empty groups
     (:func:`~hf_tae.clustering.rounding.kmeans_rounding`); ``"threshold"`` is the reference
-    threshold-and-scan at c/n with ``c = threshold_c``, which may give ≠ k groups (F.21).
+    threshold-and-scan at c/n with ``c = threshold_c``, which may give ≠ k groups.
     T must be symmetric unless ``symmetrize=True`` ((T + Tᵀ)/2). The grouping's objective is
     scored on that T, never on exp(T/temperature). For n > ``max_sdp_size`` (None: no limit)
     the SDP would take minutes and GBs, so spectral clustering is used instead, with a warning.

@@ -1,6 +1,6 @@
 """Choosing the number of groups k by the objective's gain over a structureless null.
 
-The raw objective Σ_c v_cᵀ T v_c / |C_c| (A.5) cannot pick k by itself: it equals
+The raw objective Σ_c v_cᵀ T v_c / |C_c| (Grad-TAE's) cannot pick k by itself: it equals
 Σ_ij T_ij / n at k = 1 and tr T at k = n, and in between it rises as groups fit noise, so
 larger k always looks at least as good on a matrix with a positive diagonal. :func:`sweep_k`
 therefore compares it with the same method on *null* matrices: T with its off-diagonal

@@ -1,7 +1,7 @@
 """Step 4: the n × n task-affinity matrix from per-subset, per-task scores.
 
 ``T[i, j]`` says how well task i does when trained together with task j. Two constructions
-(gradtae_methods.md A.4):
+(Grad-TAE, Li et al. 2024):
 
 * higher-order (``pairwise=False``): for each target task i, its metric ``m_i(S)`` over every
   subset S ∋ i (negated for losses) is z-normalized within task i,
@@ -108,7 +108,7 @@ class AffinityMatrix:
         ``higher_is_better`` defaults to False for the metrics in :data:`LOSS_METRICS`; losses
         are negated either way, so a higher ``T[i, j]`` always means task i does better with j.
         ``normalize`` (higher-order only): z-normalize each target task's metric before
-        averaging (A.4, the reference notebook; default) or average the raw (sign-adjusted)
+        averaging (Grad-TAE's reference notebook; default) or average the raw (sign-adjusted)
         metric (the poster's formula). Pairwise matrices are always raw. ``kind`` defaults to
         ``"pairwise"`` or ``"estimated"``. ``provenance`` records ``normalized``.
         """
@@ -171,7 +171,7 @@ class AffinityMatrix:
             "symmetrized": symmetrize,
             "zero_diagonal": zero_diagonal,
             "num_subsets": int(results["subset_id"].nunique()),
-            "formula": "gradtae_methods.md A.4",
+            "formula": "Grad-TAE task affinity (Li et al., KDD 2024)",
             **dict(provenance or {}),
         }
         kind = kind or ("pairwise" if pairwise else "estimated")
@@ -183,9 +183,9 @@ class AffinityMatrix:
         """Entry-wise mean of matrices over the same tasks, ignoring NaN entries (pairs a member
         never covered); counts add up and the result tables are stacked with a ``member`` column.
 
-        For ensembles: estimates from several meta-initializations or projections (A.6: the run
-        index selects the checkpoint and the projection) are averaged after each was z-scored
-        on its own, so one θ0's offsets do not leak into another's.
+        For ensembles: estimates from several meta-initializations or projections (as in
+        Grad-TAE, whose run index selects the checkpoint and the projection) are averaged after
+        each was z-scored on its own, so one θ0's offsets do not leak into another's.
         """
         import pandas as pd
 
@@ -342,7 +342,7 @@ class AffinityMatrix:
             f"# Task affinity matrix ({self.kind})\n\n"
             f"{len(self.task_names)} tasks. `affinity`: one row per (task, other) with the value "
             "T[task, other] and the number of subsets it averages; `subsets`: the per-(subset, "
-            "task) results it was computed from (gradtae_methods.md A.4).\n\n"
+            "task) results it was computed from (Grad-TAE, Li et al., KDD 2024).\n\n"
             f"![heatmap]({HEATMAP_FILE})\n\n"
             "Load with `hf_tae.estimation.AffinityMatrix.load(path_or_repo_id)`.\n\n"
             f"Provenance:\n\n```json\n{json.dumps(self.provenance, indent=2, sort_keys=True, default=str)}\n```\n"

@@ -1,12 +1,12 @@
 """How close estimated affinities and subset scores are to the fine-tuned ground truth.
 
-The Grad-TAE abstract reports a "distance to true affinities", most likely a relative
-Frobenius distance ‖T̂ − T‖_F / ‖T‖_F (gradtae_methods.md A.4, marked [verify]); rank
-agreement (Spearman) matters as much, since clustering (A.5) only needs the ordering to be
-right. :func:`compare_affinities` reports both on matrices, :func:`compare_results` on the
+The Grad-TAE abstract (Li et al., KDD 2024) reports a "distance to true affinities", most
+likely a relative Frobenius distance ‖T̂ − T‖_F / ‖T‖_F (the abstract does not define it); rank
+agreement (Spearman) matters as much, since Grad-TAE's SDP clustering only needs the ordering
+to be right. :func:`compare_affinities` reports both on matrices, :func:`compare_results` on the
 per-(subset, task) scores they are built from.
 
-Which matrix the distance is taken on matters: on the z-normalized matrices of A.4 (the
+Which matrix the distance is taken on matters: on the z-normalized matrices of Grad-TAE (the
 default of :meth:`AffinityMatrix.from_results`) relF is scale-free, while on raw-metric
 matrices (``normalize=False``, the poster's formula) it is dominated by each task's metric
 level, and a metric near its ceiling (accuracy ≈ 0.98) gives a small relF to any matrix with
@@ -46,8 +46,8 @@ def compare_affinities(
 ) -> dict[str, float | int]:
     """Distance and rank agreement of ``estimated`` to ``true`` over the entries finite in both.
 
-    Off-diagonal entries only unless ``include_diagonal`` (A.4 zeroes the diagonal before
-    clustering). Returns ``relative_frobenius`` ‖T̂ − T‖_F / ‖T‖_F, ``mean_abs_error``,
+    Off-diagonal entries only unless ``include_diagonal`` (Grad-TAE zeroes the diagonal
+    before clustering). Returns ``relative_frobenius`` ‖T̂ − T‖_F / ‖T‖_F, ``mean_abs_error``,
     ``spearman``, ``pearson`` and ``num_entries``. Task names must match in order.
     """
     if list(estimated.task_names) != list(true.task_names):

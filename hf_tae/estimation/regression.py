@@ -1,7 +1,7 @@
 """Step 3: estimate the model fine-tuned on a subset S of tasks, without training it.
 
 For a subset S the estimator fits ``w_S`` on the stored training rows of the tasks in S
-(gradtae_methods.md A.3, A.8)::
+(Grad-TAE, Li et al., KDD 2024)::
 
     minimize_w  Σ_{e ∈ train(S)} loss(y_e, s_e(θ0) + z_e·w) + λ‖w‖²/2
 
@@ -13,11 +13,11 @@ of each example's gold answer (classifiers and language models, ``label_kind="go
 Two modes:
 
 * ``"principled"``: the offsets ``s_e(θ0)`` are part of the linear model, no intercept
-  (gradtae_methods.md A.8, F.6).
-* ``"paper"``: what the reference code does (A.3): no offset, a fitted and unpenalized
+  (the Grad-TAE reference code ignores the offsets and drops its intercept).
+* ``"paper"``: what the Grad-TAE reference code does: no offset, a fitted and unpenalized
   intercept that is dropped afterwards, sklearn's ``C`` (``λ = 1/C``, loss summed), the
-  optional "one-class" trick (F.31) and optional rescaling of ``‖Δθ‖``. Unlike the reference it
-  uses all training rows, not the first 80% (F.4).
+  optional "one-class" trick (which adds label noise) and optional rescaling of ``‖Δθ‖``.
+  Unlike the reference it uses all training rows, not the first 80%.
 
 Solver: batched inexact Newton (Newton-CG) with an Armijo line search, started from
 statistics. Every subset starts at ``w = 0``, where a row's margin does not depend on the
@@ -80,14 +80,15 @@ class RegressionEstimator:
         loss: ``"logistic"`` (default) or ``"squared"`` (closed form).
         l2: λ of ``λ‖w‖²/2`` with the loss summed over rows. Default 1.0 in principled mode.
         C: sklearn's inverse regularization (``λ = 1/C``); give ``l2`` or ``C``, not both.
-            Default in paper mode: ``C = 1e-2`` (A.3, graph and text).
+            Default in paper mode: ``C = 1e-2`` (Grad-TAE's graph and text code).
         mode: ``"principled"`` or ``"paper"`` (see the module docstring).
-        one_class: paper mode only: the "one-class" trick of A.3, i.e. random Bernoulli(0.7)
-            labels ``r`` and features ``(2r − 1)·y·z`` (``y`` the ±1 label: all +1 when the
-            score is already a gold log-odds).
-        rescale_norm: paper mode only: rescale every ``Δθ = P w`` to this L2 norm (A.3 image: 2).
+        one_class: paper mode only: the "one-class" trick of the Grad-TAE code, i.e. random
+            Bernoulli(0.7) labels ``r`` and features ``(2r − 1)·y·z`` (``y`` the ±1 label: all
+            +1 when the score is already a gold log-odds).
+        rescale_norm: paper mode only: rescale every ``Δθ = P w`` to this L2 norm (Grad-TAE's
+            image code: 2).
         rescale_fraction: paper mode only: rescale ``‖Δθ‖`` to this fraction of
-            ``theta0_norm`` (A.7 text), which must then be given.
+            ``theta0_norm`` (as in Grad-TAE's text check), which must then be given.
         theta0_norm: ``‖θ0‖`` over the differentiated parameters, for ``rescale_fraction``.
         norm: how ``‖Δθ‖`` is measured for rescaling: ``"lift"`` computes ``‖P w‖`` exactly by
             lifting through the store's projector (needs ``metadata["projector"]``); ``"w"``
@@ -264,8 +265,9 @@ class RegressionEstimator:
         """``w`` ``[num_subsets, d]`` (``dtype``, on ``device``), one row per subset.
 
         Subsets are lists of task ids or names. In paper mode the fitted intercepts are
-        dropped (A.3 step 3); ``return_intercept=True`` also returns them ``[num_subsets]``
-        (zeros in principled mode). Rescaling (paper mode) is applied to the returned ``w``.
+        dropped (as the reference code does); ``return_intercept=True`` also returns them
+        ``[num_subsets]`` (zeros in principled mode). Rescaling (paper mode) is applied to the
+        returned ``w``.
         """
         canon = self.canonical(subsets)
         member = self._membership(canon)
@@ -458,7 +460,7 @@ class RegressionEstimator:
         return step, steps
 
     def _rescale(self, w: torch.Tensor) -> torch.Tensor:
-        """Paper mode: ``Δθ`` rescaled to ``rescale_norm`` or ``rescale_fraction·‖θ0‖`` (A.3, A.7)."""
+        """Paper mode: ``Δθ`` rescaled to ``rescale_norm`` or ``rescale_fraction·‖θ0‖``."""
         target = self.rescale_norm
         if self.rescale_fraction is not None:
             target = self.rescale_fraction * float(self.theta0_norm)
@@ -485,8 +487,8 @@ class RegressionEstimator:
     ) -> pd.DataFrame:
         """Per-(subset, task) scores of the linearized model ``s_e(θ0) + z_e·w_S``.
 
-        One row per subset and target task (``targets="subset"``: the tasks of S, as A.3 and
-        A.4 use; ``"all"``: every task) with columns ``subset_id``, ``subset`` (task ids),
+        One row per subset and target task (``targets="subset"``: the tasks of S, as Grad-TAE
+        uses; ``"all"``: every task) with columns ``subset_id``, ``subset`` (task ids),
         ``task``, ``task_name``, ``num_rows``, ``f1`` (positive when logit > 0), ``accuracy``
         and ``log_loss`` (mean ``softplus(−y·logit)``), the columns of
         :data:`~hf_tae.estimation.schema.RESULT_COLUMNS`. With ``label_kind="gold"`` the logit is
@@ -545,7 +547,7 @@ class RegressionEstimator:
 
     # ------------------------------------------------------------------ parameter space
     def lift(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``Δθ = P w`` as ``{parameter name: tensor}`` through the store's projector (A.3 step 4).
+        """``Δθ = P w`` as ``{parameter name: tensor}`` through the store's projector.
 
         ``θ_S = θ0 + Δθ``; see :func:`apply_delta` to evaluate it with a real forward pass.
         """
@@ -686,7 +688,8 @@ def apply_delta(
 
     ``delta`` maps parameter names (``model.named_parameters()``) to tensors of the parameter's
     shape, e.g. :meth:`RegressionEstimator.lift`. The originals are copied and put back (not
-    subtracted), so θ0 is restored bit for bit even when an exception escapes (F.9).
+    subtracted), so θ0 is restored bit for bit even when an exception escapes (the
+    first-order check of the Grad-TAE graph code never restores θ0).
     """
     params = dict(model.named_parameters())
     unknown = sorted(set(delta) - set(params))

@@ -1,7 +1,7 @@
 """Which task subsets to estimate: uniform samples, all pairs, adaptive cluster-plus-new samples.
 
-Subsets are canonical sorted tuples: tasks given as ints sort numerically (the reference
-sorted ids as strings, so "10" < "2"; gradtae_methods.md A.4, F.8), tasks given as names
+Subsets are canonical sorted tuples: tasks given as ints sort numerically (the Grad-TAE
+reference code sorted ids as strings, so "10" < "2"), tasks given as names
 keep the order of the ``tasks`` list. Sampling is seeded and never repeats a subset.
 """
 
@@ -95,7 +95,7 @@ def sample_subsets(
     include: Iterable[Task] | None = None,
     exclude_existing: Iterable[Iterable[Task]] | None = None,
 ) -> list[tuple[Task, ...]]:
-    """``num_subsets`` distinct uniformly drawn task subsets (gradtae_methods.md A.4).
+    """``num_subsets`` distinct uniformly drawn task subsets (as in Grad-TAE).
 
     Each subset has a size drawn uniformly from ``size`` (``k`` or ``(min, max)``) and its
     tasks drawn uniformly without replacement; ``include`` tasks are in every subset (and
@@ -131,7 +131,7 @@ def sample_subsets(
 
 
 def all_pairs(tasks: int | Sequence[Task]) -> list[tuple[Task, Task]]:
-    """Every pair of tasks once, in canonical order (the pairwise affinity of A.4)."""
+    """Every pair of tasks once, in canonical order (Grad-TAE's pairwise affinity)."""
     return list(itertools.combinations(_universe(tasks), 2))
 
 
@@ -143,7 +143,7 @@ def sample_adaptive(
     seed: int = 0,
     exclude_existing: Iterable[Iterable[Task]] | None = None,
 ) -> list[tuple[Task, ...]]:
-    """Adaptive sampling of approximate clustering (gradtae_methods.md B.1).
+    """Adaptive sampling of approximate clustering for multi-instruction tuning.
 
     Each draw picks one current cluster uniformly and samples the subset from that cluster
     plus the ``new_tasks`` (tasks in no cluster yet), so affinities are estimated only between

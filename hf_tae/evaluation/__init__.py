@@ -1,5 +1,5 @@
 """Code that runs real models: ground truth by subset fine-tuning, group training, lifted
-scoring of estimates and the first-order (A.7) check."""
+scoring of estimates and Grad-TAE's check of its first-order approximation."""
 
 from hf_tae.evaluation.first_order import first_order_check, parameter_delta, score_jvp
 from hf_tae.evaluation.ground_truth import SubsetFineTuner, average_seeds

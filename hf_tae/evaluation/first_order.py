@@ -1,13 +1,16 @@
-"""How good is the first-order (linearized) model that Grad-TAE relies on? (gradtae_methods.md A.7)
+"""How good is the first-order (linearized) model that Grad-TAE relies on?
 
-Grad-TAE scores a subset S with ``s_e(θ0 + Δ) ≈ s_e(θ0) + ∇s_e(θ0)·Δ`` (A.3). A.7 checks that
-on a really fine-tuned ``θ_ft``: ``Δ = θ_ft − θ0`` is rescaled to several norms (graph:
-‖Δ‖ ∈ {10, …, 1} on the non-head parameters; text: fractions 0.01…0.10 of ‖θ0‖), and for each
-the relative error of the linearization, averaged over examples, is::
+Grad-TAE ("Scalable Multitask Learning Using Gradient-based Estimation of Task Affinity",
+Li et al., KDD 2024) scores a subset S with ``s_e(θ0 + Δ) ≈ s_e(θ0) + ∇s_e(θ0)·Δ``. Its
+reference code checks that on a really fine-tuned ``θ_ft``: ``Δ = θ_ft − θ0`` is rescaled to
+several norms (graph: ‖Δ‖ ∈ {10, …, 1} on the non-head parameters; text: fractions
+0.01…0.10 of ‖θ0‖), and for each the relative error of the linearization, averaged over
+examples, is::
 
     mean_e [(s_e(θ0) + ∇s_e(θ0)·Δ − s_e(θ0 + Δ)) / max(|s_e(θ0 + Δ)|, |s_e(θ0)|)]²
 
-GradEx reports the same ratio without the gradient term (a zeroth-order baseline).
+GradEx (Li et al., EMNLP Findings 2024) reports the same ratio without the gradient term (a
+zeroth-order baseline).
 
 Unlike the reference this module
 
@@ -16,8 +19,8 @@ Unlike the reference this module
   independent of the gradient store and of the projection;
 * evaluates ``θ0 + Δ`` under :func:`~hf_tae.estimation.regression.apply_delta`, which puts θ0
   back bit for bit afterwards (the reference loads ``θ_ft`` in its batch loop and never
-  restores θ0, so every batch after the first measures the wrong point, F.9);
-* runs the model in eval mode (no dropout in the scores, F.1).
+  restores θ0, so every batch after the first measures the wrong point);
+* runs the model in eval mode (the reference keeps dropout on in the scores).
 
 The scores are those of :class:`~hf_tae.gradients.collector.GradientCollector`: the same
 ``score_fn`` (default :class:`~hf_tae.models.scores.TaskLogitScore`, the logit of each
@@ -62,7 +65,7 @@ def parameter_delta(
     ``theta_ft`` is the fine-tuned model or its state dict (a ``state_dict()`` or
     ``named_parameters()`` mapping; extra buffers are ignored). Patterns work as in
     :class:`~hf_tae.gradients.capture.ProjectedGradientCapture` (substring or regex), e.g.
-    ``exclude="head"`` for A.7's "non-head parameters only". Tensors are detached, in the
+    ``exclude="head"`` for Grad-TAE's "non-head parameters only". Tensors are detached, in the
     parameter's dtype and on its device.
     """
     from hf_tae.gradients.capture import select_parameters
@@ -230,7 +233,7 @@ def _scores_at(
 
 
 def _relative_sq(numerator: np.ndarray, s_new: np.ndarray, s0: np.ndarray) -> float:
-    """Mean of ``[numerator / max(|s_new|, |s0|)]²`` (A.7); 0/0 counts as 0."""
+    """Mean of ``[numerator / max(|s_new|, |s0|)]²`` (Grad-TAE's ratio); 0/0 counts as 0."""
     denom = np.maximum(np.abs(s_new), np.abs(s0))
     ratio = np.divide(numerator, denom, out=np.zeros_like(numerator), where=denom > 0)
     ratio[(denom == 0) & (numerator != 0)] = np.inf
@@ -266,7 +269,7 @@ def first_order_check(
     max_examples: int | None = None,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """A.7's check of the first-order approximation around ``model`` (θ0) towards ``theta_ft``.
+    """Grad-TAE's first-order approximation check around ``model`` (θ0) towards ``theta_ft``.
 
     Args:
         model: θ0, e.g. the meta-initialization the gradients were collected at.
@@ -274,18 +277,18 @@ def first_order_check(
         task_set: the examples are the (row, task) pairs of ``split``, as the collector's.
         score_fn: the per-example score (default :class:`~hf_tae.models.scores.TaskLogitScore`
             for models with ``config.num_tasks``).
-        norms: rescale ``Δ = θ_ft − θ0`` to these L2 norms (default: A.7 graph, 10, 9, …, 1).
+        norms: rescale ``Δ = θ_ft − θ0`` to these L2 norms (default: Grad-TAE graph, 10, …, 1).
         fractions: instead, rescale ``‖Δ‖`` to these fractions of ``‖θ0‖`` over the same
-            parameters (A.7 text: :data:`TEXT_FRACTIONS`).
+            parameters (Grad-TAE text: :data:`TEXT_FRACTIONS`).
         include, exclude: which trainable parameters Δ moves (patterns as in
             :class:`~hf_tae.gradients.capture.ProjectedGradientCapture`); the rest stay at θ0.
-            A.7 graph: ``exclude="head"`` (SIGN's output layer).
+            Grad-TAE graph: ``exclude="head"`` (SIGN's output layer).
         batch_size: examples per forward pass.
         collate_fn: ``(task_set, rows) -> model inputs`` (default: the input columns).
         max_examples: score a seeded uniform sample of this many examples instead of all.
 
     Returns one row per norm with ``norm`` (‖Δ‖ used), ``fraction`` (``norm / ‖θ0‖``),
-    ``first_order_error`` (the A.7 ratio), ``zeroth_order_error`` (the same without
+    ``first_order_error`` (Grad-TAE's ratio), ``zeroth_order_error`` (the same without
     ``∇s·Δ``, GradEx's baseline) and ``num_examples``. θ0 is restored exactly afterwards.
     """
     import pandas as pd

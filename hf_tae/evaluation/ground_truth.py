@@ -1,10 +1,11 @@
 """Ground-truth subset scores by really fine-tuning a model on each task subset.
 
-Grad-TAE estimates the fine-tuned model of every subset S from gradients (A.3); its reference
-("true") affinities come from actually training on S (gradtae_methods.md A.4: the
-``train_sample_tasks.py`` → ``train_node_pred_multitask.py --task_idxes S`` loop; B.1 for
-2–3 seeds per subset). :class:`SubsetFineTuner` runs that loop with
-:class:`~hf_tae.MultitaskTrainer` and returns a table with the columns of
+Grad-TAE (Li et al., KDD 2024) estimates the fine-tuned model of every subset S from
+gradients; its reference ("true") affinities come from actually training on S (in its code,
+the ``train_sample_tasks.py`` → ``train_node_pred_multitask.py --task_idxes S`` loop; the
+approximate clustering for multi-instruction tuning uses 2–3 seeds per subset).
+:class:`SubsetFineTuner` runs that loop with :class:`~hf_tae.MultitaskTrainer` and returns a
+table with the columns of
 :meth:`RegressionEstimator.evaluate <hf_tae.RegressionEstimator.evaluate>`, so
 :meth:`AffinityMatrix.from_results <hf_tae.AffinityMatrix.from_results>` builds T from either.
 
@@ -64,13 +65,13 @@ COLUMNS = RESULT_COLUMNS
 
 
 class SubsetFineTuner:
-    """Fine-tune a fresh model on each task subset and score it per task (ground truth, A.4).
+    """Fine-tune a fresh model on each task subset and score it per task (Grad-TAE's ground truth).
 
     Args:
         model_init: returns the model to fine-tune, called once per (subset, seed) right after
             ``transformers.set_seed(seed)``. The caller decides what "fresh" means: from
-            scratch (A.4 re-initialises), or a meta-initialization θ0 with or without a head
-            reset (A.4: ``--load_model_dir`` minus the final head layer).
+            scratch (Grad-TAE's code re-initialises), or a meta-initialization θ0 with or
+            without a head reset (Grad-TAE's ``--load_model_dir`` minus the final head layer).
         task_set: the tasks; subsets name its tasks by name or global id.
         args: training arguments, copied per run with ``output_dir`` under
             ``output_dir/runs/``, ``seed`` = the run seed, ``tasks=None`` (the subset is
@@ -78,7 +79,8 @@ class SubsetFineTuner:
         output_dir: holds ``results.jsonl`` (one JSON line per finished (subset, seed)).
             Reuse it only with the same ``model_init``, ``task_set`` and ``args``: finished
             runs are keyed by (subset, seed, split) alone.
-        seeds: one run per seed and subset (B.1 uses 2–3).
+        seeds: one run per seed and subset (approximate clustering for multi-instruction
+            tuning uses 2–3).
     """
 
     def __init__(
@@ -366,7 +368,8 @@ def _single_process_accelerate(local_rank: int) -> Iterator[None]:
 
 def average_seeds(table: pd.DataFrame) -> pd.DataFrame:
     """One row per (subset, task): the metrics of :meth:`SubsetFineTuner.run` averaged over
-    seeds, with ``num_seeds`` instead of ``seed`` (B.1 averages 2–3 seeded runs)."""
+    seeds, with ``num_seeds`` instead of ``seed`` (approximate clustering for multi-instruction
+    tuning averages 2–3 seeded runs)."""
     keys = ["subset_id", "task"]
     first = table.groupby(keys, sort=True)[["subset", "task_name", "num_rows"]].first()
     means = table.groupby(keys, sort=True)[list(METRICS)].mean()

@@ -1,8 +1,8 @@
 """Step 6: train one model per task group and compare with other ways of splitting the tasks.
 
-After clustering (gradtae_methods.md A.5, last line: "one multitask model is trained per
-group"), the question a user asks is whether the groups pay off: is every task better served
-by its group's model than by one model on all tasks, or by a model of its own? This module
+After clustering, Grad-TAE (Li et al., KDD 2024) trains one multitask model per group; the
+question a user asks is whether the groups pay off: is every task better served by its
+group's model than by one model on all tasks, or by a model of its own? This module
 answers it with real training. Every strategy is a partition of the tasks (the groups, all
 tasks in one group, every task alone, the planted groups when known); each distinct subset is
 trained once per seed by :class:`~hf_tae.SubsetFineTuner`, so the runs are resumable and shared

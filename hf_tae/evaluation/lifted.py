@@ -1,19 +1,20 @@
-"""Score the estimated models ``θ_S = θ0 + P w_S`` with a real forward pass (gradtae_methods.md A.3).
+"""Score the estimated models ``θ_S = θ0 + P w_S`` with a real forward pass (Grad-TAE).
 
 :meth:`RegressionEstimator.evaluate <hf_tae.RegressionEstimator.evaluate>` scores the
-*linearized* model ``s_e(θ0) + z_e·w_S`` from the gradient store alone. The reference code
-instead lifts ``w_S`` to parameter space and evaluates the network there (A.3 steps 4–7:
-``Δθ = P w``, ``θ_S = θ0 + Δθ``, evaluated "directly, with no training"). The two agree when
-the model is linear in its parameters along ``Δθ``; how far they differ otherwise is the
-first-order error of A.7 (see :mod:`hf_tae.evaluation.first_order`).
+*linearized* model ``s_e(θ0) + z_e·w_S`` from the gradient store alone. The Grad-TAE
+reference code (Li et al., KDD 2024) instead lifts ``w_S`` to parameter space and evaluates the
+network there (``Δθ = P w``, ``θ_S = θ0 + Δθ``, evaluated directly, with no training). The two
+agree when the model is linear in its parameters along ``Δθ``; how far they differ otherwise
+is Grad-TAE's first-order error (see :mod:`hf_tae.evaluation.first_order`).
 
-:func:`evaluate_lifted` does steps 4–7 for many subsets: for each S it applies
+:func:`evaluate_lifted` does this lift-and-evaluate for many subsets: for each S it applies
 ``Δθ = estimator.lift(w_S)`` with :func:`~hf_tae.estimation.regression.apply_delta` (θ0 is put
-back bit for bit afterwards, F.9), runs the model in eval mode without gradients on the
+back bit for bit afterwards), runs the model in eval mode without gradients on the
 ``split`` examples of the tasks in S, and returns the table of ``evaluate`` with the same
 columns and metric definitions (F1 and accuracy with "logit > 0", log-loss
 ``mean softplus(−y·logit)`` with ``y = ±1``). ``exclude`` leaves matching parameters at θ0,
-as the graph variant of A.3 does with its head (``project.*``; ``"head"`` for SIGN), F.5.
+as Grad-TAE's graph code does with its head (``project.*``; ``"head"`` for SIGN), although
+its features include the head's gradients.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def evaluate_lifted(
     collate_fn: Collate | None = None,
     show_progress: bool = True,
 ) -> pd.DataFrame:
-    """Per-(subset, task) scores of the real model at ``θ0 + P w_S`` (A.3 steps 4–7).
+    """Per-(subset, task) scores of the real model at ``θ0 + P w_S`` (as Grad-TAE evaluates).
 
     Args:
         estimator: the estimator that fitted ``w`` (its store's projector lifts ``w``).
@@ -90,8 +91,8 @@ def evaluate_lifted(
         w: ``[len(subsets), d]``, e.g. ``estimator.fit(subsets)``.
         split: the examples scored (``validation`` or ``test``, or ``train``).
         batch_size: examples per forward pass.
-        exclude: parameter-name patterns whose ``Δθ`` is dropped (left at θ0); A.3 graph
-            leaves the head at θ0 (``exclude="head"`` for SIGN).
+        exclude: parameter-name patterns whose ``Δθ`` is dropped (left at θ0); Grad-TAE's
+            graph code leaves the head at θ0 (``exclude="head"`` for SIGN).
         score_fn: the logit scored (default: the store's recorded score when it is
             :class:`~hf_tae.models.scores.TaskLogitScore`, the logit of each example's own task,
             else ``TaskLogitScore()`` for models with ``config.num_tasks``).

@@ -1,4 +1,4 @@
-"""Per-example gradient capture and seeded random projections (Grad-TAE notes A.2)."""
+"""Per-example gradient capture and seeded random projections (Grad-TAE)."""
 
 from hf_tae.gradients.capture import ProjectedGradientCapture, select_parameters
 from hf_tae.gradients.projection import (

@@ -1,17 +1,18 @@
-"""Projected per-example gradients of a batch from one backward pass (gradient_projection.md D1).
+"""Projected per-example gradients of a batch from one backward pass, with module hooks.
 
 :class:`ProjectedGradientCapture` hooks the modules that own the selected parameters
-(kronfluence/Bergson style, A4/A7). During the caller's forward pass a forward hook records
-what each call needs; :meth:`ProjectedGradientCapture.per_example` then runs one backward of
-``scores.sum()`` and the output-gradient hooks turn each call's ``(input, output gradient)``
-into per-example projected features, so nothing of size ``B × D`` is ever formed on the
-factored path. Each parameter takes one of three paths (recorded in ``capture.paths``):
+(in the style of kronfluence, Bae et al., and Bergson, EleutherAI). During the caller's
+forward pass a forward hook records what each call needs;
+:meth:`ProjectedGradientCapture.per_example` then runs one backward of ``scores.sum()`` and
+the output-gradient hooks turn each call's ``(input, output gradient)`` into per-example
+projected features, so nothing of size ``B × D`` is ever formed on the factored path. Each
+parameter takes one of three paths (recorded in ``capture.paths``):
 
 ``"factored"`` (``kind="factored"``; weights and biases of ``nn.Linear``, GPT-2's ``Conv1D``,
     peft's ``lora_A``/``lora_B`` linears, ``nn.Embedding`` weights, and ``nn.Conv1d``/
     ``nn.Conv2d``/``nn.Conv3d``)
     The forward hook stores ``x @ P_in`` (a row lookup for an embedding); the gradient hook
-    forms ``Σ_t (P_outᵀ g_t)(P_inᵀ x_t)ᵀ`` per example (LoGra, A3/D1.2) and the bias feature
+    forms ``Σ_t (P_outᵀ g_t)(P_inᵀ x_t)ᵀ`` per example (LoGra, Choe et al.) and the bias feature
     ``Σ_t g_t`` (projected by the bias's own stage-1 block). No ``[out, in]`` tensor exists.
     A convolution is the same sum over output positions ``p``, with ``x_p`` the input patch
     (``F.unfold`` order, matching the weight viewed as ``[C_out, C_in/groups·kh·kw]``) and
@@ -22,14 +23,14 @@ factored path. Each parameter takes one of three paths (recorded in ``capture.pa
 ``"exact"`` (every parameter of ``kind="dense"``; other parameters of leaf modules, e.g.
     norms, PReLU, transposed convolutions, convolution subclasses that override ``forward``)
     The gradient hook recomputes the module on its saved inputs with ``torch.func``
-    (``vmap`` over examples of ``vjp``, A5) to get exact per-example gradients of the module's
+    (``vmap`` over examples of ``vjp``) to get exact per-example gradients of the module's
     own parameters, which are then projected (Kronecker stage-1 blocks for matrices in
     factored mode, dense JL otherwise). Only that module's gradients exist at a time. A batch
     norm on running statistics (eval mode) is a per-channel affine map: its per-example
     ``Σ g x̂`` and ``Σ g`` are formed directly, without ``torch.func``.
 ``"loop"`` (parameters owned by modules that have children, e.g. a class token)
-    One ``torch.autograd.grad`` of ``s_e`` per example (LESS's way, A2) on those parameters
-    only. Slow; exclude such parameters when they do not matter.
+    One ``torch.autograd.grad`` of ``s_e`` per example (LESS's way, Xia et al.) on those
+    parameters only. Slow; exclude such parameters when they do not matter.
 
 A weight tied between modules (GPT-2's ``wte``/``lm_head``) is handled by each module for
 its own use and the contributions add up; its path joins the uses (``"exact+factored"``).
@@ -41,7 +42,7 @@ example from its output gradient; it is handled by one backward per example to t
 leading size may equal the batch size by chance. Pass batched inputs (``position_ids`` of
 shape ``[B, T]``, ``decoder_input_ids``) to avoid it.
 
-To skip the weight-gradient GEMMs (kronfluence PR #15, D1.3) every parameter except those
+To skip the weight-gradient GEMMs (as kronfluence does) every parameter except those
 on the loop path has ``requires_grad=False`` inside the context; a hooked module whose
 output would not require grad gets a zero-valued root tensor added, so autograd still
 reaches the hooks. Inputs of the model that require grad are detached: the capture
@@ -235,7 +236,7 @@ def per_example_module_grads(
     ``cotangents[e]`` is ``∂s_e/∂output``. For a batched call, example ``e`` is the module
     applied to row ``e`` of every input whose dimension 0 is the batch (kept as a batch of
     one, so modules that need a batch axis work); for an unbatched call the inputs are shared
-    and only the cotangent varies. Uses ``torch.func`` ``vjp`` under ``vmap`` (A5), except
+    and only the cotangent varies. Uses ``torch.func`` ``vjp`` under ``vmap``, except
     for batch norm on running statistics, a per-channel affine map whose gradients have a
     closed form (:func:`batch_norm_eval_grads`).
     """
@@ -586,7 +587,7 @@ class ProjectedGradientCapture:
         return [name for name in names if name is not None]
 
     def _project_inputs(self, plan: _ModulePlan, args: tuple, kwargs: dict) -> torch.Tensor:
-        """``x @ P_in`` flattened to ``[N, k_in]`` (D1.2); the raw activation is not kept.
+        """``x @ P_in`` flattened to ``[N, k_in]`` (as in LoGra); the raw activation is not kept.
 
         For an embedding ``x`` is one-hot, so ``x @ P_in`` is a row lookup in ``P_in``
         (zero at ``padding_idx``, which receives no gradient).
@@ -654,7 +655,7 @@ class ProjectedGradientCapture:
     def _accumulate_factored(self, call: _Call, grads: torch.Tensor) -> None:
         """Kronecker features ``Σ_t (P_outᵀ g_t)(P_inᵀ x_t)ᵀ`` and bias features ``Σ_t g_t``.
 
-        ``grads`` is ``[B, T, out]`` (gradient_projection.md A3, D1.2; C for the cost).
+        ``grads`` is ``[B, T, out]`` (LoGra's factored projection, Choe et al. 2024).
         """
         plan, dtype = call.plan, self._stage1.dtype
         if plan.bias is not None:
@@ -819,7 +820,7 @@ class ProjectedGradientCapture:
     def lift(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """``Δθ = P w``: ``[output_dim]`` -> ``{name: tensor shaped like the parameter}``.
 
-        The adjoint of the projection (gradtae_methods.md A.3 step 4); tensors are in ``w``'s
+        The adjoint of the projection (Grad-TAE's lift to parameter space); tensors are in ``w``'s
         dtype, on their parameter's device.
         """
         delta = self.projector.lift(w)

@@ -2,7 +2,9 @@
 
 For every (row, task) example of the chosen splits, :class:`GradientCollector` runs the model
 in eval mode, takes the per-example score s_e(θ0) and its projected gradient
-z_e = Pᵀ∇s_e(θ0) (Grad-TAE notes A.2, with the fixes F.1, F.2, F.11, F.32), and appends them
+z_e = Pᵀ∇s_e(θ0) as Grad-TAE (Li et al., KDD 2024) does, except that its reference code
+collects in train mode (dropout on), for the first 10 tasks only, unprojected, and with a
+Python loop of ``autograd.grad`` per example. It appends them
 to a :class:`~hf_tae.gradients.store.GradientStore` shard by shard, so an interrupted run
 resumes where it stopped. Under ``accelerate launch``/``torchrun`` each process takes every
 ``world_size``-th pending example (no DDP wrapper is needed: nothing is all-reduced) and the
@@ -103,7 +105,7 @@ class GradientCollector:
         self.skipped: list[dict[str, Any]] = []
 
     def metadata(self, task_set: TaskSet, splits: Sequence[str]) -> dict[str, Any]:
-        """What the store records and checks on resume and load (ARCHITECTURE.md §3)."""
+        """What the store records and checks on resume and load."""
         from hf_tae import __version__
 
         return {

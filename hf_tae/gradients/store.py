@@ -3,7 +3,7 @@
 One row per example e = (row of the source dataset, task): ``task`` (int64), ``example_id``
 (int64), ``split`` ("train" / "validation" / "test"), ``label`` (float32), ``score`` (float32,
 s_e(θ0)) and ``grad`` (float32[d], the projected gradient z_e), plus a JSON metadata dict saying
-how the gradients were made (ARCHITECTURE.md §3). Layout of a store folder::
+how the gradients were made. Layout of a store folder::
 
     gradient_store.json                  format, dim, finished flag, rows and files per split
     metadata.json                        the caller's metadata, verbatim (after a JSON round trip)

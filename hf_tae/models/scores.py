@@ -1,4 +1,4 @@
-"""Per-example scalar scores s_e(θ) whose gradients Grad-TAE projects (notes A.2).
+"""Per-example scalar scores s_e(θ) whose gradients Grad-TAE projects.
 
 A score function maps a model's outputs and the batch to one scalar per example, each
 depending on its own example only. Three families cover the paper's settings:
@@ -10,8 +10,8 @@ depending on its own example only. Three families cover the paper's settings:
   averaged over target tokens, or the first target token only, as in the paper.
 
 Log-odds are computed as ``z_y - logsumexp_{c != y} z_c``, which equals ``log p/(1-p)``
-exactly and stays finite as p → 1 (the reference code's ``log(p/(1-p))`` is inf there,
-notes F.13). The clamp policy is explicit: ``clamp=None`` (default) never clamps; a number
+exactly and stays finite as p → 1 (the reference code's ``log(p/(1-p))`` is inf there).
+The clamp policy is explicit: ``clamp=None`` (default) never clamps; a number
 ``c`` clamps scores to ``[-c, c]``, which bounds the linearization (the reference code
 instead shifts p by 1e-3, roughly ``clamp=6.9``).
 """

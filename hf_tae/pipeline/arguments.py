@@ -36,7 +36,7 @@ class PipelineArguments:
 
 @dataclass
 class GradientArguments:
-    """Step 2: projected per-example gradients at the meta-initialization (Grad-TAE notes A.2)."""
+    """Step 2: projected per-example gradients at the meta-initialization (Grad-TAE)."""
 
     collect_gradients: bool = field(
         default=True, metadata={"help": "Collect gradients into <output_dir>/gradients."}
@@ -65,7 +65,7 @@ class GradientArguments:
 
 @dataclass
 class EstimationArguments:
-    """Steps 3–4: estimated fine-tuning of sampled subsets and the affinity matrix (A.3, A.4)."""
+    """Steps 3–4: estimated fine-tuning of sampled subsets and the affinity matrix (Grad-TAE)."""
 
     estimate: bool = field(
         default=True, metadata={"help": "Run estimation, grouping and group training."}
@@ -79,7 +79,7 @@ class EstimationArguments:
         default=6,
         metadata={
             "help": "Meta-initializations (training seeds seed, seed+1, …) whose estimated "
-            "affinities are averaged (A.6 ensembles); 1 with --meta_init."
+            "affinities are averaged (an ensemble, as in Grad-TAE); 1 with --meta_init."
         },
     )
     subset_seed: int = field(default=0, metadata={"help": "Seed of the subset sampler."})
@@ -88,7 +88,8 @@ class EstimationArguments:
         metadata={"help": "λ of the estimator's ridge penalty (README: choosing λ)."},
     )
     estimator_mode: str = field(
-        default="principled", metadata={"help": "'principled' (offsets) or 'paper' (A.3 code)."}
+        default="principled",
+        metadata={"help": "'principled' (offsets) or 'paper' (Grad-TAE code)."},
     )
     scoring_split: str = field(
         default="validation", metadata={"help": "Rows that score each estimated model."}
@@ -110,7 +111,9 @@ class GroupingArguments:
         default=0, metadata={"help": "k, the number of task groups; 0 chooses k by a sweep."}
     )
     max_task_groups: int = field(default=8, metadata={"help": "Largest k the sweep tries."})
-    clustering: str = field(default="sdp", metadata={"help": "'sdp' (A.5) or 'spectral'."})
+    clustering: str = field(
+        default="sdp", metadata={"help": "'sdp' (Grad-TAE's SDP) or 'spectral'."}
+    )
     train_groups: bool = field(
         default=True, metadata={"help": "Train one model per group and compare (step 6)."}
     )

@@ -1,4 +1,4 @@
-"""Seeded per-task splits of positives and negatives (Grad-TAE notes A.1)."""
+"""Seeded per-task splits of positives and negatives (as in the Grad-TAE code)."""
 
 from __future__ import annotations
 

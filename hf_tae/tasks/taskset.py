@@ -1,6 +1,6 @@
 """What a task is: names, subsets and per-task rows of a multitask ``datasets.Dataset``.
 
-Two layouts (ARCHITECTURE.md §3):
+Two layouts (the README's Design section):
 
 * **single-label**: every row is one example of one task, named by an integer ``task``
   column (a ``ClassLabel`` carries the names), with a per-row ``split`` column;

@@ -13,7 +13,7 @@ class MultitaskTrainingArguments(TrainingArguments):
 
     Adds the task selection, task-balanced sampling and the decision threshold, and changes
     defaults so that training evaluates every epoch and keeps the checkpoint with the best
-    average per-task F1 (Grad-TAE notes A.1: "best average validation F1").
+    average per-task F1 (as the Grad-TAE reference code keeps the best average validation F1).
     """
 
     tasks: list[str] | None = field(

@@ -1,6 +1,6 @@
 """``MultitaskTrainer``: train one model on all tasks or a subset, evaluated per task.
 
-Step 1 of the pipeline (the meta-initialization θ0, Grad-TAE notes A.1) and the workhorse
+Step 1 of the pipeline (the meta-initialization θ0 of Grad-TAE, Li et al. 2024) and the workhorse
 of subset fine-tuning and group training later on. Adds to ``transformers.Trainer``, never
 forks it: datasets come from a :class:`~hf_tae.TaskSet`, metrics are per task (scikit-learn),
 and the best checkpoint is chosen by the average over tasks.

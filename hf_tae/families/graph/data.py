@@ -37,7 +37,7 @@ INFO_FILE = "graph_info.json"
 
 @dataclass
 class CommunityGraph:
-    """A graph whose tasks are "does node v belong to community c" (Grad-TAE notes A.1).
+    """A graph whose tasks are "does node v belong to community c" (as in Grad-TAE).
 
     Attributes:
         x: node features ``[num_nodes, num_features]``.

@@ -1,7 +1,7 @@
 """Node features for decoupled graph models: SIGN hop propagation and structural features.
 
 SIGN (Frasca et al., 2020) precomputes X, ÂX, Â²X, … with Â = D^-1/2 A D^-1/2, so a model
-can be trained on node mini-batches with no message passing (Grad-TAE notes A.1).
+can be trained on node mini-batches with no message passing (as Grad-TAE does).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ What the generator plants, and why (see also the README and ``benchmarks/generat
   everywhere, Gaussian feature noise, and per-community feature offsets that are weaker than
   the group signature.
 
-Splits are per task, as in the Grad-TAE code (notes A.1): a node may be a validation example
+Splits are per task, as in the Grad-TAE code: a node may be a validation example
 of task i and a training example of task j. Within a group, where communities share most of
 their members, part of the transfer therefore comes through shared labels, which is how
 overlapping communities help each other in the SNAP data too.

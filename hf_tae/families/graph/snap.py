@@ -1,6 +1,6 @@
 """Loader for SNAP community graphs (``com-<name>.ungraph.txt`` + ``com-<name>.top5000.cmty.txt``).
 
-As in the Grad-TAE code (notes A.1): the N largest communities become N binary tasks, the
+As in the Grad-TAE code (Li et al., KDD 2024): the N largest communities become N binary tasks, the
 graph is the subgraph induced by the union of their members, and every task gets its own
 seeded split of positives and negatives. Files are the ones distributed at
 https://snap.stanford.edu/data/#communities (e.g. ``com-youtube.ungraph.txt.gz``, gunzipped).

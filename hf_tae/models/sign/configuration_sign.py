@@ -6,7 +6,7 @@ from transformers import PreTrainedConfig
 
 
 class SignConfig(PreTrainedConfig):
-    r"""Configuration for :class:`SignForMultiTaskNodeClassification` (Grad-TAE notes A.1, "SIGN_MLP").
+    r"""Configuration for :class:`SignForMultiTaskNodeClassification` (Grad-TAE's "SIGN_MLP").
 
     Args:
         in_features: width of each hop's node features.

@@ -1,4 +1,4 @@
-"""Decoupled SIGN model with one logit per task (Grad-TAE notes A.1).
+"""Decoupled SIGN model with one logit per task (the graph model of Grad-TAE's code).
 
 Each hop's precomputed features ``Â^k X`` go through their own MLP; the hop outputs are
 concatenated and a shared MLP head emits one logit per task. The loss is binary

@@ -435,6 +435,18 @@ def _data_class(folder: Path):
     return None
 
 
+def load_task_data(path: str | os.PathLike):
+    """The task data a run saved in ``data/`` (a :class:`~hf_tae.CommunityGraph`, an
+    :class:`~hf_tae.ImageDomains`, …), whatever its family."""
+    folder = Path(path)
+    cls = _data_class(folder)
+    if cls is None:
+        raise TaeError(
+            f"{str(folder)!r} holds no saved task data: expected one of {sorted(_DATA_FOLDERS)}."
+        )
+    return cls.load(folder)
+
+
 def _detect(folder: Path) -> str:
     """What an artifact folder holds: ``run``, ``model``, ``gradients`` or ``data``."""
     from hf_tae.gradients.store import INFO_FILE as STORE_INFO
@@ -538,7 +550,7 @@ def _publish_gradients(
 def _publish_data(
     folder: Path, repo_id: str, revision: str | None, private: bool | None, message: str | None
 ) -> str:
-    data = _data_class(folder).load(folder)
+    data = load_task_data(folder)
     _prepare_repo(repo_id, "dataset", revision, private)
     kwargs = {"commit_message": message} if message else {}
     return data.push_to_hub(repo_id, private=private, revision=revision, **kwargs)

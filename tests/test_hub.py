@@ -324,6 +324,11 @@ def test_image_run_folder_publishes_domains_model_and_card(tmp_path, loopback_hu
     assert loaded.fingerprint() == domains.fingerprint()
     with pytest.raises(TaeError, match="neither an existing folder nor a Hub repo id"):
         ImageDomains.load(tmp_path / "missing")
+    from hf_tae.hub import load_task_data
+
+    assert load_task_data(run / "data").fingerprint() == domains.fingerprint()
+    with pytest.raises(TaeError, match="holds no saved task data"):
+        load_task_data(run / "meta_init")
 
 
 def _image_dataset():

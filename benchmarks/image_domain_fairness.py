@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     run_args = dataclasses.replace(training_args, output_dir=str(out / "tmp"))
     subsets = [(i,) for i in range(n)] + list(combinations(range(n), 2))
-    table = SubsetFineTuner(model_init, tasks, run_args, out / "pairs", seeds=args_seeds(extra)).run(
+    table = SubsetFineTuner(model_init, tasks, run_args, out / "pairs", seeds=extra.seeds).run(
         subsets, split="test"
     )
     grouped = table.groupby([table["subset"].map(tuple), "task"])[["accuracy", "log_loss"]].mean()
@@ -121,14 +121,14 @@ def main(argv: list[str] | None = None) -> dict:
     strategies = {"planted groups": list(planted.values()), "all domains": [names],
                   "single domain": [[t] for t in names]}  # fmt: skip
     comparison = compare_group_training(model_init, tasks, strategies, run_args,
-                                        out / "pairs", seeds=args_seeds(extra), split="test",
+                                        out / "pairs", seeds=extra.seeds, split="test",
                                         show_progress=False)  # fmt: skip
     strategy_summary = summarize_group_training(comparison, reference="all domains",
                                                 metric="accuracy")  # fmt: skip
     wide = comparison.pivot(index="task_name", columns="strategy", values="accuracy").loc[names]
     results = {
         "data": family.describe(tasks),
-        "seeds": args_seeds(extra),
+        "seeds": extra.seeds,
         "training": {k: getattr(training_args, k) for k in
                      ("learning_rate", "num_train_epochs", "per_device_train_batch_size",
                       "lr_scheduler_type")},
@@ -160,10 +160,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:>15}: test accuracy {s['accuracy']:.4f}, cross-entropy {s['log_loss']:.4f}, "
               f"wins vs all domains {s['wins']}/{n}")  # fmt: skip
     return results
-
-
-def args_seeds(extra) -> list[int]:
-    return list(extra.seeds)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hf_tae.errors import TaeError
+from hf_tae.estimation.schema import METRICS
 from hf_tae.utils.io import artifact_source
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ __all__ = [
 #: Tags of every meta-initialization card (plus ``transformers``: the model is a transformers model).
 CARD_TAGS: tuple[str, ...] = ("hf-tae", "multitask", "task-affinity")
 #: Per-task metrics of :class:`~hf_tae.MultiLabelTaskMetrics` shown in the card, in column order.
-CARD_METRICS: tuple[str, ...] = ("f1", "accuracy", "log_loss")
+CARD_METRICS: tuple[str, ...] = METRICS
 #: Training arguments worth reproducing a run; never anything secret (no ``hub_token``).
 CARD_TRAINING_ARGUMENTS: tuple[str, ...] = (
     "learning_rate",

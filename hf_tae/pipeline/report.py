@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_tae.estimation.schema import METRICS
 from hf_tae.utils.io import atomic_write_text
 from hf_tae.utils.plots import pyplot, save_figure
 
@@ -159,7 +160,7 @@ def render_report(results: Mapping[str, Any]) -> str:
             f"arguments ({training['seeds']} seed(s)), scored on {training['split']}.",
             "",
             _table(
-                ["strategy", "models", *(f"avg {labels[m]}" for m in ("f1", "accuracy", "log_loss")),
+                ["strategy", "models", *(f"avg {labels[m]}" for m in METRICS),
                  f"{sel} wins vs all"],
                 [
                     (

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_tae.errors import TaeError
+from hf_tae.estimation.schema import METRICS
 from hf_tae.families import TaskFamily, family_names, get_family
 from hf_tae.pipeline import stages
 from hf_tae.pipeline.arguments import (
@@ -144,7 +145,7 @@ def run_pipeline(
         "metrics": {
             "selection": selection,
             "affinity": metric,
-            "labels": {m: family.metrics.label(m) for m in ("f1", "accuracy", "log_loss")},
+            "labels": {m: family.metrics.label(m) for m in METRICS},
         },
         "world_size": training_args.world_size,
         "timings": timings,

@@ -12,9 +12,7 @@ Metrics: accuracy (selection), macro-F1 and cross-entropy (the affinity's defaul
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from hf_tae.errors import TaeError
@@ -233,8 +231,3 @@ class ImageFamily(TaskFamily):
     def private_parameters(self, model) -> list[str]:
         pattern = model.task_head_parameter_pattern()
         return [] if pattern is None else [pattern]
-
-    def fingerprint(self, args: ImageArguments, tasks: TaskSet) -> str:
-        digest = hashlib.sha256(str(tasks.source.fingerprint()).encode())
-        digest.update(json.dumps(asdict(args), sort_keys=True, default=str).encode())
-        return digest.hexdigest()

@@ -59,6 +59,8 @@ _LAZY_ATTRS: dict[str, str] = {
     "sample_subsets": "hf_tae.estimation.subsets",
     "all_pairs": "hf_tae.estimation.subsets",
     "sample_adaptive": "hf_tae.estimation.subsets",
+    "partition_payoffs": "hf_tae.estimation.partition",
+    "choose_partition": "hf_tae.estimation.partition",
     "SubsetFineTuner": "hf_tae.evaluation.ground_truth",
     "average_seeds": "hf_tae.evaluation.ground_truth",
     "compare_affinities": "hf_tae.estimation.compare",
@@ -125,6 +127,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
         corrected_spearman,
         self_agreement,
     )
+    from hf_tae.estimation.partition import choose_partition, partition_payoffs
     from hf_tae.estimation.regression import RegressionEstimator, apply_delta
     from hf_tae.estimation.subsets import all_pairs, sample_adaptive, sample_subsets
     from hf_tae.evaluation.first_order import first_order_check

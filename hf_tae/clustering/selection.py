@@ -9,11 +9,13 @@ keeps the diagonal, the entries' distribution and symmetry but destroys group st
 the null objective shows how much any k gains from noise alone. (A symmetric permutation
 P T Pᵀ would not do: it is the same matrix up to relabeling, with the same objective.)
 
-Rule (:func:`recommend_k`): pick the k with the largest gain = objective − mean null
-objective, smallest k on ties. The gain is exactly 0 at k = 1 and at k = n (both objectives
-are then Σ T / n and tr T), so the rule picks an interior k only when T has more group
-structure than chance; for a planted k-block matrix the objective stops growing at the planted
-k while the null keeps growing, so the gain peaks there.
+Rule (:func:`recommend_k`): among the k whose gain = objective − mean null objective lies
+outside the null's spread (gain > ``min_z`` × the null objective's standard deviation, 2 by
+default), pick the one with the largest gain, smallest k on ties; when no k clears the spread,
+T shows no group structure beyond chance and the rule returns 1 (one group). The gain is
+exactly 0 at k = 1 and at k = n (both objectives are then Σ T / n and tr T), so an interior k
+is picked only when T has more group structure than chance; for a planted k-block matrix the
+objective stops growing at the planted k while the null keeps growing, so the gain peaks there.
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ def sweep_k(
     ks: Iterable[int] | None = None,
     *,
     method: str = "sdp",
-    null_draws: int = 3,
+    null_draws: int = 5,
     seed: int = 0,
+    min_z: float = 2.0,
     **kw: Any,
 ) -> pd.DataFrame:
     """Cluster T for every k in ``ks`` and score each k against the shuffled null.
@@ -69,13 +72,19 @@ def sweep_k(
     ``kw`` goes to that function (e.g. ``rounding=``, ``symmetrize=``, ``eps=``), and
     ``seed`` seeds both the method and the ``null_draws`` shuffles. ``ks`` defaults to
     1 … min(n, 10). Returns one row per k with ``k``, ``objective``, ``null_objective``
-    (mean over draws), ``null_std``, ``gain`` (objective − null_objective), ``n_groups``,
-    ``solve_time`` and ``recommended`` (True on the :func:`recommend_k` row).
+    (mean over draws), ``null_std``, ``gain`` (objective − null_objective), ``significant``
+    (gain > ``min_z`` · null_std), ``n_groups``, ``solve_time``, ``labels`` (the grouping: one
+    group id per task) and ``recommended`` (True on the :func:`recommend_k` row).
     """
     if method not in _METHODS:
         raise TaeError(f"method={method!r}; use one of {list(_METHODS)}.")
-    if null_draws < 1:
-        raise TaeError(f"null_draws={null_draws}; pass at least 1 shuffled null per k.")
+    if null_draws < 2:
+        raise TaeError(
+            f"null_draws={null_draws}; pass at least 2 shuffled nulls per k (the rule needs "
+            "the null's spread)."
+        )
+    if not min_z >= 0:
+        raise TaeError(f"min_z={min_z}; pass a number of null standard deviations >= 0.")
     T = check_affinity(T)
     n = T.shape[0]
     ks = list(range(1, min(n, MAX_DEFAULT_K) + 1)) if ks is None else [int(k) for k in ks]
@@ -86,21 +95,26 @@ def sweep_k(
     cluster = _METHODS[method]
     if method != "exhaustive":
         kw = {"seed": seed, **kw}
+    tiny = 1e-9  # k = 1 and k = n have gain 0 up to rounding: never significant
     rng = np.random.default_rng(seed)
     nulls = [shuffled_null(T, rng) for _ in range(null_draws)]
     rows = []
     for k in ks:
         grouping = cluster(T, k, **kw)
-        null_scores = [cluster(null, k, **kw).objective for null in nulls]
+        null_scores = np.array([cluster(null, k, **kw).objective for null in nulls])
+        gain = grouping.objective - float(null_scores.mean())
+        null_std = float(null_scores.std(ddof=1))
         rows.append(
             {
                 "k": k,
                 "objective": grouping.objective,
-                "null_objective": float(np.mean(null_scores)),
-                "null_std": float(np.std(null_scores)),
-                "gain": grouping.objective - float(np.mean(null_scores)),
+                "null_objective": float(null_scores.mean()),
+                "null_std": null_std,
+                "gain": gain,
+                "significant": bool(gain > max(min_z * null_std, tiny * abs(grouping.objective))),
                 "n_groups": grouping.n_groups,
                 "solve_time": grouping.solve_time,
+                "labels": grouping.labels.tolist(),
             }
         )
     sweep = pd.DataFrame(rows)
@@ -109,8 +123,15 @@ def sweep_k(
 
 
 def recommend_k(sweep: pd.DataFrame) -> int:
-    """The k with the largest ``gain`` over the shuffled null (smallest k on ties)."""
-    if sweep.empty or not {"k", "gain"} <= set(sweep.columns):
-        raise TaeError("sweep has no 'k' and 'gain' rows; pass the DataFrame sweep_k returns.")
-    best = sweep.sort_values(["gain", "k"], ascending=[False, True], kind="stable")
+    """The k with the largest ``gain`` among the ``significant`` rows (smallest k on ties);
+    1 when no k's gain clears the null's spread."""
+    if sweep.empty or not {"k", "gain", "significant"} <= set(sweep.columns):
+        raise TaeError(
+            "sweep has no 'k', 'gain' and 'significant' columns; pass the DataFrame sweep_k "
+            "returns."
+        )
+    eligible = sweep[sweep["significant"].astype(bool)]
+    if eligible.empty:
+        return 1
+    best = eligible.sort_values(["gain", "k"], ascending=[False, True], kind="stable")
     return int(best["k"].iloc[0])

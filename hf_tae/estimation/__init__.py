@@ -2,6 +2,7 @@
 scores into a task-affinity matrix (arrays and stores only: nothing here runs a model)."""
 
 from hf_tae.estimation.affinity import AffinityMatrix
+from hf_tae.estimation.partition import choose_partition, partition_payoffs
 from hf_tae.estimation.regression import RegressionEstimator, apply_delta
 from hf_tae.estimation.subsets import all_pairs, sample_adaptive, sample_subsets
 
@@ -10,6 +11,8 @@ __all__ = [
     "RegressionEstimator",
     "all_pairs",
     "apply_delta",
+    "choose_partition",
+    "partition_payoffs",
     "sample_adaptive",
     "sample_subsets",
 ]

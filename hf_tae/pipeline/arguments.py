@@ -111,6 +111,30 @@ class GroupingArguments:
         default=0, metadata={"help": "k, the number of task groups; 0 chooses k by a sweep."}
     )
     max_task_groups: int = field(default=8, metadata={"help": "Largest k the sweep tries."})
+    partition_choice: str = field(
+        default="payoff",
+        metadata={
+            "help": "How k and the groups are chosen when --num_task_groups is 0: 'payoff' "
+            "scores all tasks, the grouping of every k and single tasks by their estimated "
+            "validation metric and keeps, among those tied with the best, the one with the most "
+            "significant group structure (README: choosing the partition); 'density' takes the "
+            "k whose SDP objective gains most over a shuffled null."
+        },
+    )
+    payoff_tolerance: float = field(
+        default=1.0,
+        metadata={
+            "help": "Candidates within this many paired standard errors (over the "
+            "meta-initializations) of the best predicted payoff count as tied with it."
+        },
+    )
+    null_min_z: float = field(
+        default=2.0,
+        metadata={
+            "help": "A k's objective gain counts as group structure only above this many "
+            "standard deviations of the shuffled null."
+        },
+    )
     clustering: str = field(
         default="sdp", metadata={"help": "'sdp' (Grad-TAE's SDP) or 'spectral'."}
     )
@@ -150,6 +174,7 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
         "--scoring_split": (est.scoring_split, ("train", "validation")),
         "--clustering": (grouping.clustering, ("sdp", "spectral")),
         "--group_init": (grouping.group_init, ("scratch", "meta")),
+        "--partition_choice": (grouping.partition_choice, ("payoff", "density")),
     }
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
@@ -166,6 +191,10 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
     ):
         if value < low:
             raise TaeError(f"{flag} must be >= {low}, got {value}.")
+    for flag, value in (("--payoff_tolerance", grouping.payoff_tolerance),
+                        ("--null_min_z", grouping.null_min_z)):  # fmt: skip
+        if not value >= 0:
+            raise TaeError(f"{flag} must be a number >= 0, got {value}.")
     if not grouping.group_seeds:
         raise TaeError("--group_seeds is empty; give at least one seed.")
     if grouping.ground_truth and not grouping.ground_truth_seeds:

@@ -183,36 +183,92 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
     return subsets, affinity, info
 
 
-def choose_groups(affinity, grouping_args: GroupingArguments,
-                  planted: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
-    """Stage 5: k (given or swept) and the task groups."""
-    from hf_tae.clustering import recommend_k, sdp_cluster, spectral_cluster, sweep_k
+def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarray | None = None,
+                  stores: Sequence[Any] = (), est_args: EstimationArguments | None = None,
+                  ) -> dict[str, Any]:  # fmt: skip
+    """Stage 5: the task groups, with k given or chosen.
+
+    ``--partition_choice payoff`` (default; needs ``stores`` and ``est_args``) scores all tasks
+    (k = 1), the SDP grouping of every k of the sweep and single tasks (k = n) by their
+    predicted payoff on every meta-initialization's store and picks by
+    :func:`~hf_tae.choose_partition`, the SDP objective's significant gain over the null as
+    the structure score; ``density`` takes the k sweep's :func:`~hf_tae.recommend_k`.
+    """
+    from hf_tae.clustering import (
+        partition_objective,
+        recommend_k,
+        sdp_cluster,
+        spectral_cluster,
+        sweep_k,
+    )
+    from hf_tae.estimation.partition import choose_partition, labels_to_groups, partition_payoffs
+    from hf_tae.estimation.regression import RegressionEstimator
 
     T = np.nan_to_num(affinity.to_numpy(), nan=0.0)  # pairs no subset covered: no evidence
+    names = affinity.task_names
     n = len(T)
-    sweep = None
+    sweep = candidates = None
     k = grouping_args.num_task_groups
     if k > n:
         raise TaeError(f"--num_task_groups {k} exceeds the {n} tasks; use at most {n}.")
-    if k == 0:
+    if k:
+        cluster = sdp_cluster if grouping_args.clustering == "sdp" else spectral_cluster
+        grouping = cluster(T, k)
+        labels, method, k_choice = grouping.labels.tolist(), grouping.method, "given"
+        objective = grouping.objective
+    else:
         ks = range(1, min(grouping_args.max_task_groups, n) + 1)  # gain 0 at k = 1 and k = n
-        sweep = sweep_k(T, ks, method=grouping_args.clustering)
-        k = recommend_k(sweep)
-    cluster = sdp_cluster if grouping_args.clustering == "sdp" else spectral_cluster
-    grouping = cluster(T, k)
+        sweep = sweep_k(T, ks, method=grouping_args.clustering, null_draws=10,
+                        min_z=grouping_args.null_min_z)  # fmt: skip
+        method = grouping_args.clustering
+        if grouping_args.partition_choice == "density":
+            k = recommend_k(sweep)
+            row = sweep.set_index("k").loc[k]
+            labels = list(row["labels"])
+            k_choice = "largest significant gain of the k sweep over the null"
+        else:
+            if not stores or est_args is None:
+                raise TaeError("--partition_choice payoff needs the gradient stores; "
+                               "use --partition_choice density without them.")  # fmt: skip
+            options = {"all tasks (k=1)": [0] * n}
+            structure = {}
+            for row in sweep.itertuples():
+                name = f"SDP k={row.k}" if method == "sdp" else f"{method} k={row.k}"
+                if 1 < row.n_groups < n and list(row.labels) not in options.values():
+                    options[name] = list(row.labels)
+                    structure[name] = float(row.gain) if row.significant else 0.0
+            options["single tasks (k=n)"] = list(range(n))
+            estimators = [RegressionEstimator(store, l2=est_args.estimator_l2,
+                                              mode=est_args.estimator_mode) for store in stores]  # fmt: skip
+            payoffs = partition_payoffs(
+                estimators,
+                {c: labels_to_groups(lab) for c, lab in options.items()},
+                metric=est_args.affinity_metric,
+                split=est_args.scoring_split,
+            )
+            candidates = choose_partition(payoffs, est_args.affinity_metric, structure,
+                                          tolerance=grouping_args.payoff_tolerance)  # fmt: skip
+            chosen = candidates.loc[candidates["chosen"], "candidate"].iloc[0]
+            labels = options[chosen]
+            k = len(set(labels))
+            k_choice = f"predicted payoff: {chosen}"
+        objective = partition_objective(T, np.asarray(labels))
+    groups = [[names[t] for t in g] for g in labels_to_groups(labels)]
     info: dict[str, Any] = {
-        "method": grouping.method,
+        "method": method,
         "k": k,
-        "k_choice": "given" if grouping_args.num_task_groups else "recommended by the k sweep",
-        "objective": grouping.objective,
-        "groups": grouping.named(affinity.task_names),
-        "labels": grouping.labels.tolist(),
+        "k_choice": k_choice,
+        "objective": objective,
+        "groups": groups,
+        "labels": [int(x) for x in labels],
         "sweep": None if sweep is None else json.loads(sweep.to_json(orient="records")),
+        "candidates": None if candidates is None else json.loads(
+            candidates.to_json(orient="records")),
     }
     if planted is not None:
         from sklearn.metrics import adjusted_rand_score
 
-        info["adjusted_rand_vs_planted"] = float(adjusted_rand_score(planted, grouping.labels))
+        info["adjusted_rand_vs_planted"] = float(adjusted_rand_score(planted, labels))
     return info
 
 

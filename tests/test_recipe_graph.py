@@ -145,8 +145,18 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     grouping = json.loads((out / "groups.json").read_text())
     assert sorted(t for g in grouping["groups"] for t in g) == sorted(tasks)
     sweep = {row["k"]: row for row in grouping["sweep"]}
-    assert sorted(sweep) == [1, 2, 3, 4] and sweep[grouping["k"]]["recommended"]
+    assert sorted(sweep) == [1, 2, 3, 4]
     assert grouping["k"] == len(grouping["groups"])
+    # the partition is chosen by predicted payoff (--partition_choice payoff, the default):
+    # exactly one candidate is chosen, it is tied with the best (within one paired SE of the
+    # largest mean payoff, log-loss: lower is better) and it is the partition that was trained
+    candidates = grouping["candidates"]
+    chosen = [c for c in candidates if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["num_groups"] == grouping["k"]
+    best = min(c["payoff"] for c in candidates)
+    assert chosen[0]["payoff"] - best <= chosen[0]["vs_best_se"] + 1e-12
+    assert grouping["k_choice"] == f"predicted payoff: {chosen[0]['candidate']}"
+    assert {c["candidate"] for c in candidates} >= {"all tasks (k=1)", "single tasks (k=n)"}
     T = np.nan_to_num(affinity.to_numpy())
     ids = [[tasks.index(t) for t in g] for g in grouping["groups"]]
     density = sum(T[np.ix_(g, g)].sum() / len(g) for g in ids)
@@ -231,3 +241,51 @@ def test_cli_run_rejects_bad_options_before_training(tmp_path):
         proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
         assert not (tmp_path / "x" / "meta_init").exists()
+
+
+def test_generator_settings_are_flags_of_the_graph_job():
+    """``hf-tae run graph --core_keep 0.8 --private_size 25`` builds the generator's graph with
+    those settings; every generator flag defaults to the generator's own default."""
+    import inspect
+
+    import numpy as np
+
+    from hf_tae import generate_community_graph
+    from hf_tae.families.graph.family import GraphArguments, GraphFamily
+    from hf_tae.pipeline.run import build_parser
+
+    flags = ("nodes_per_group", "background_nodes", "core_size", "core_keep", "private_size",
+             "p_community", "p_region", "signature_strength", "community_strength",
+             "node_features")  # fmt: skip
+    defaults = inspect.signature(generate_community_graph).parameters
+    for name in flags:
+        assert getattr(GraphArguments(), name) == defaults[name].default, name
+        assert build_parser("graph").get_default(name) == defaults[name].default, name
+
+    parser = build_parser("graph")
+    args = parser.parse_args_and_config(["--core_keep", "0.8", "--private_size", "25",
+                                         "--output_dir", "unused"])[0]  # fmt: skip
+    assert (args.core_keep, args.private_size) == (0.8, 25)
+    graph = GraphFamily().load_tasks(args).source
+    expected = generate_community_graph(core_keep=0.8, private_size=25, seed=0)
+    assert np.array_equal(graph.labels, expected.labels)
+    assert np.array_equal(graph.x, expected.x) and np.array_equal(graph.split, expected.split)
+    default = generate_community_graph(seed=0)
+    assert not np.array_equal(graph.labels, default.labels)
+    assert graph.labels.sum(0).tolist() != default.labels.sum(0).tolist()  # 25 private members
+
+    # the other flags reach the generator too (here: smaller regions, spectral features)
+    small = ["--nodes_per_group", "50", "--background_nodes", "20", "--core_size", "15",
+             "--p_community", "0.3", "--p_region", "0.05", "--signature_strength", "1.0",
+             "--community_strength", "0.5", "--node_features", "spectral", "--num_groups", "2",
+             "--data_seed_graph", "3", "--output_dir", "unused"]  # fmt: skip
+    args = parser.parse_args_and_config(small)[0]
+    graph = GraphFamily().load_tasks(args).source
+    expected = generate_community_graph(
+        2, 4, nodes_per_group=50, background_nodes=20, core_size=15, p_community=0.3,
+        p_region=0.05, signature_strength=1.0, community_strength=0.5,
+        node_features="spectral", seed=3,
+    )  # fmt: skip
+    for field in ("x", "edge_index", "labels", "split"):
+        assert np.array_equal(getattr(graph, field), getattr(expected, field)), field
+    assert graph.info["params"] == expected.info["params"]

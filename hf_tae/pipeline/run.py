@@ -106,7 +106,27 @@ def run_pipeline(
     training_args: MultitaskTrainingArguments,
     command: str = "",
 ) -> dict[str, Any]:
-    """Run every stage for ``family`` and return ``results`` (also in ``results.json``)."""
+    """Run every stage for ``family`` and return ``results`` (also in ``results.json``).
+
+    With ``--disable_tqdm true`` no stage shows a progress bar (tqdm, ``datasets``,
+    ``huggingface_hub``, ``transformers``); the libraries' switches are restored afterwards."""
+    from hf_tae.utils.progress import progress_bars_disabled
+
+    with progress_bars_disabled(bool(training_args.disable_tqdm)):
+        return _run_pipeline(family, family_args, pipeline_args, grad_args, est_args,
+                             grouping_args, training_args, command)  # fmt: skip
+
+
+def _run_pipeline(
+    family: str | TaskFamily,
+    family_args: Any,
+    pipeline_args: PipelineArguments,
+    grad_args: GradientArguments,
+    est_args: EstimationArguments,
+    grouping_args: GroupingArguments,
+    training_args: MultitaskTrainingArguments,
+    command: str = "",
+) -> dict[str, Any]:
     import torch
     from accelerate import PartialState
 
@@ -223,7 +243,9 @@ def run_pipeline(
                 )
             estimates = affinity.results
             with _stage(timings, "grouping"):
-                results["grouping"] = stages.choose_groups(affinity, grouping_args, planted)
+                results["grouping"] = stages.choose_groups(
+                    affinity, grouping_args, planted, stores, est_args
+                )
             order = [tasks.task_names.index(t) for g in results["grouping"]["groups"] for t in g]
             affinity.save(output_dir / "affinity", overwrite=True, group_order=order)
             affinity.plot(output_dir / "affinity_by_group.png", order=order)

@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     paths = [run / "gradients", *sorted(run.glob("ensemble/member_*/gradients"))]
     stores = [GradientStore.load(p) for p in paths]
     names = stores[0].task_names
-    planted = np.asarray(load_task_data(run / "data").task_groups)
-    if planted is None or (planted < 0).all():
+    groups = load_task_data(run / "data").task_groups
+    if groups is None:
         raise SystemExit(f"{run} has no planted groups to score against.")
+    planted = np.asarray(groups)
     k = len(set(planted.tolist()))
     print(f"{run}: {len(stores)} meta-initializations, {len(names)} tasks, planted k = {k}")
     print(f"{'size':>4} {'λ':>8} {'metric':>9} {'gap':>7} {'agree':>6} {'ARI@k':>6}")

@@ -180,3 +180,28 @@ def test_default_scores_follow_the_model_type():
     assert isinstance(GradientCollector(vision, dim=8).score_fn, GoldLogOddsScore)
     with pytest.raises(TaeError, match="no default score function for model type None"):
         GradientCollector(nn.Linear(3, 2), dim=8)
+
+
+def test_planted_groups_are_none_unless_every_task_has_one():
+    """The base contract: the source's task_groups, None for data without planted groups (no
+    groups, or the old all -1 "unknown"), an error for a partly unknown planting, and only the
+    tasks of a view."""
+    from types import SimpleNamespace
+
+    from hf_tae import TaeError
+    from hf_tae.families import TaskFamily
+
+    def tasks(groups, names=("a", "b", "c", "d"), source_names=("a", "b", "c", "d")):
+        source = SimpleNamespace(task_groups=groups, task_names=list(source_names))
+        return SimpleNamespace(source=source, task_names=list(names))
+
+    family = TaskFamily()
+    assert family.planted_groups(tasks([0, 0, 1, 1])).tolist() == [0, 0, 1, 1]
+    assert family.planted_groups(tasks(None)) is None
+    assert family.planted_groups(tasks([-1, -1, -1, -1])) is None
+    assert family.planted_groups(tasks(np.full(4, -1))) is None
+    assert family.planted_groups(SimpleNamespace(source=None, task_names=["a"])) is None
+    with pytest.raises(TaeError, match="no \\(or a negative\\) planted group for 2 of 4 tasks"):
+        family.planted_groups(tasks([0, -1, 1, -1]))
+    # a view of tasks c, a of the source: their groups, in the view's order
+    assert family.planted_groups(tasks([0, 0, 1, 2], names=("c", "a"))).tolist() == [1, 0]

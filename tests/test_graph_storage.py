@@ -73,3 +73,46 @@ def test_folders_with_the_same_name_never_read_each_others_data(tmp_path):
     b.save(tmp_path / "two" / "data")  # same folder name, same second
     _assert_same_graph(a, CommunityGraph.load(tmp_path / "one" / "data"))
     _assert_same_graph(b, CommunityGraph.load(tmp_path / "two" / "data"))
+
+
+def _without_groups(graph: CommunityGraph) -> CommunityGraph:
+    return CommunityGraph(graph.x, graph.edge_index, graph.labels, graph.split, graph.task_names,
+                          task_groups=None, node_ids=graph.node_ids, info=graph.info)  # fmt: skip
+
+
+def test_no_planted_groups_stay_absent_through_a_round_trip(small_graph, tmp_path):
+    from datasets import load_dataset
+
+    graph = _without_groups(small_graph)
+    assert graph.task_groups is None
+    loaded = CommunityGraph.load(graph.save(tmp_path / "graph"))
+    _assert_same_graph(graph, loaded)
+    assert loaded.task_groups is None
+    tasks = load_dataset(str(tmp_path / "graph"), "tasks", split="train")
+    assert tasks["group"] == [None] * graph.num_tasks  # null cells, not a fake group id
+    # planted groups are kept as before
+    assert (
+        CommunityGraph.load(small_graph.save(tmp_path / "planted")).task_groups == [0] * 3 + [1] * 3
+    )
+
+
+def test_graphs_saved_with_unknown_groups_as_minus_one_load_without_groups(small_graph):
+    """Graphs saved before "no planted groups" was None wrote -1 for every task."""
+    tables = small_graph.to_datasets()
+    legacy = tables["tasks"].map(lambda row: {"group": -1})
+    loaded = CommunityGraph.from_datasets({**tables, "tasks": legacy})
+    assert loaded.task_groups is None
+    assert CommunityGraph.from_datasets(tables).task_groups == small_graph.task_groups
+
+
+def test_partly_unknown_planted_groups_are_refused(small_graph):
+    groups = list(small_graph.task_groups)
+    assert _without_groups(small_graph).task_groups is None
+    for unknown in (-1, None):
+        with pytest.raises(TaeError, match="no \\(or a negative\\) group for 1 of 6 tasks"):
+            CommunityGraph(small_graph.x, small_graph.edge_index, small_graph.labels,
+                           small_graph.split, small_graph.task_names,
+                           task_groups=[unknown, *groups[1:]])  # fmt: skip
+    with pytest.raises(TaeError, match="task_groups has 5 entries for 6 tasks"):
+        CommunityGraph(small_graph.x, small_graph.edge_index, small_graph.labels,
+                       small_graph.split, small_graph.task_names, task_groups=groups[1:])  # fmt: skip

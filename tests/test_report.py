@@ -55,3 +55,61 @@ def test_single_seed_truth_has_no_noise_line():
     for key in ("truth_self_agreement", "estimate_self_agreement", "corrected_spearman"):
         truth.pop(key)
     assert "Both sides are noisy" not in render_report({**BASE, "ground_truth": truth})
+
+
+def _grouped_run(planted: bool) -> dict:
+    """A results dict through grouping and group training, with or without planted groups."""
+    scores = {"f1": 0.5, "accuracy": 0.8, "log_loss": 0.4, "num_models": 1}
+    results = {
+        **BASE,
+        "data": "CommunityGraph(name='snap-com-toy-top4', nodes=200, edges=900, tasks=4)",
+        "estimation": {"num_subsets": 6, "subset_size": 2, "num_meta_inits": 1,
+                       "estimator": "paper", "scoring_split": "validation", "metric": "log_loss",
+                       "subsets_per_second": 100.0},
+        "grouping": {"method": "sdp", "k": 2, "k_choice": "given", "objective": 0.4,
+                     "groups": [["a", "b"], ["c", "d"]], "labels": [0, 0, 1, 1], "sweep": None},
+        "group_training": {"init": "from scratch", "seeds": 1, "split": "test", "metric": "f1",
+                           "summary": {"grouped": {**scores, "num_models": 2, "wins": 2},
+                                       "all tasks": scores},
+                           "per_task": {t: {"grouped": 0.6, "all tasks": 0.5} for t in "abcd"}},
+    }  # fmt: skip
+    if planted:
+        results["estimation"]["planted_gap"] = 0.25
+        results["grouping"]["adjusted_rand_vs_planted"] = 1.0
+        results["group_training"]["summary"]["planted groups"] = {**scores, "num_models": 2}
+        for t in "abcd":
+            results["group_training"]["per_task"][t]["planted groups"] = 0.7
+    return results
+
+
+def test_report_without_planted_groups_has_no_planted_row_ari_or_nan(tmp_path):
+    from hf_tae.pipeline.report import write_report
+
+    text = write_report(_grouped_run(planted=False), tmp_path).read_text()
+    assert "## Group training" in text and "| grouped | 2 | 0.500" in text
+    assert "planted" not in text.lower() and "adjusted rand" not in text.lower()
+    assert "nan" not in text.lower()
+    # the same run with planted groups reports all three
+    text = render_report(_grouped_run(planted=True))
+    assert "| planted groups | 2 |" in text
+    assert "Adjusted Rand index against the planted groups: 1.000" in text
+    assert "affinity of the planted groups: +0.250" in text
+
+
+def test_report_never_prints_nan():
+    """Undefined numbers (NaN from constant inputs, or results.json nulls) read "n/a" or "—"."""
+    nan = float("nan")
+    results = _grouped_run(planted=True)
+    results["estimation"]["planted_gap"] = nan
+    results["grouping"]["adjusted_rand_vs_planted"] = None
+    results["estimation"]["self_agreement"] = {"num_repeats": 2, "mean_spearman": nan,
+                                               "reliability": nan}  # fmt: skip
+    results["group_training"]["per_task"]["a"]["grouped"] = nan
+    truth = _truth(nan)
+    truth["affinity"]["spearman"] = nan
+    truth["truth_self_agreement"]["mean_spearman"] = nan
+    text = render_report({**results, "ground_truth": truth})
+    assert "nan" not in text.lower()
+    assert "planted groups:" not in text and "Adjusted Rand" not in text
+    assert "Spearman n/a on average" in text and "| a | — | 0.500 | 0.700 |" in text
+    assert "Corrected for that noise" not in text

@@ -90,3 +90,88 @@ def test_too_few_communities_and_empty_splits_are_clear_errors(tmp_path):
         f.write("1\t2\n")
     with pytest.raises(TaeError, match="no positive example in the 'train' split"):
         load_snap_communities(tmp_path, "toy", num_communities=1, node_features="random")
+
+
+def test_snap_data_has_no_planted_groups_even_after_saving(tmp_path):
+    from hf_tae import CommunityGraph
+    from hf_tae.families.graph.family import GraphFamily
+
+    _write_snap(tmp_path)
+    graph = load_snap_communities(tmp_path, "toy", num_communities=4, node_features="random")
+    assert graph.task_groups is None
+    assert GraphFamily().planted_groups(graph.task_set(2)) is None
+    loaded = CommunityGraph.load(graph.save(tmp_path / "saved"))
+    assert loaded.task_groups is None
+    assert GraphFamily().planted_groups(loaded.task_set(2)) is None
+
+
+def test_graph_family_splits_snap_data_with_snap_split_seed(tmp_path):
+    """--snap_split_seed (default 1024, the reference's) seeds the SNAP splits;
+    --data_seed_graph is the generator's seed and leaves SNAP data alone."""
+    from hf_tae.families.graph.family import GraphArguments, GraphFamily
+
+    _write_snap(tmp_path)
+    family = GraphFamily()
+
+    def graph(**kwargs):
+        args = GraphArguments(snap_dir=str(tmp_path), snap_name="toy", num_communities=4, **kwargs)
+        tasks = family.load_tasks(args)
+        assert family.planted_groups(tasks) is None
+        return tasks.source
+
+    assert GraphArguments().snap_split_seed == 1024
+    default = graph()
+    reference = load_snap_communities(tmp_path, "toy", num_communities=4, seed=1024)
+    assert np.array_equal(default.split, reference.split)
+    assert np.array_equal(default.split, graph(snap_split_seed=1024).split)
+    assert np.array_equal(default.split, graph(data_seed_graph=5).split)
+    other = graph(snap_split_seed=7)
+    assert not np.array_equal(default.split, other.split)
+    assert np.array_equal(
+        other.split, load_snap_communities(tmp_path, "toy", num_communities=4, seed=7).split
+    )
+
+
+def test_job_on_snap_data_reports_no_planted_groups_and_shows_no_progress_bar(tmp_path, capfd):
+    """``hf-tae run graph --snap_dir … --disable_tqdm true``: no planted strategy, ARI or gap in
+    results.json or report.md, no "nan", and no progress bar of any stage (the estimator's
+    "fitting subsets" included: 300 subsets are two batches) on stdout or stderr."""
+    import json
+
+    import datasets
+    import torch
+    from tqdm import std
+
+    from hf_tae.pipeline.run import run
+
+    torch.set_num_threads(1)
+    _write_snap(tmp_path, n_comms=12)
+    tqdm_init = vars(std.tqdm)["__init__"]
+    out = tmp_path / "run"
+    results = run(
+        ["graph", "--snap_dir", str(tmp_path), "--snap_name", "toy", "--num_communities", "12",
+         "--output_dir", str(out), "--disable_tqdm", "true", "--num_train_epochs", "2",
+         "--num_meta_inits", "1", "--projection_dim", "16", "--subset_size", "4",
+         "--num_subsets", "300", "--num_task_groups", "2", "--compare_single_tasks", "false",
+         "--ground_truth", "1", "--ground_truth_seeds", "0"]
+    )  # fmt: skip
+    captured = capfd.readouterr()
+    for stream in (captured.err, captured.out):
+        assert "it/s" not in stream and "s/it" not in stream and "%|" not in stream, stream[-2000:]
+        assert "\r" not in stream
+    # the job restores the switches it turned off
+    assert vars(std.tqdm)["__init__"] is tqdm_init
+    assert not datasets.utils.are_progress_bars_disabled()
+
+    assert results["estimation"]["num_subsets"] == 300
+    assert "planted_gap" not in results["estimation"]
+    assert "adjusted_rand_vs_planted" not in results["grouping"]
+    assert set(results["group_training"]["summary"]) == {"grouped", "all tasks"}
+    assert "planted" not in (out / "results.json").read_text()
+    # one fine-tuned subset: the affinity-entry correlations are undefined (NaN in results.json)
+    assert np.isnan(
+        json.loads((out / "results.json").read_text())["ground_truth"]["affinity"]["spearman"]
+    )
+    report = (out / "report.md").read_text()
+    assert "## Group training" in report and "## Estimated vs fine-tuned" in report
+    assert "planted" not in report.lower() and "nan" not in report.lower()

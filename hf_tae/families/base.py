@@ -115,9 +115,33 @@ class TaskFamily:
         return []
 
     def planted_groups(self, tasks: TaskSet) -> np.ndarray | None:
-        """The planted group id of every task when the data was built with groups, else None."""
-        groups = getattr(getattr(tasks, "source", None), "task_groups", None)
-        return None if groups is None else np.asarray(groups)
+        """The planted group id (>= 0) of every task of ``tasks`` when the data was built with
+        groups, else None: then the pipeline has no planted comparison, ARI or planted gap.
+
+        Default: the source's ``task_groups``, restricted to the tasks of ``tasks`` when it is a
+        view of fewer tasks. Missing (``None``) or negative ids mean "unknown"; all unknown is
+        None (real data), a partly unknown planting is an error.
+        """
+        source = getattr(tasks, "source", None)
+        groups = getattr(source, "task_groups", None)
+        if groups is None:
+            return None
+        groups = list(groups)
+        source_names = getattr(source, "task_names", None)
+        names = list(getattr(tasks, "task_names", []) or [])
+        if source_names is not None and names and len(groups) == len(source_names) != len(names):
+            position = {str(n): i for i, n in enumerate(source_names)}
+            if all(str(n) in position for n in names):
+                groups = [groups[position[str(n)]] for n in names]
+        unknown = [g is None or int(g) < 0 for g in groups]
+        if all(unknown):
+            return None
+        if any(unknown):
+            raise TaeError(
+                f"the data gives no (or a negative) planted group for {sum(unknown)} of "
+                f"{len(groups)} tasks; give every task a group id >= 0 or none at all."
+            )
+        return np.asarray(groups, dtype=np.int64)
 
     def fingerprint(self, args: Any, tasks: TaskSet) -> str:
         """sha256 of what determines the data: resumed runs retrain when it changes. Default:

@@ -55,10 +55,24 @@ def plot_estimated_vs_true(
     return save_figure(fig, path)
 
 
+def _finite(value: Any) -> bool:
+    """A number the report can print (not None, NaN or infinite)."""
+    try:
+        return value is not None and bool(np.isfinite(float(value)))
+    except (TypeError, ValueError):
+        return False
+
+
+def _num(value: Any, spec: str = ".3f", missing: str = "n/a") -> str:
+    """``value`` formatted with ``spec``, or ``missing`` where it is None, NaN or infinite: the
+    report never prints "nan"."""
+    return format(float(value), spec) if _finite(value) else missing
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.3f}"
+        if value is None or isinstance(value, (float, np.floating)):
+            return _num(value, missing="—")
         return str(value)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -84,15 +98,15 @@ def render_report(results: Mapping[str, Any]) -> str:
         "",
     ]
     meta = results["meta_init"]
-    line = f"Test average {sel} {meta['test_avg']:.3f}"
-    if meta.get("baseline_avg") is not None:
+    line = f"Test average {sel} {_num(meta['test_avg'])}"
+    if _finite(meta.get("baseline_avg")):
         line += (
-            f" against {meta['baseline_avg']:.3f} for the label-frequency baseline "
+            f" against {_num(meta['baseline_avg'])} for the label-frequency baseline "
             "(sklearn `DummyClassifier`)"
         )
     out += ["## Meta-initialization (all tasks)", "", line + ".", ""]
     if results.get("ensemble"):
-        scores = ", ".join(f"{m['test_avg']:.3f} (seed {m['seed']})" for m in results["ensemble"])
+        scores = ", ".join(f"{_num(m['test_avg'])} (seed {m['seed']})" for m in results["ensemble"])
         out += [f"Other meta-initializations of the ensemble: test average {sel} {scores}.", ""]
     if "gradients" in results:
         g = results["gradients"]
@@ -110,7 +124,7 @@ def render_report(results: Mapping[str, Any]) -> str:
             f"{est['num_meta_inits']} meta-initialization(s) (matrices averaged), estimator "
             f"`{est['estimator']}`, scored on {est['scoring_split']} rows by "
             f"{labels.get(est['metric'], est['metric'])}; "
-            f"{est['subsets_per_second']:.0f} subset fits/s.",
+            f"{_num(est['subsets_per_second'], '.0f')} subset fits/s.",
             "",
             "![affinity](affinity_by_group.png)",
             "",
@@ -119,15 +133,15 @@ def render_report(results: Mapping[str, Any]) -> str:
             a = est["self_agreement"]
             out += [
                 f"The meta-initializations' estimates agree with each other at Spearman "
-                f"{a['mean_spearman']:+.2f} on average, so the {a['num_repeats']}-member mean has "
-                f"a reliability of {a['reliability']:.2f} (Spearman–Brown); raise "
+                f"{_num(a['mean_spearman'], '+.2f')} on average, so the {a['num_repeats']}-member "
+                f"mean has a reliability of {_num(a['reliability'], '.2f')} (Spearman–Brown); raise "
                 "`--num_meta_inits` if it is low.",
                 "",
             ]
-        if "planted_gap" in est:
+        if _finite(est.get("planted_gap")):  # only for data with planted groups
             out += [
                 f"Mean within-group minus cross-group affinity of the planted groups: "
-                f"{est['planted_gap']:+.3f}.",
+                f"{_num(est['planted_gap'], '+.3f')}.",
                 "",
             ]
     groups = results.get("grouping")
@@ -136,15 +150,15 @@ def render_report(results: Mapping[str, Any]) -> str:
             "## Task groups",
             "",
             f"{groups['method']} with k = {groups['k']} ({groups['k_choice']}); average "
-            f"within-group density {groups['objective']:.3f}.",
+            f"within-group density {_num(groups['objective'])}.",
             "",
         ]
         out += [f"{i + 1}. {', '.join(g)}" for i, g in enumerate(groups["groups"])]
         out.append("")
-        if "adjusted_rand_vs_planted" in groups:
+        if _finite(groups.get("adjusted_rand_vs_planted")):  # only for data with planted groups
             out += [
                 f"Adjusted Rand index against the planted groups: "
-                f"{groups['adjusted_rand_vs_planted']:.3f} (1 = recovered exactly).",
+                f"{_num(groups['adjusted_rand_vs_planted'])} (1 = recovered exactly).",
                 "",
             ]
         if groups.get("sweep"):
@@ -194,8 +208,8 @@ def render_report(results: Mapping[str, Any]) -> str:
         out += [
             "## Estimated vs fine-tuned",
             "",
-            f"{truth['num_subsets']} subsets fine-tuned for real ({truth['seconds']:.0f} s; "
-            f"estimation took {truth['compute_ratio']:.1%} of that).",
+            f"{truth['num_subsets']} subsets fine-tuned for real ({_num(truth['seconds'], '.0f')} s; "
+            f"estimation took {_num(truth['compute_ratio'], '.1%')} of that).",
             "",
             _table(
                 ["", "relative Frobenius", "mean abs error", "Spearman", "Pearson"],
@@ -227,15 +241,16 @@ def render_report(results: Mapping[str, Any]) -> str:
                 a = truth[key]
                 noise.append(
                     f"{a['num_repeats']} {label} agree with each other at Spearman "
-                    f"{a['mean_spearman']:+.2f} (reliability of their mean {a['reliability']:.2f})"
+                    f"{_num(a['mean_spearman'], '+.2f')} (reliability of their mean "
+                    f"{_num(a['reliability'], '.2f')})"
                 )
         if noise:
             out += ["Both sides are noisy: " + "; ".join(noise) + "."]
-            if "corrected_spearman" in truth:
+            if _finite(truth.get("corrected_spearman")):
                 corrected = truth["corrected_spearman"]
                 out[-1] += (
                     f" Corrected for that noise, the Spearman of the affinity entries is "
-                    f"{corrected:+.2f}"
+                    f"{_num(corrected, '+.2f')}"
                     + (
                         " (above 1: too few seeds, meta-initializations or subsets for the "
                         "correction to be precise)."

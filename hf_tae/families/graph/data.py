@@ -45,7 +45,9 @@ class CommunityGraph:
         labels: membership matrix ``[num_nodes, num_tasks]`` (0/1).
         split: per-(node, task) split codes ``[num_nodes, num_tasks]`` (0 train, 1 validation, 2 test).
         task_names: one name per task column.
-        task_groups: planted group of each task (``-1`` where unknown, as for real data).
+        task_groups: planted group of each task (ids >= 0), or ``None`` when the data has no
+            planted groups (real data such as SNAP). An all-negative list (the old ``-1``
+            convention for "unknown") is read as ``None``; a partly negative one is an error.
         node_ids: original node identifiers (e.g. SNAP ids) of the relabelled nodes.
         info: provenance (source files or generator parameters, seeds).
     """
@@ -78,11 +80,7 @@ class CommunityGraph:
             raise TaeError(
                 f"need {n_tasks} distinct task names, got {len(set(self.task_names))} distinct."
             )
-        if self.task_groups is None:
-            self.task_groups = [-1] * n_tasks
-        if len(self.task_groups) != n_tasks:
-            raise TaeError(f"task_groups has {len(self.task_groups)} entries for {n_tasks} tasks.")
-        self.task_groups = [int(g) for g in self.task_groups]
+        self.task_groups = _planted_groups_or_none(self.task_groups, n_tasks)
         if self.node_ids is None:
             self.node_ids = np.arange(n_nodes, dtype=np.int64)
         self.node_ids = np.asarray(self.node_ids, dtype=np.int64)
@@ -174,7 +172,7 @@ class CommunityGraph:
             {
                 "task": np.arange(self.num_tasks),
                 "name": self.task_names,
-                "group": self.task_groups,
+                "group": self.task_groups or [None] * self.num_tasks,  # null: no planted groups
                 "size": self.labels.sum(0).astype(np.int64),
             },
             features=Features(
@@ -208,7 +206,7 @@ class CommunityGraph:
             labels=np.stack(nodes["labels"]),
             split=np.stack(nodes["split"]),
             task_names=[tasks["name"][i] for i in order],
-            task_groups=[tasks["group"][i] for i in order],
+            task_groups=[tasks["group"][i] for i in order] if "group" in tasks else None,
             node_ids=nodes["node_id"],
             info=dict(info or {}),
         )
@@ -276,3 +274,27 @@ class CommunityGraph:
             "`datasets.load_dataset(path_or_repo_id, 'nodes' | 'edges' | 'tasks', split='train')`.\n\n"
             f"Provenance:\n\n```json\n{json.dumps(self.info, indent=2, sort_keys=True, default=str)}\n```\n"
         )
+
+
+def _planted_groups_or_none(groups: Sequence[Any] | None, num_tasks: int) -> list[int] | None:
+    """``task_groups`` as a list of ints, or ``None`` when the data has no planted groups.
+
+    ``None`` entries (null ``group`` cells) and negative ids both mean "unknown"; when every task
+    is unknown (SNAP data, graphs saved with the old ``-1`` convention) the result is ``None``.
+    A partly known planting is ambiguous for the planted comparisons and is refused.
+    """
+    if groups is None:
+        return None
+    groups = list(groups)
+    if len(groups) != num_tasks:
+        raise TaeError(f"task_groups has {len(groups)} entries for {num_tasks} tasks.")
+    unknown = [g is None or int(g) < 0 for g in groups]
+    if all(unknown):
+        return None
+    if any(unknown):
+        raise TaeError(
+            f"task_groups gives no (or a negative) group for {sum(unknown)} of {num_tasks} tasks; "
+            "give every task a group id >= 0, or pass task_groups=None when the data has no "
+            "planted groups."
+        )
+    return [int(g) for g in groups]

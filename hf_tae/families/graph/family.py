@@ -49,7 +49,62 @@ class GraphArguments:
         default=4, metadata={"help": "Embedded generator: tasks in each group."}
     )
     data_seed_graph: int = field(
-        default=0, metadata={"help": "Embedded generator / SNAP split seed."}
+        default=0,
+        metadata={"help": "Embedded generator: seed of the graph, its features and its splits."},
+    )
+    snap_split_seed: int = field(
+        default=1024,
+        metadata={
+            "help": "SNAP: seed of the per-task splits and structural features (the "
+            "Grad-TAE reference's seed)."
+        },
+    )
+    nodes_per_group: int = field(
+        default=240, metadata={"help": "Embedded generator: nodes in each group's region."}
+    )
+    background_nodes: int = field(
+        default=240, metadata={"help": "Embedded generator: nodes in no community."}
+    )
+    core_size: int = field(
+        default=60,
+        metadata={
+            "help": "Embedded generator: size of each group's core, shared by its communities."
+        },
+    )
+    core_keep: float = field(
+        default=1.0,
+        metadata={
+            "help": "Embedded generator: share of the group core each community keeps, in "
+            "(0, 1] (0.8 with private_size 25: the harder benchmark)."
+        },
+    )
+    private_size: int = field(
+        default=5,
+        metadata={
+            "help": "Embedded generator: private members each community adds from its region."
+        },
+    )
+    p_community: float = field(
+        default=0.12, metadata={"help": "Embedded generator: edge probability inside a community."}
+    )
+    p_region: float = field(
+        default=0.01, metadata={"help": "Embedded generator: edge probability inside a region."}
+    )
+    signature_strength: float = field(
+        default=0.6,
+        metadata={"help": "Embedded generator: strength of each group's node-feature signature."},
+    )
+    community_strength: float = field(
+        default=0.1,
+        metadata={"help": "Embedded generator: strength of the per-community feature offsets."},
+    )
+    node_features: str = field(
+        default="planted",
+        metadata={
+            "help": "Embedded generator: node features, 'planted' (group signatures), "
+            "'spectral' or 'random' (structural).",
+            "choices": ["planted", "spectral", "random"],
+        },
     )
     num_hops: int = field(default=3, metadata={"help": "SIGN hops of propagated node features."})
     hidden_size: int = field(
@@ -90,11 +145,23 @@ class GraphFamily(TaskFamily):
             graph = CommunityGraph.load(args.dataset)
         elif args.snap_dir:
             graph = load_snap_communities(
-                args.snap_dir, args.snap_name, args.num_communities, seed=args.data_seed_graph
+                args.snap_dir, args.snap_name, args.num_communities, seed=args.snap_split_seed
             )
         else:
             graph = generate_community_graph(
-                args.num_groups, args.tasks_per_group, seed=args.data_seed_graph
+                args.num_groups,
+                args.tasks_per_group,
+                nodes_per_group=args.nodes_per_group,
+                background_nodes=args.background_nodes,
+                core_size=args.core_size,
+                core_keep=args.core_keep,
+                private_size=args.private_size,
+                p_community=args.p_community,
+                p_region=args.p_region,
+                signature_strength=args.signature_strength,
+                community_strength=args.community_strength,
+                node_features=args.node_features,
+                seed=args.data_seed_graph,
             )
         return graph.task_set(args.num_hops)
 
@@ -122,10 +189,6 @@ class GraphFamily(TaskFamily):
         """The head's last Linear layer: its row t only moves task t."""
         name = next(n for n, m in model.named_modules() if m is model.head[-1])
         return [rf"^{re.escape(name)}\."]
-
-    def planted_groups(self, tasks: TaskSet) -> np.ndarray | None:
-        groups = super().planted_groups(tasks)
-        return None if groups is None or (groups < 0).all() else groups
 
     def fingerprint(self, args: GraphArguments, tasks: TaskSet) -> str:
         """The graph's arrays (features, labels, splits, edges) and the arguments."""

@@ -61,6 +61,7 @@ _LAZY_ATTRS: dict[str, str] = {
     "sample_adaptive": "hf_tae.estimation.subsets",
     "partition_payoffs": "hf_tae.estimation.partition",
     "choose_partition": "hf_tae.estimation.partition",
+    "select_l2": "hf_tae.estimation.regularization",
     "SubsetFineTuner": "hf_tae.evaluation.ground_truth",
     "average_seeds": "hf_tae.evaluation.ground_truth",
     "compare_affinities": "hf_tae.estimation.compare",
@@ -129,6 +130,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     )
     from hf_tae.estimation.partition import choose_partition, partition_payoffs
     from hf_tae.estimation.regression import RegressionEstimator, apply_delta
+    from hf_tae.estimation.regularization import select_l2
     from hf_tae.estimation.subsets import all_pairs, sample_adaptive, sample_subsets
     from hf_tae.evaluation.first_order import first_order_check
     from hf_tae.evaluation.ground_truth import SubsetFineTuner, average_seeds

@@ -110,8 +110,9 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     out = tmp_path / "run"
     cli = Path(sys.executable).with_name("hf-tae")
     # --num_task_groups 0 (after SMALL's 2): k chosen by the sweep over k = 1 … 4
+    # --estimator_l2 auto: λ from the default grid by the members' agreement
     cmd = [str(cli), "run", "--output_dir", str(out), *SMALL, "--ground_truth", "3",
-           "--num_task_groups", "0"]  # fmt: skip
+           "--num_task_groups", "0", "--estimator_l2", "auto"]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -138,6 +139,13 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     off = ~np.eye(len(tasks), dtype=bool)
     rho = stats.spearmanr(members[0][off], members[1][off]).statistic
     agreement = results["estimation"]["self_agreement"]
+    # λ: the grid value whose members agree best, and the saved affinity was built at it
+    selection = results["estimation"]["l2_selection"]
+    assert [r["l2"] for r in selection] == [1.0, 10.0, 100.0, 1000.0, 10000.0]
+    best = max(selection, key=lambda r: r["agreement"])
+    assert results["estimation"]["estimator_l2"] == best["l2"] and best["chosen"]
+    assert agreement["mean_spearman"] == pytest.approx(best["agreement"])
+    assert affinity.provenance["estimator_l2"] == best["l2"]
     assert agreement["mean_spearman"] == pytest.approx(rho)
     assert agreement["reliability"] == pytest.approx(max(2 * rho / (1 + rho), 0))
     # the groups: a partition of the tasks into k = 2, whose reported objective is the average
@@ -201,6 +209,7 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     ):
         assert heading in report
     assert "Both sides are noisy: 2 fine-tuning seeds agree" in report
+    assert "`--estimator_l2 auto`" in report and "Candidate partitions by predicted payoff" in report
 
     # a rerun reuses the finished meta-initializations and comparison runs: same answers
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
@@ -236,6 +245,8 @@ def test_cli_run_rejects_bad_options_before_training(tmp_path):
     for flag, value, message in (
         ("--clustering", "louvain", "--clustering 'louvain' is not one of"),
         ("--subset_size", "1", "--subset_size must be >= 2"),
+        ("--estimator_l2", "big", "--estimator_l2 'big' is neither a number nor 'auto'"),
+        ("--estimator_l2", "-1", "--estimator_l2 must be a number > 0 or 'auto'"),
     ):
         cmd = [str(cli), "run", "--output_dir", str(tmp_path / "x"), flag, value]
         proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)

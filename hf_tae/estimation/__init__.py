@@ -4,6 +4,7 @@ scores into a task-affinity matrix (arrays and stores only: nothing here runs a 
 from hf_tae.estimation.affinity import AffinityMatrix
 from hf_tae.estimation.partition import choose_partition, partition_payoffs
 from hf_tae.estimation.regression import RegressionEstimator, apply_delta
+from hf_tae.estimation.regularization import select_l2
 from hf_tae.estimation.subsets import all_pairs, sample_adaptive, sample_subsets
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "partition_payoffs",
     "sample_adaptive",
     "sample_subsets",
+    "select_l2",
 ]

@@ -50,9 +50,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from hf_tae.errors import TaeError
+from hf_tae.utils.progress import tqdm
 
 if TYPE_CHECKING:
     import pandas as pd

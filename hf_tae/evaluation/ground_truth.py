@@ -153,7 +153,8 @@ class SubsetFineTuner:
         per-rank results. Each record in ``results.jsonl`` names the ``rank`` that trained it.
         """
         import pandas as pd
-        from tqdm.auto import tqdm
+
+        from hf_tae.utils.progress import tqdm
 
         state = process_state()
         # read now: every TrainingArguments resets accelerate's singleton state in place

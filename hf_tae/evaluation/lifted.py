@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from hf_tae.errors import TaeError
 from hf_tae.estimation.schema import RESULT_COLUMNS
 from hf_tae.evaluation.first_order import Collate, _batches, default_score
+from hf_tae.utils.progress import tqdm
 
 if TYPE_CHECKING:
     import pandas as pd

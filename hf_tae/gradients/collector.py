@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from hf_tae.errors import TaeError
 from hf_tae.gradients.capture import ProjectedGradientCapture
@@ -32,6 +31,7 @@ from hf_tae.tasks.batching import Collate, default_collate, example_batches
 from hf_tae.tasks.splits import SPLIT_NAMES
 from hf_tae.tasks.taskset import TaskSet
 from hf_tae.utils.distributed import process_state
+from hf_tae.utils.progress import tqdm
 
 logger = logging.getLogger(__name__)
 

@@ -37,11 +37,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from hf_tae.errors import TaeError
 from hf_tae.tasks.splits import SPLIT_NAMES
 from hf_tae.utils.io import artifact_source, atomic_open, atomic_write_bytes, atomic_write_text
+from hf_tae.utils.progress import tqdm
 
 if TYPE_CHECKING:
     import torch

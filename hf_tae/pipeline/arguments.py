@@ -6,9 +6,11 @@ GroupingArguments, MultitaskTrainingArguments)``; the family's own dataclass com
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from hf_tae.errors import TaeError
+from hf_tae.estimation.regularization import DEFAULT_L2_GRID
 from hf_tae.estimation.schema import check_metric
 
 
@@ -83,9 +85,17 @@ class EstimationArguments:
         },
     )
     subset_seed: int = field(default=0, metadata={"help": "Seed of the subset sampler."})
-    estimator_l2: float = field(
-        default=1000.0,
-        metadata={"help": "λ of the estimator's ridge penalty (README: choosing λ)."},
+    estimator_l2: str = field(
+        default="1000",
+        metadata={
+            "help": "λ of the estimator's ridge penalty, or 'auto': the λ of "
+            "--estimator_l2_grid whose estimated models score best on held-out rows "
+            "(README: choosing λ)."
+        },
+    )
+    estimator_l2_grid: list[float] = field(
+        default_factory=lambda: list(DEFAULT_L2_GRID),
+        metadata={"help": "λ values that --estimator_l2 auto chooses from."},
     )
     estimator_mode: str = field(
         default="principled",
@@ -167,6 +177,19 @@ class GroupingArguments:
     )
 
 
+def fixed_l2(est: EstimationArguments) -> float | None:
+    """``--estimator_l2`` as a number, or None for ``auto`` (chosen per run by ``select_l2``)."""
+    value = est.estimator_l2
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TaeError(
+            f"--estimator_l2 {value!r} is neither a number nor 'auto'; pass e.g. 1000 or auto."
+        ) from None
+
+
 def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> None:
     """Bad option values fail before any training, naming the option and the fix."""
     choices = {
@@ -181,6 +204,16 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
             raise TaeError(f"{flag} {value!r} is not one of {list(allowed)}.")
     if est.affinity_metric is not None:
         check_metric(est.affinity_metric, option="--affinity_metric")
+    l2 = fixed_l2(est)
+    if l2 is not None and not (math.isfinite(l2) and l2 > 0):
+        raise TaeError(f"--estimator_l2 must be a number > 0 or 'auto', got {est.estimator_l2!r}.")
+    if l2 is None and not (
+        est.estimator_l2_grid and all(math.isfinite(x) and x > 0 for x in est.estimator_l2_grid)
+    ):
+        raise TaeError(
+            f"--estimator_l2_grid {est.estimator_l2_grid} needs one or more numbers > 0 for "
+            "--estimator_l2 auto."
+        )
     for flag, value, low in (
         ("--num_subsets", est.num_subsets, 1),
         ("--subset_size", est.subset_size, 2),

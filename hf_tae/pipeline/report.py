@@ -129,6 +129,18 @@ def render_report(results: Mapping[str, Any]) -> str:
             "![affinity](affinity_by_group.png)",
             "",
         ]
+        if est.get("l2_selection"):  # --estimator_l2 auto
+            out += [
+                "λ chosen as the one at which the meta-initializations' affinities agree best "
+                "(`--estimator_l2 auto`; mean and smallest pairwise Spearman; the estimated "
+                f"models' mean held-out {est['metric']} for information):",
+                "",
+                _table(["λ", "agreement", "min", f"held-out {est['metric']}", "chosen"],
+                       [[_num(r["l2"], "g"), _num(r["agreement"], "+.3f"),
+                         _num(r["min_agreement"], "+.3f"), _num(r["held_out"], ".4f"),
+                         "**yes**" if r["chosen"] else ""] for r in est["l2_selection"]]),
+                "",
+            ]  # fmt: skip
         if "self_agreement" in est:
             a = est["self_agreement"]
             out += [
@@ -161,9 +173,25 @@ def render_report(results: Mapping[str, Any]) -> str:
                 f"{_num(groups['adjusted_rand_vs_planted'])} (1 = recovered exactly).",
                 "",
             ]
+        if groups.get("candidates"):  # --partition_choice payoff
+            out += [
+                "Candidate partitions by predicted payoff (the estimated validation metric of "
+                "each task under its own group's estimated model, mean over tasks; ± over the "
+                "meta-initializations). Tied: within `--payoff_tolerance` paired standard "
+                "errors of the best; among those the most significant structure, then the "
+                "fewest groups, is chosen.",
+                "",
+                _table(["candidate", "groups", "payoff", "vs best", "tied", "structure", "chosen"],
+                       [[c["candidate"], c["num_groups"],
+                         f"{_num(c['payoff'], '.4f')} ± {_num(c['payoff_std'], '.4f')}",
+                         f"{_num(c['vs_best'], '+.4f')} ± {_num(c['vs_best_se'], '.4f')}",
+                         "yes" if c["tied"] else "", _num(c["structure"], ".3f"),
+                         "**yes**" if c["chosen"] else ""] for c in groups["candidates"]]),
+                "",
+            ]  # fmt: skip
         if groups.get("sweep"):
-            keys = ["k", "objective", "null_objective", "gain", "recommended"]
-            out += [_table(keys, [[row[k] for k in keys] for row in groups["sweep"]]), ""]
+            keys = ["k", "objective", "null_objective", "gain", "significant", "recommended"]
+            out += [_table(keys, [[row.get(k) for k in keys] for row in groups["sweep"]]), ""]
     training = results.get("group_training")
     if training:
         strategies = list(training["summary"])

@@ -131,7 +131,9 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
     from hf_tae.estimation.affinity import AffinityMatrix
     from hf_tae.estimation.compare import self_agreement
     from hf_tae.estimation.regression import RegressionEstimator
+    from hf_tae.estimation.regularization import select_l2
     from hf_tae.estimation.subsets import sample_subsets
+    from hf_tae.pipeline.arguments import fixed_l2
 
     n = tasks.num_tasks
     if est_args.subset_size > n:
@@ -144,20 +146,29 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
         logger.info("only %d subsets of size %d exist; using all", available, est_args.subset_size)
     subsets = sample_subsets(n, num_subsets, est_args.subset_size, seed=est_args.subset_seed)
     metric = est_args.affinity_metric
+    start = time.perf_counter()
+    l2, selection = fixed_l2(est_args), None
+    if l2 is None:  # --estimator_l2 auto: the λ whose meta-initializations agree best
+        selection = select_l2(stores, subsets, grid=est_args.estimator_l2_grid, metric=metric,
+                              split=est_args.scoring_split, mode=est_args.estimator_mode)  # fmt: skip
+        l2 = selection.l2
+        logger.info("--estimator_l2 auto: λ = %g (meta-initialization agreement by λ: %s)", l2,
+                    ", ".join(f"{r.l2:g}: {r.agreement:+.3f}" for r in selection.table.itertuples()))  # fmt: skip
     provenance = {
-        "estimator_l2": est_args.estimator_l2,
+        "estimator_l2": l2,
         "estimator_mode": est_args.estimator_mode,
         "scoring_split": est_args.scoring_split,
         "num_subsets": num_subsets,
         "subset_size": est_args.subset_size,
     }
-    start = time.perf_counter()
     members = []
-    for store in stores:
-        estimator = RegressionEstimator(
-            store, l2=est_args.estimator_l2, mode=est_args.estimator_mode
-        )
-        table = estimator.evaluate(subsets, estimator.fit(subsets), split=est_args.scoring_split)
+    for member, store in enumerate(stores):
+        estimator = RegressionEstimator(store, l2=l2, mode=est_args.estimator_mode)
+        if selection is not None:  # already estimated at the chosen λ
+            table = selection.results[member]
+        else:
+            table = estimator.evaluate(subsets, estimator.fit(subsets),
+                                       split=est_args.scoring_split)  # fmt: skip
         members.append(
             AffinityMatrix.from_results(table, tasks.task_names, metric=metric, symmetrize=True,
                                         zero_diagonal=True, provenance=provenance)
@@ -168,12 +179,16 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
         "num_subsets": num_subsets,
         "subset_size": est_args.subset_size,
         "num_meta_inits": len(stores),
-        "estimator": f"{est_args.estimator_mode}, logistic, l2={est_args.estimator_l2:g}",
+        "estimator": f"{est_args.estimator_mode}, logistic, l2={l2:g}",
+        "estimator_l2": l2,
+        "l2_selection": None if selection is None else json.loads(
+            selection.table.to_json(orient="records")),
         "targets": estimator.label_kind,
         "scoring_split": est_args.scoring_split,
         "metric": metric,
         "seconds": round(seconds, 3),
-        "subsets_per_second": num_subsets * len(stores) / max(seconds, 1e-9),
+        "subsets_per_second": num_subsets * len(stores) * (
+            1 if selection is None else len(selection.table)) / max(seconds, 1e-9),
     }
     if len(members) > 1:  # how much one meta-initialization's estimate says about another's
         info["self_agreement"] = self_agreement(members)
@@ -203,6 +218,7 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
     )
     from hf_tae.estimation.partition import choose_partition, labels_to_groups, partition_payoffs
     from hf_tae.estimation.regression import RegressionEstimator
+    from hf_tae.pipeline.arguments import fixed_l2
 
     T = np.nan_to_num(affinity.to_numpy(), nan=0.0)  # pairs no subset covered: no evidence
     names = affinity.task_names
@@ -238,7 +254,12 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
                     options[name] = list(row.labels)
                     structure[name] = float(row.gain) if row.significant else 0.0
             options["single tasks (k=n)"] = list(range(n))
-            estimators = [RegressionEstimator(store, l2=est_args.estimator_l2,
+            l2 = fixed_l2(est_args)
+            if l2 is None:
+                raise TaeError("choose_groups needs the λ that estimation used; pass est_args "
+                               "with estimator_l2 set to it (results['estimation']"
+                               "['estimator_l2']).")  # fmt: skip
+            estimators = [RegressionEstimator(store, l2=l2,
                                               mode=est_args.estimator_mode) for store in stores]  # fmt: skip
             payoffs = partition_payoffs(
                 estimators,

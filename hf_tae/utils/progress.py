@@ -1,11 +1,11 @@
 """Silence every progress bar of a job (``--disable_tqdm true``), then restore the previous state.
 
 The libraries' own switches cover their bars (``datasets``: "Generating train split", "Map",
-parquet saving; ``huggingface_hub``: uploads and downloads; ``transformers``: downloads). Plain
-``tqdm`` bars that decide ``disable=`` by themselves (e.g. the estimator's "fitting subsets") are
-silenced by forcing ``disable=True`` in ``tqdm``'s constructor while the context is open. tqdm's
-``TQDM_DISABLE`` environment variable cannot do this: tqdm reads it once, when it is imported,
-and an explicit ``disable=False`` overrides it.
+parquet saving; ``huggingface_hub``: uploads and downloads; ``transformers``: downloads), and
+hf_tae has one of the same kind for its own bars (gradients, store merging, subset fits,
+fine-tuning runs), which are all made by this module's :func:`tqdm`. tqdm's ``TQDM_DISABLE``
+environment variable cannot do this: tqdm reads it once, when it is imported, and an explicit
+``disable=False`` overrides it.
 """
 
 from __future__ import annotations
@@ -14,8 +14,33 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-_TQDM_DISABLE_POSITION = 10  # tqdm(iterable, desc, total, leave, file, ncols, mininterval,
-#                               maxinterval, miniters, ascii, disable, …)
+_enabled = True
+
+
+def disable_progress_bars() -> None:
+    """Hide every hf_tae progress bar (as ``datasets.disable_progress_bars`` does for its own)."""
+    global _enabled
+    _enabled = False
+
+
+def enable_progress_bars() -> None:
+    """Show hf_tae's progress bars again (each bar's own ``disable=`` still applies)."""
+    global _enabled
+    _enabled = True
+
+
+def are_progress_bars_disabled() -> bool:
+    return not _enabled
+
+
+def tqdm(*args: Any, **kwargs: Any):
+    """``tqdm.auto.tqdm``, hidden while :func:`disable_progress_bars` is in effect; every
+    progress bar of the library is made through this."""
+    from tqdm.auto import tqdm as _tqdm
+
+    if not _enabled:
+        kwargs["disable"] = True
+    return _tqdm(*args, **kwargs)
 
 
 @contextmanager
@@ -27,28 +52,6 @@ def _library_switch(is_enabled, disable, enable) -> Iterator[None]:
     finally:
         if was_enabled:
             enable()
-
-
-@contextmanager
-def _tqdm_forced_off() -> Iterator[None]:
-    """Every ``tqdm`` (and subclass) constructed inside the context is disabled."""
-    from tqdm import std
-
-    cls = std.tqdm
-    original = vars(cls)["__init__"]  # a partialmethod holding tqdm's env defaults
-
-    def disabled_init(self, *args: Any, **kwargs: Any) -> None:
-        if len(args) > _TQDM_DISABLE_POSITION:
-            args = (*args[:_TQDM_DISABLE_POSITION], True, *args[_TQDM_DISABLE_POSITION + 1 :])
-        else:
-            kwargs["disable"] = True
-        original.__get__(self, type(self))(*args, **kwargs)
-
-    cls.__init__ = disabled_init
-    try:
-        yield
-    finally:
-        cls.__init__ = original
 
 
 @contextmanager
@@ -85,5 +88,7 @@ def progress_bars_disabled(disable: bool = True) -> Iterator[None]:
                 transformers_logging.enable_progress_bar,
             )
         )
-        stack.enter_context(_tqdm_forced_off())
+        stack.enter_context(
+            _library_switch(lambda: _enabled, disable_progress_bars, enable_progress_bars)
+        )
         yield

@@ -312,3 +312,17 @@ def test_rank_files_of_an_interrupted_launch_are_resumed(graph, task_set, finish
     lines = again.results_path.read_text().splitlines()
     assert [json.loads(line)["subset"] for line in lines] == [[0, 1], [0, 3]]
     assert not list(tmp_path.glob("results.rank*.jsonl"))
+
+
+def test_reliability_of_opposite_members_is_zero():
+    """Two members ranked exactly opposite (Spearman −1): Spearman–Brown's denominator is 0; the
+    reliability is clipped at 0 instead of dividing by zero."""
+    import numpy as np
+
+    from hf_tae.estimation import AffinityMatrix
+
+    values = np.array([[0, 1, 2], [1, 0, 3], [2, 3, 0]], dtype=float)
+    names = ["a", "b", "c"]
+    out = self_agreement([AffinityMatrix(values, names, "estimated"),
+                          AffinityMatrix(-values, names, "estimated")])  # fmt: skip
+    assert out["mean_spearman"] == pytest.approx(-1.0) and out["reliability"] == 0.0

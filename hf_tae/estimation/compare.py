@@ -139,8 +139,16 @@ def self_agreement(matrices: Sequence[AffinityMatrix]) -> dict[str, float | int]
         "mean_spearman": r,
         "min_spearman": float(np.nanmin(rho)),
         "mean_relative_frobenius": float(np.mean([p["relative_frobenius"] for p in pairs])),
-        "reliability": max(m * r / (1 + (m - 1) * r), 0.0),
+        "reliability": _spearman_brown(m, r),
     }
+
+
+def _spearman_brown(m: int, r: float) -> float:
+    """Reliability of an m-repeat mean, clipped at 0 (also for r ≤ −1/(m − 1), e.g. two members
+    ranked exactly opposite, where the formula divides by zero); NaN stays NaN."""
+    if not np.isfinite(r):
+        return float("nan")
+    return m * r / (1 + (m - 1) * r) if r > 0 else 0.0
 
 
 def corrected_spearman(observed: float, *reliabilities: float) -> float:

@@ -46,7 +46,7 @@ class L2Selection:
             affinities), ``min_agreement``, ``held_out`` (mean over members and (subset, task)
             rows of the held-out metric, for information), ``chosen``.
         results: per member, the estimated results table at the chosen λ
-            (:meth:`~hf_tae.RegressionEstimator.evaluate`), to build the affinity from.
+            (:meth:`~hf_tae.RegressionEstimator.evaluate`) of the subsets it was chosen on.
         affinities: per member, its affinity matrix at the chosen λ.
     """
 
@@ -63,6 +63,7 @@ def select_l2(
     metric: str = "log_loss",
     split: str = "validation",
     mode: str = "principled",
+    max_subsets: int | None = None,
 ) -> L2Selection:
     """The λ of ``grid`` at which the meta-initializations' estimated affinities agree best.
 
@@ -74,9 +75,9 @@ def select_l2(
         metric: per-task metric of the affinity (``log_loss``, ``accuracy``, ``f1``).
         split: rows that score the estimated models.
         mode: the estimator's mode (``"principled"`` or ``"paper"``).
-
-    Every (store, λ) pair is one full estimation (fit and score every subset), so this costs
-    ``len(grid)`` times one estimation; the chosen λ's results are returned for reuse.
+        max_subsets: choose on the first ``max_subsets`` subsets only (default: all). The
+            estimates of every (store, λ) pair cost one estimation each, so a few hundred
+            subsets make the choice cheaper; the returned results then cover those only.
     """
     from hf_tae.estimation.affinity import AffinityMatrix
     from hf_tae.estimation.compare import self_agreement
@@ -93,6 +94,10 @@ def select_l2(
         )
     if not subsets:
         raise TaeError("no subsets to fit; pass the sampled task subsets.")
+    if max_subsets is not None:
+        if max_subsets < 1:
+            raise TaeError(f"max_subsets={max_subsets}; pass at least 1 (or None for all).")
+        subsets = list(subsets)[:max_subsets]
     rows, kept = [], None
     for l2 in grid:
         tables, matrices = [], []

@@ -86,11 +86,11 @@ class EstimationArguments:
     )
     subset_seed: int = field(default=0, metadata={"help": "Seed of the subset sampler."})
     estimator_l2: str = field(
-        default="1000",
+        default="auto",
         metadata={
             "help": "λ of the estimator's ridge penalty, or 'auto': the λ of "
-            "--estimator_l2_grid whose estimated models score best on held-out rows "
-            "(README: choosing λ)."
+            "--estimator_l2_grid at which the meta-initializations' affinities agree best "
+            "(with one meta-initialization: 100; README: choosing λ)."
         },
     )
     estimator_l2_grid: list[float] = field(

@@ -51,7 +51,6 @@ from hf_tae.pipeline.arguments import (
     GroupingArguments,
     PipelineArguments,
     check_arguments,
-    fixed_l2,
 )
 from hf_tae.trainers.arguments import MultitaskTrainingArguments
 from hf_tae.utils.io import atomic_write_text
@@ -181,11 +180,6 @@ def _run_pipeline(
             )
 
     members = 1 if pipeline_args.meta_init or not est_args.estimate else est_args.num_meta_inits
-    if est_args.estimate and members < 2 and fixed_l2(est_args) is None:
-        raise TaeError(
-            "--estimator_l2 auto picks λ by how well the meta-initializations agree and needs "
-            "at least 2 of them (--num_meta_inits 2, without --meta_init); or give λ as a number."
-        )
     stores = []
     for member in range(members):
         # member 0 is "the" meta-initialization (meta_init/, gradients/); the others only

@@ -123,6 +123,14 @@ def planted_gap(matrix: np.ndarray, groups: Sequence[int]) -> float:
     return float(np.nanmean(matrix[same & off]) - np.nanmean(matrix[~same]))
 
 
+#: ``--estimator_l2 auto`` chooses λ on this many of the sampled subsets (each pair of tasks of
+#: the 16-task default is then covered ~15 times by subsets of 4), then estimates all of them
+L2_SELECTION_SUBSETS = 300
+#: λ of ``--estimator_l2 auto`` when there is one meta-initialization to compare: the value that
+#: recovers the planted groups of both built-in defaults (README: choosing λ)
+AUTO_FALLBACK_L2 = 100.0
+
+
 def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
                       planted: np.ndarray | None = None):  # fmt: skip
     """Stages 3–4: estimated per-(subset, task) scores on every store (one per
@@ -148,9 +156,14 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
     metric = est_args.affinity_metric
     start = time.perf_counter()
     l2, selection = fixed_l2(est_args), None
+    if l2 is None and len(stores) < 2:
+        l2 = AUTO_FALLBACK_L2
+        logger.warning("--estimator_l2 auto compares meta-initializations and this run has one; "
+                       "using λ = %g. Pass --num_meta_inits 2 or more, or λ as a number.", l2)  # fmt: skip
     if l2 is None:  # --estimator_l2 auto: the λ whose meta-initializations agree best
         selection = select_l2(stores, subsets, grid=est_args.estimator_l2_grid, metric=metric,
-                              split=est_args.scoring_split, mode=est_args.estimator_mode)  # fmt: skip
+                              split=est_args.scoring_split, mode=est_args.estimator_mode,
+                              max_subsets=L2_SELECTION_SUBSETS)  # fmt: skip
         l2 = selection.l2
         logger.info("--estimator_l2 auto: λ = %g (meta-initialization agreement by λ: %s)", l2,
                     ", ".join(f"{r.l2:g}: {r.agreement:+.3f}" for r in selection.table.itertuples()))  # fmt: skip
@@ -164,7 +177,7 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
     members = []
     for member, store in enumerate(stores):
         estimator = RegressionEstimator(store, l2=l2, mode=est_args.estimator_mode)
-        if selection is not None:  # already estimated at the chosen λ
+        if selection is not None and len(subsets) <= L2_SELECTION_SUBSETS:  # already estimated
             table = selection.results[member]
         else:
             table = estimator.evaluate(subsets, estimator.fit(subsets),
@@ -187,8 +200,8 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
         "scoring_split": est_args.scoring_split,
         "metric": metric,
         "seconds": round(seconds, 3),
-        "subsets_per_second": num_subsets * len(stores) * (
-            1 if selection is None else len(selection.table)) / max(seconds, 1e-9),
+        "subsets_per_second": len(stores) * (num_subsets + (0 if selection is None else len(
+            selection.table) * min(num_subsets, L2_SELECTION_SUBSETS))) / max(seconds, 1e-9),
     }
     if len(members) > 1:  # how much one meta-initialization's estimate says about another's
         info["self_agreement"] = self_agreement(members)

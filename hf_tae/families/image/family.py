@@ -126,11 +126,7 @@ class ImageFamily(TaskFamily):
         "weight_decay": 0.0,
         "metric_for_best_model": "avg_accuracy",
     }
-    # λ = 1000 (the graph default) flattens the estimate on these stores (meta-initializations
-    # disagree, ARI 0.08 at k = 4); λ in 1..100 recovers the planted views (README: the λ sweep),
-    # and at λ = 100 the predicted payoffs of neighbouring k are tight enough for the partition
-    # choice (k = 4 recovered; at λ = 10 it takes k = 5, README: choosing the partition)
-    pipeline_defaults = {"subset_size": 3, "num_meta_inits": 4, "estimator_l2": 100.0}
+    pipeline_defaults = {"subset_size": 3, "num_meta_inits": 4}
     metrics = TaskMetrics(
         selection="accuracy",
         affinity="log_loss",

@@ -76,6 +76,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import shlex  # noqa: E402
@@ -647,6 +648,7 @@ def summarize(built: Built, results: dict[str, Any], run_dir: Path, seconds: flo
         "groups": grouping.get("groups"),
         "seconds": round(seconds, 1),
         "resumed": bool(results.get("meta_init", {}).get("reused")),
+        "l2": results.get("estimation", {}).get("estimator_l2"),
         "metric": metric,
     }
     summary = results.get("group_training", {}).get("summary", {})
@@ -703,6 +705,23 @@ def run_scenario(name: str, output_dir: Path, seeds: Sequence[int], ground_truth
     return row
 
 
+def report_scenario(name: str, output_dir: Path) -> dict[str, Any]:
+    """The row of a finished scenario run (``--report_only``): its data rebuilt (cheap, seeded),
+    its results read back; the time is the one the run recorded."""
+    scenario_dir = Path(output_dir) / name
+    run_dir = scenario_dir / "run"
+    if not (run_dir / "results.json").is_file():
+        raise FileNotFoundError(f"{run_dir}/results.json: run the scenario first")
+    previous = json.loads((scenario_dir / "row.json").read_text()) if (
+        scenario_dir / "row.json").is_file() else {}  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        built = SCENARIOS[name](scenario_dir / "data")
+    results = json.loads((run_dir / "results.json").read_text())
+    row = summarize(built, results, run_dir, float(previous.get("seconds", float("nan"))))
+    row["command"] = previous.get("command")
+    return row
+
+
 # --------------------------------------------------------------------------- report
 def _f(value, fmt: str = ".3f") -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
@@ -711,23 +730,23 @@ def _f(value, fmt: str = ".3f") -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = ["scenario", "tasks", "right answer (by construction)", "planted k", "chosen k",
+    head = ["scenario", "tasks", "right answer (by construction)", "planted k", "λ", "chosen k",
             "k choice", "ARI", "chosen", "all", "single", "planted", "best trivial",
             "chosen − best trivial (± noise)", "verdict", "corr. Spearman",
             "self-agr. est / truth", "time"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['scenario']} | " + " | ".join(["-"] * 12)
+            lines.append(f"| {r['scenario']} | " + " | ".join(["-"] * 13)
                          + f" | error: {r['error']} | - | - | - |")  # fmt: skip
             continue
-        choice = {"recommended by the k sweep": "sweep"}.get(r["k_choice"], r["k_choice"] or "-")
+        choice = (r["k_choice"] or "-").replace("predicted payoff: ", "payoff: ")
         gap = "-" if r.get("gap") is None else f"{r['gap']:+.3f} (± {r['noise']:.3f})"
         best = "-" if r.get("best_trivial") is None else r["best_trivial"].split()[0]
         time_s = f"{r['seconds'] / 60:.1f} min" + (" (resumed)" if r["resumed"] else "")
         lines.append("| " + " | ".join([
             r["scenario"], str(r["tasks"]), r["expected"], _f(r["planted_k"], "d"),
-            _f(r["k"], "d"), choice, _f(r["ari"], ".2f"), _f(r["grouped"]), _f(r["all tasks"]),
+            _f(r.get("l2"), "g"), _f(r["k"], "d"), choice, _f(r["ari"], ".2f"), _f(r["grouped"]), _f(r["all tasks"]),
             _f(r["single task"]), _f(r["planted groups"]), best, gap, r.get("verdict", "-"),
             _f(r["corrected_spearman"], ".2f"),
             f"{_f(r['estimate_self_agreement'], '.2f')} / {_f(r['truth_self_agreement'], '.2f')}",
@@ -786,6 +805,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results_name", default="scenarios")
     parser.add_argument("--verbose", action="store_true",
                         help="Job logs on the console instead of <scenario>/job.log.")  # fmt: skip
+    parser.add_argument("--report_only", action="store_true",
+                        help="Rebuild the table and plot from the finished runs under "
+                        "--output_dir without running anything.")  # fmt: skip
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="Everything after it goes to the job (hf-tae run graph flags).")  # fmt: skip
     return parser.parse_args(argv)
@@ -803,8 +825,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         print(f"[{time.strftime('%H:%M:%S')}] {name}: running (log: "
               f"{output_dir / name / 'job.log'})", flush=True)  # fmt: skip
         try:
-            row = run_scenario(name, output_dir, args.seeds, args.ground_truth, args.extra,
-                               args.verbose)  # fmt: skip
+            if args.report_only:
+                row = report_scenario(name, output_dir)
+            else:
+                row = run_scenario(name, output_dir, args.seeds, args.ground_truth, args.extra,
+                                   args.verbose)  # fmt: skip
         except Exception as err:  # one broken scenario must not cost the others
             traceback.print_exc()
             row = {"scenario": name, "error": f"{type(err).__name__}: {err}"[:200]}

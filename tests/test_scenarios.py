@@ -233,7 +233,7 @@ def test_per_seed_scores_and_verdict(scen, tmp_path):
                      "adjusted_rand_vs_planted": 1.0},
         "group_training": {"summary": summary},
         "meta_init": {"reused": False},
-        "estimation": {"self_agreement": {"mean_spearman": 0.5}},
+        "estimation": {"self_agreement": {"mean_spearman": 0.5}, "estimator_l2": 100.0},
         "ground_truth": {"corrected_spearman": 0.9, "affinity": {"spearman": 0.4},
                          "truth_self_agreement": {"mean_spearman": 0.3}},
     }  # fmt: skip
@@ -248,7 +248,7 @@ def test_per_seed_scores_and_verdict(scen, tmp_path):
     assert row["best_trivial"] == "single task" and row["gap"] == pytest.approx(0.1)
     assert row["verdict"] == "better" and row["planted_k"] == 2
     table = scen.markdown_table([row, {"scenario": "broken", "error": "ValueError: x"}])
-    assert "| toy | 4 | planted | 2 | 2 |" in table and "better" in table
+    assert "| toy | 4 | planted | 2 | 100 | 2 |" in table and "better" in table
     assert "error: ValueError: x" in table
 
     # a chosen grouping below the best trivial answer by more than the noise is "worse"

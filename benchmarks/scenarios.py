@@ -665,6 +665,15 @@ def summarize(built: Built, results: dict[str, Any], run_dir: Path, seconds: flo
         gap = row["grouped"] - trivial[best]
         row.update(best_trivial=best, best_trivial_score=trivial[best], gap=gap, noise=noise,
                    verdict="better" if gap > noise else "ok" if gap >= -noise else "worse")  # fmt: skip
+        # the job's recommendation: whichever of grouped / all / single validates best
+        rec = results.get("group_training", {}).get("recommended")
+        if rec is not None:
+            strategy = rec["strategy"]
+            noise = np.nanmax([row[f"{strategy} sd"] or np.nan, row[f"{best} sd"] or np.nan, 0.0])
+            gap = row[strategy] - trivial[best]
+            row.update(recommended=strategy, recommended_score=row[strategy], recommended_gap=gap,
+                       recommended_verdict="better" if gap > noise else "ok" if gap >= -noise
+                       else "worse")  # fmt: skip
     truth = results.get("ground_truth", {})
     row["spearman"] = truth.get("affinity", {}).get("spearman")
     row["corrected_spearman"] = truth.get("corrected_spearman")
@@ -732,12 +741,13 @@ def _f(value, fmt: str = ".3f") -> str:
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     head = ["scenario", "tasks", "right answer (by construction)", "planted k", "λ", "chosen k",
             "k choice", "ARI", "chosen", "all", "single", "planted", "best trivial",
-            "chosen − best trivial (± noise)", "verdict", "corr. Spearman",
+            "chosen − best trivial (± noise)", "verdict", "recommended (validation)",
+            "its verdict", "corr. Spearman",
             "self-agr. est / truth", "time"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['scenario']} | " + " | ".join(["-"] * 13)
+            lines.append(f"| {r['scenario']} | " + " | ".join(["-"] * 15)
                          + f" | error: {r['error']} | - | - | - |")  # fmt: skip
             continue
         choice = (r["k_choice"] or "-").replace("predicted payoff: ", "payoff: ")
@@ -748,6 +758,9 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             r["scenario"], str(r["tasks"]), r["expected"], _f(r["planted_k"], "d"),
             _f(r.get("l2"), "g"), _f(r["k"], "d"), choice, _f(r["ari"], ".2f"), _f(r["grouped"]), _f(r["all tasks"]),
             _f(r["single task"]), _f(r["planted groups"]), best, gap, r.get("verdict", "-"),
+            "-" if r.get("recommended") is None else
+            f"{r['recommended'].split()[0]} {_f(r['recommended_score'])}",
+            r.get("recommended_verdict", "-"),
             _f(r["corrected_spearman"], ".2f"),
             f"{_f(r['estimate_self_agreement'], '.2f')} / {_f(r['truth_self_agreement'], '.2f')}",
             time_s,
@@ -845,7 +858,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "chosen / all / single / planted: real test F1 (mean over tasks and seeds) of one model "
         "per chosen group / on all tasks / per task / per planted group. verdict: ok when chosen "
         "≥ best trivial − noise (noise: the larger seed-to-seed sd of the per-seed average), "
-        "better when above best trivial + noise. self-agr.: mean Spearman between "
+        "better when above best trivial + noise. recommended: the job's final answer, whichever "
+        "of chosen / all / single scores best on validation rows (the same runs), with its real "
+        "test F1 and verdict. self-agr.: mean Spearman between "
         "meta-initializations' estimated affinities / between seeds' fine-tuned affinities."
     )
     text = f"{table}\n\n{legend}\n\nTotal: {total / 60:.1f} min.\n\nCommand: `{command}`\n"

@@ -109,6 +109,20 @@ def test_resume_trains_only_new_subsets_and_ignores_a_partial_line(graph, task_s
     assert len(lines) == 3 and all(json.loads(line) for line in lines)
 
 
+def test_extra_splits_are_scored_by_the_same_runs(graph, task_set, finished, tmp_path):
+    """One call trains and scores test and validation; a second call for validation trains
+    nothing and equals the validation table of runs trained for validation alone."""
+    _, _, validation = finished  # SUBSETS, seed 0, scored on validation
+    init = ModelInit(graph)
+    tuner = SubsetFineTuner(init, task_set, _args(tmp_path / "unused"), tmp_path, seeds=(0,))
+    test = tuner.run(SUBSETS, split="test", show_progress=False, extra_splits=("validation",))
+    assert init.calls == len(SUBSETS) and set(test.columns) == {*COLUMNS, "seed"}
+    again = tuner.run(SUBSETS, split="validation", show_progress=False)
+    assert init.calls == len(SUBSETS)  # nothing trained
+    pd.testing.assert_frame_equal(again, validation)
+    assert not test[["f1", "log_loss"]].equals(again[["f1", "log_loss"]])  # another split's rows
+
+
 def test_corrupt_middle_line_raises(graph, task_set, tmp_path):
     tuner = SubsetFineTuner(ModelInit(graph), task_set, _args(tmp_path), tmp_path)
     tuner.results_path.write_text(

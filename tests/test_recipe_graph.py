@@ -178,8 +178,28 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     assert training["summary"]["single task"]["num_models"] == 4
     # shared runs: single-task and 2-task groups are trained once each, however many
     # strategies use them (4 singles + 1 all-tasks + at most 4 distinct pairs)
-    runs = (out / "group_training" / "results.jsonl").read_text().splitlines()
-    assert len(runs) <= 9
+    runs = [json.loads(x) for x in (out / "group_training" / "results.jsonl").read_text().splitlines()]
+    assert len(runs) <= 2 * 9 and {r["split"] for r in runs} == {"test", "validation"}
+    # the recommendation: the best validation F1 (mean over tasks of each task's score under
+    # its group's model, seeds averaged) among grouped / all tasks / single task
+    val = {}
+    for r in runs:
+        if r["split"] == "validation":
+            for row in r["rows"]:
+                val.setdefault((tuple(r["subset"]), row["task_name"]), []).append(row["f1"])
+    index = {t: i for i, t in enumerate(tasks)}
+    partitions = {"grouped": grouping["groups"], "all tasks": [tasks],
+                  "single task": [[t] for t in tasks]}  # fmt: skip
+    expected = {
+        name: np.mean([np.mean(val[(tuple(sorted(index[x] for x in g)), t)]) for g in groups
+                       for t in g])  # fmt: skip
+        for name, groups in partitions.items()
+    }
+    rec = training["recommended"]
+    assert rec["validation"] == pytest.approx(expected, abs=1e-9)
+    assert rec["strategy"] == max(expected, key=expected.get)
+    assert rec["test"] == pytest.approx(training["summary"][rec["strategy"]]["f1"])
+    assert sorted(t for g in rec["groups"] for t in g) == sorted(tasks)
     # ground truth: 3 fine-tuned subsets compared with their estimates
     truth = results["ground_truth"]
     assert truth["num_subsets"] == 3 and truth["scores"]["num_pairs"] == 6
@@ -210,6 +230,7 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
         assert heading in report
     assert "Both sides are noisy: 2 fine-tuning seeds agree" in report
     assert "`--estimator_l2 auto`" in report and "Candidate partitions by predicted payoff" in report
+    assert f"**Recommended: {rec['strategy']}**" in report
 
     # a rerun reuses the finished meta-initializations and comparison runs: same answers
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)

@@ -231,7 +231,7 @@ def test_per_seed_scores_and_verdict(scen, tmp_path):
         "metrics": {"selection": "f1"},
         "grouping": {"k": 2, "k_choice": "sweep", "groups": groups,
                      "adjusted_rand_vs_planted": 1.0},
-        "group_training": {"summary": summary},
+        "group_training": {"summary": summary, "recommended": {"strategy": "single task"}},
         "meta_init": {"reused": False},
         "estimation": {"self_agreement": {"mean_spearman": 0.5}, "estimator_l2": 100.0},
         "ground_truth": {"corrected_spearman": 0.9, "affinity": {"spearman": 0.4},
@@ -247,6 +247,9 @@ def test_per_seed_scores_and_verdict(scen, tmp_path):
     assert row["grouped sd"] == pytest.approx(0.02 / np.sqrt(2))
     assert row["best_trivial"] == "single task" and row["gap"] == pytest.approx(0.1)
     assert row["verdict"] == "better" and row["planted_k"] == 2
+    # the job recommended single tasks (by validation): it is the best trivial answer itself
+    assert row["recommended"] == "single task" and row["recommended_gap"] == pytest.approx(0.0)
+    assert row["recommended_verdict"] == "ok"
     table = scen.markdown_table([row, {"scenario": "broken", "error": "ValueError: x"}])
     assert "| toy | 4 | planted | 2 | 100 | 2 |" in table and "better" in table
     assert "error: ValueError: x" in table

@@ -137,8 +137,12 @@ class SubsetFineTuner:
         subsets: Sequence[Sequence[int | str]],
         split: str = "validation",
         show_progress: bool = True,
+        extra_splits: Sequence[str] = (),
     ) -> pd.DataFrame:
         """Fine-tune on every subset for every seed (skipping finished runs) and score on ``split``.
+
+        ``extra_splits``: every run this call trains is also scored on these splits and recorded,
+        so a later ``run(..., split=<one of them>)`` finds it done without training again.
 
         Returns one row per (subset, target task in the subset, seed) with the columns of
         ``RegressionEstimator.evaluate`` — ``subset_id`` (position in ``subsets``), ``subset``
@@ -177,19 +181,23 @@ class SubsetFineTuner:
             state.wait_for_everyone()
         mine = todo[rank::world]  # round-robin share of this process, as GradientCollector
         bar = tqdm(mine, desc="fine-tuning subsets", disable=not (show_progress and is_local_main))
+        splits = list(dict.fromkeys([split, *extra_splits]))
         for subset, seed in bar:
+            scored = [sp for sp in splits if (subset, seed, sp) not in done]
             if world > 1:
                 with _single_process_accelerate(local_rank):
-                    rows = self._fine_tune(subset, seed, split, local_rank=local_rank)
+                    by_split = self._fine_tune(subset, seed, scored, local_rank=local_rank)
             else:
-                rows = self._fine_tune(subset, seed, split)
-            record = {"subset": list(subset), "seed": seed, "split": split, "rank": rank}
-            record["rows"] = rows
-            done[(subset, seed, split)] = record
+                by_split = self._fine_tune(subset, seed, scored)
+            new = [{"subset": list(subset), "seed": seed, "split": sp, "rank": rank,
+                    "rows": by_split[sp]} for sp in scored]  # fmt: skip
+            for record in new:
+                done[(subset, seed, record["split"])] = record
             if world > 1:
-                _append_line(self.rank_results_path(rank), json.dumps(record, sort_keys=True))
+                _append_line(self.rank_results_path(rank),
+                             "\n".join(json.dumps(r, sort_keys=True) for r in new))  # fmt: skip
             else:
-                records.append(record)
+                records.extend(new)
                 text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
                 atomic_write_text(self.results_path, text)
         self._merge_ranks(distributed=world > 1)
@@ -226,9 +234,13 @@ class SubsetFineTuner:
             state.wait_for_everyone()
 
     def _fine_tune(
-        self, subset: tuple[int, ...], seed: int, split: str, local_rank: int | None = None
-    ) -> list[dict[str, Any]]:
-        """Train ``model_init()`` on ``subset`` with ``seed``; per-task scores on ``split``.
+        self,
+        subset: tuple[int, ...],
+        seed: int,
+        splits: Sequence[str],
+        local_rank: int | None = None,
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Train ``model_init()`` on ``subset`` with ``seed``; per-task scores on each split.
 
         ``local_rank`` (multi-process launches only) picks this process's GPU for the run.
         """
@@ -270,18 +282,21 @@ class SubsetFineTuner:
             )
         trainer.remove_callback(PrinterCallback)  # no log lines under the progress bar
         trainer.train()
-        metrics = trainer.evaluate_tasks(split)
-        prefix = "eval" if split == "validation" else split
-        counts = task_set.task_counts(split)
-        return [
-            {
-                "task": t,
-                "task_name": name,
-                "num_rows": int(counts[name]),
-                **{m: float(metrics[f"{prefix}_{name}_{m}"]) for m in METRICS},
-            }
-            for t, name in zip(subset, task_set.task_names, strict=True)
-        ]
+        out = {}
+        for split in splits:
+            metrics = trainer.evaluate_tasks(split)
+            prefix = "eval" if split == "validation" else split
+            counts = task_set.task_counts(split)
+            out[split] = [
+                {
+                    "task": t,
+                    "task_name": name,
+                    "num_rows": int(counts[name]),
+                    **{m: float(metrics[f"{prefix}_{name}_{m}"]) for m in METRICS},
+                }
+                for t, name in zip(subset, task_set.task_names, strict=True)
+            ]
+        return out
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -58,6 +58,7 @@ def compare_group_training(
     seeds: Sequence[int] = (0,),
     split: str = "test",
     show_progress: bool = True,
+    extra_splits: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Train every group of every strategy and score each task with its own group's model.
 
@@ -71,6 +72,8 @@ def compare_group_training(
         output_dir: the shared, resumable ``SubsetFineTuner`` folder.
         seeds: runs per subset; scores are averaged over seeds.
         split: where each task is scored (``"test"`` for the final comparison).
+        extra_splits: also score every new run on these (recorded, not returned), so that a
+            second call with ``split`` set to one of them trains nothing.
 
     Returns:
         One row per (strategy, task): ``strategy``, ``task``, ``task_name``, ``group`` (the
@@ -88,7 +91,7 @@ def compare_group_training(
         {g for groups in partitions.values() for g in groups}, key=lambda g: (len(g), g)
     )
     tuner = SubsetFineTuner(model_init, task_set, args, output_dir, seeds=seeds)
-    table = tuner.run(subsets, split=split, show_progress=show_progress)
+    table = tuner.run(subsets, split=split, show_progress=show_progress, extra_splits=extra_splits)
     means = (
         table.assign(subset=[tuple(s) for s in table["subset"]])
         .groupby(["subset", "task", "task_name"], sort=False)[list(METRICS)]

@@ -230,6 +230,15 @@ def render_report(results: Mapping[str, Any]) -> str:
             "![gains](grouping_gains.png)",
             "",
         ]
+        rec = training.get("recommended")
+        if rec:  # the estimate proposes, validation decides
+            val = ", ".join(f"{s} {_num(v)}" for s, v in rec["validation"].items())
+            out += [
+                f"**Recommended: {rec['strategy']}** ({len(rec['groups'])} model(s)): the best "
+                f"validation {sel} among the estimate's groups, all tasks and single tasks "
+                f"({val}); its test {sel} is {_num(rec['test'])}.",
+                "",
+            ]
     truth = results.get("ground_truth")
     if truth:
         c, r = truth["affinity"], truth["scores"]

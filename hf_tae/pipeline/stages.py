@@ -331,7 +331,10 @@ def _run_args(training_args: MultitaskTrainingArguments) -> MultitaskTrainingArg
 def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_args,
                  output_dir: Path, planted: np.ndarray | None, metric: str) -> dict[str, Any]:  # fmt: skip
     """Stage 6: the group models against one model on all tasks, one per task and the planted
-    groups; scored per task on the test split by every metric, compared by ``metric``."""
+    groups; scored per task on the test split by every metric, compared by ``metric``. The
+    recommendation is whichever of the groups, all tasks and single tasks scores best on the
+    validation split (the same runs, scored twice): the estimate proposes, validation decides."""
+    from hf_tae.estimation.schema import higher_is_better
     from hf_tae.evaluation.group_training import compare_group_training, summarize_group_training
 
     names = tasks.task_names
@@ -343,18 +346,24 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
         for name, g in zip(names, planted, strict=True):
             by_group.setdefault(int(g), []).append(name)
         strategies["planted groups"] = list(by_group.values())
-    table = compare_group_training(
-        model_init,
-        tasks,
-        strategies,
-        _run_args(training_args),
-        output_dir / "group_training",
-        seeds=grouping_args.group_seeds,
-        split="test",
-        show_progress=not training_args.disable_tqdm,
-    )
+    def compare(split: str, extra: tuple[str, ...] = ()):
+        return compare_group_training(
+            model_init, tasks, strategies, _run_args(training_args), output_dir / "group_training",
+            seeds=grouping_args.group_seeds, split=split, extra_splits=extra,
+            show_progress=not training_args.disable_tqdm,
+        )  # fmt: skip
+
+    table = compare("test", ("validation",))  # each run is scored on both splits once
     summary = summarize_group_training(table, reference="all tasks", metric=metric)
     wide = table.pivot(index="task_name", columns="strategy", values=metric).loc[names]
+    # the recommendation: the estimate's groups, all tasks or single tasks, whichever the
+    # trained models score best on validation rows (ties: the estimate's groups)
+    validation = summarize_group_training(compare("validation"), reference="all tasks",
+                                          metric=metric)  # fmt: skip
+    options = [s for s in ("grouped", "all tasks", "single task") if s in strategies]
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    scores = {s: float(validation.loc[s, metric]) for s in options}
+    best = max(options, key=lambda s: sign * scores[s])
     return {
         "init": "from scratch" if grouping_args.group_init == "scratch" else "from θ0",
         "seeds": len(grouping_args.group_seeds),
@@ -362,6 +371,12 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
         "metric": metric,
         "summary": json.loads(summary.to_json(orient="index")),
         "per_task": {t: {s: float(wide.loc[t, s]) for s in strategies} for t in names},
+        "recommended": {
+            "strategy": best,
+            "groups": [list(g) for g in strategies[best]],
+            "validation": scores,
+            "test": float(summary.loc[best, metric]),
+        },
     }
 
 

@@ -64,8 +64,9 @@ Cost (2-core CPU, one thread, the job's defaults: 6 meta-initializations, 60 epo
     110 s for the 42 group-training runs, 263 s for the 48 ground-truth runs of 4-task
     subsets, ~20 s for gradients, estimation and grouping). The other scenarios have 500–960
     nodes (training time scales with the rows), ``many`` has 50 tasks (100 single-task runs).
-    Estimated for the whole suite: about 29 min with ``--ground_truth 0``, 41 min with the
-    default 12, 53 min with 24. The corrected Spearman needs at least two seeds.
+    Measured for the whole suite (session 6, default 12, with ``default``, ``harder`` and
+    ``unequal`` partly resumed): 64 min; ``many`` alone 12 min. The corrected Spearman needs
+    at least two seeds. ``--report_only`` rebuilds the table from finished runs in seconds.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def select_l2(
         if max_subsets < 1:
             raise TaeError(f"max_subsets={max_subsets}; pass at least 1 (or None for all).")
         subsets = list(subsets)[:max_subsets]
-    rows, kept = [], None
+    rows, estimates = [], []
     for l2 in grid:
         tables, matrices = [], []
         for store in stores:
@@ -119,10 +119,9 @@ def select_l2(
             "min_agreement": agreement["min_spearman"],
             "held_out": float(np.mean([t[metric].mean() for t in tables])),
         })  # fmt: skip
-        best = np.nanargmax([r["agreement"] for r in rows]) if any(
-            np.isfinite(r["agreement"]) for r in rows) else 0  # fmt: skip
-        if best == len(rows) - 1:  # keep only the best λ's estimates so far
-            kept = (tables, matrices)
+        estimates.append((tables, matrices))
     table = pd.DataFrame(rows)
+    best = int(np.nanargmax(table["agreement"])) if table["agreement"].notna().any() else 0
     table["chosen"] = np.arange(len(grid)) == best
-    return L2Selection(l2=grid[best], table=table, results=kept[0], affinities=kept[1])
+    return L2Selection(l2=grid[best], table=table, results=estimates[best][0],
+                       affinities=estimates[best][1])  # fmt: skip

@@ -24,7 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -39,6 +39,32 @@ if TYPE_CHECKING:
     from hf_tae.models.scores import ScoreFunction
     from hf_tae.tasks.batching import Collate
     from hf_tae.tasks.taskset import TaskSet
+
+
+def planted_groups_or_none(
+    groups: Sequence[Any] | None, num_tasks: int, what: str = "task_groups", noun: str = "group"
+) -> list[int] | None:
+    """Planted group ids as ints, or ``None`` when the data has no planted groups.
+
+    ``None`` entries (null ``group`` cells) and negative ids both mean "unknown"; when every task
+    is unknown (SNAP data, graphs saved with the old ``-1`` convention) the result is ``None``.
+    A partly known planting is ambiguous for the planted comparisons and is refused.
+    """
+    if groups is None:
+        return None
+    groups = list(groups)
+    if len(groups) != num_tasks:
+        raise TaeError(f"{what} has {len(groups)} entries for {num_tasks} tasks.")
+    unknown = [g is None or int(g) < 0 for g in groups]
+    if all(unknown):
+        return None
+    if any(unknown):
+        raise TaeError(
+            f"{what} gives no (or a negative) {noun} for {sum(unknown)} of {num_tasks} "
+            "tasks; give every task a group id >= 0, or none at all when the data has no "
+            "planted groups."
+        )
+    return [int(g) for g in groups]
 
 
 @dataclass(frozen=True)
@@ -133,15 +159,8 @@ class TaskFamily:
             position = {str(n): i for i, n in enumerate(source_names)}
             if all(str(n) in position for n in names):
                 groups = [groups[position[str(n)]] for n in names]
-        unknown = [g is None or int(g) < 0 for g in groups]
-        if all(unknown):
-            return None
-        if any(unknown):
-            raise TaeError(
-                f"the data gives no (or a negative) planted group for {sum(unknown)} of "
-                f"{len(groups)} tasks; give every task a group id >= 0 or none at all."
-            )
-        return np.asarray(groups, dtype=np.int64)
+        groups = planted_groups_or_none(groups, len(groups), "the data", "planted group")
+        return None if groups is None else np.asarray(groups, dtype=np.int64)
 
     def fingerprint(self, args: Any, tasks: TaskSet) -> str:
         """sha256 of what determines the data: resumed runs retrain when it changes. Default:

@@ -243,7 +243,7 @@ def _run_pipeline(
                 )
             # --estimator_l2 auto is resolved once; the partition choice uses the same λ
             est_args = dataclasses.replace(
-                est_args, estimator_l2=str(results["estimation"]["estimator_l2"])
+                est_args, estimator_l2=results["estimation"]["estimator_l2"]
             )
             estimates = affinity.results
             with _stage(timings, "grouping"):

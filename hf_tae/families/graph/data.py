@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hf_tae.errors import TaeError
+from hf_tae.families.base import planted_groups_or_none
 from hf_tae.tasks.splits import SPLIT_NAMES, check_positives_per_split
 from hf_tae.utils.io import (
     artifact_source,
@@ -80,7 +81,7 @@ class CommunityGraph:
             raise TaeError(
                 f"need {n_tasks} distinct task names, got {len(set(self.task_names))} distinct."
             )
-        self.task_groups = _planted_groups_or_none(self.task_groups, n_tasks)
+        self.task_groups = planted_groups_or_none(self.task_groups, n_tasks)
         if self.node_ids is None:
             self.node_ids = np.arange(n_nodes, dtype=np.int64)
         self.node_ids = np.asarray(self.node_ids, dtype=np.int64)
@@ -274,27 +275,3 @@ class CommunityGraph:
             "`datasets.load_dataset(path_or_repo_id, 'nodes' | 'edges' | 'tasks', split='train')`.\n\n"
             f"Provenance:\n\n```json\n{json.dumps(self.info, indent=2, sort_keys=True, default=str)}\n```\n"
         )
-
-
-def _planted_groups_or_none(groups: Sequence[Any] | None, num_tasks: int) -> list[int] | None:
-    """``task_groups`` as a list of ints, or ``None`` when the data has no planted groups.
-
-    ``None`` entries (null ``group`` cells) and negative ids both mean "unknown"; when every task
-    is unknown (SNAP data, graphs saved with the old ``-1`` convention) the result is ``None``.
-    A partly known planting is ambiguous for the planted comparisons and is refused.
-    """
-    if groups is None:
-        return None
-    groups = list(groups)
-    if len(groups) != num_tasks:
-        raise TaeError(f"task_groups has {len(groups)} entries for {num_tasks} tasks.")
-    unknown = [g is None or int(g) < 0 for g in groups]
-    if all(unknown):
-        return None
-    if any(unknown):
-        raise TaeError(
-            f"task_groups gives no (or a negative) group for {sum(unknown)} of {num_tasks} tasks; "
-            "give every task a group id >= 0, or pass task_groups=None when the data has no "
-            "planted groups."
-        )
-    return [int(g) for g in groups]

@@ -39,6 +39,19 @@ _LAZY_ATTRS: dict[str, str] = {
     "load_domainnet": "hf_tae.families.image.domainnet",
     "make_digit_domains": "hf_tae.families.image.digits",
     "add_pixel_values": "hf_tae.families.image.preprocessing",
+    "InstructionFamily": "hf_tae.families.text.family",
+    "InstructionArguments": "hf_tae.families.text.family",
+    "TextTasks": "hf_tae.families.text.data",
+    "tasks_from_templates": "hf_tae.families.text.data",
+    "tasks_from_column": "hf_tae.families.text.data",
+    "tasks_from_datasets": "hf_tae.families.text.data",
+    "Template": "hf_tae.families.text.templates",
+    "load_templates": "hf_tae.families.text.templates",
+    "read_bigbench": "hf_tae.families.text.bigbench",
+    "bigbench_tasks": "hf_tae.families.text.bigbench",
+    "make_digit_skills": "hf_tae.families.text.embedded",
+    "train_bpe_tokenizer": "hf_tae.families.text.tokenization",
+    "tokenize_text_tasks": "hf_tae.families.text.tokenization",
     # models
     "VisionMultiTaskConfig": "hf_tae.models.vision.configuration_vision",
     "VisionForMultiTaskImageClassification": "hf_tae.models.vision.modeling_vision",
@@ -92,6 +105,32 @@ _LAZY_ATTRS: dict[str, str] = {
     # evaluation
     "compare_group_training": "hf_tae.evaluation.group_training",
     "summarize_group_training": "hf_tae.evaluation.group_training",
+    # data selection
+    "Sources": "hf_tae.selection.sources",
+    "sources_from_tasks": "hf_tae.selection.sources",
+    "sources_from_column": "hf_tae.selection.sources",
+    "cluster_gradients": "hf_tae.selection.sources",
+    "SourceEstimator": "hf_tae.selection.estimate",
+    "SourceView": "hf_tae.selection.estimate",
+    "ensemble_scores": "hf_tae.selection.select",
+    "choose_top": "hf_tae.selection.select",
+    "best_prefix": "hf_tae.selection.select",
+    "forward_pass": "hf_tae.selection.select",
+    "forward_stepwise": "hf_tae.selection.select",
+    "gradient_similarity": "hf_tae.selection.select",
+    "random_subsets": "hf_tae.selection.select",
+    "make_selection_domains": "hf_tae.selection.planted",
+    "run_selection": "hf_tae.selection.run",
+    "SelectionArguments": "hf_tae.selection.arguments",
+    # merging
+    "merge": "hf_tae.merging.engine",
+    "MergeResult": "hf_tae.merging.engine",
+    "compute_statistics": "hf_tae.merging.trackers",
+    "MergeStatistics": "hf_tae.merging.statistics",
+    "merge_sweep": "hf_tae.merging.sweep",
+    "SweepResult": "hf_tae.merging.sweep",
+    "register_method": "hf_tae.merging.registry",
+    "method_names": "hf_tae.merging.registry",
     # hub
     "load_meta_init": "hf_tae.hub",
     "publish": "hf_tae.hub",
@@ -99,6 +138,9 @@ _LAZY_ATTRS: dict[str, str] = {
     "GradientCollectorCallback": "hf_tae.trainers.callbacks",
     "MultitaskTrainingArguments": "hf_tae.trainers.arguments",
     "MultitaskTrainer": "hf_tae.trainers.multitask",
+    "Seq2SeqMultitaskTrainer": "hf_tae.trainers.seq2seq",
+    "Seq2SeqTaskMetrics": "hf_tae.trainers.seq2seq",
+    "Seq2SeqCollator": "hf_tae.trainers.seq2seq",
     "MultiLabelTaskMetrics": "hf_tae.trainers.metrics",
     "SingleLabelTaskMetrics": "hf_tae.trainers.metrics",
 }
@@ -148,10 +190,26 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from hf_tae.families.image.domains import ImageDomains
     from hf_tae.families.image.family import ImageArguments, ImageFamily
     from hf_tae.families.image.preprocessing import add_pixel_values
+    from hf_tae.families.text.bigbench import bigbench_tasks, read_bigbench
+    from hf_tae.families.text.data import (
+        TextTasks,
+        tasks_from_column,
+        tasks_from_datasets,
+        tasks_from_templates,
+    )
+    from hf_tae.families.text.embedded import make_digit_skills
+    from hf_tae.families.text.family import InstructionArguments, InstructionFamily
+    from hf_tae.families.text.templates import Template, load_templates
+    from hf_tae.families.text.tokenization import tokenize_text_tasks, train_bpe_tokenizer
     from hf_tae.gradients.capture import ProjectedGradientCapture
     from hf_tae.gradients.collector import GradientCollector
     from hf_tae.gradients.store import GradientStore
     from hf_tae.hub import load_meta_init, publish
+    from hf_tae.merging.engine import MergeResult, merge
+    from hf_tae.merging.registry import method_names, register_method
+    from hf_tae.merging.statistics import MergeStatistics
+    from hf_tae.merging.sweep import SweepResult, merge_sweep
+    from hf_tae.merging.trackers import compute_statistics
     from hf_tae.models.scores import GoldLogOddsScore, TaskLogitScore, TokenLogOddsScore
     from hf_tae.models.sign.configuration_sign import SignConfig
     from hf_tae.models.sign.modeling_sign import MultiTaskOutput, SignForMultiTaskNodeClassification
@@ -164,12 +222,32 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
         PipelineArguments,
     )
     from hf_tae.pipeline.run import run_pipeline
+    from hf_tae.selection.arguments import SelectionArguments
+    from hf_tae.selection.estimate import SourceEstimator, SourceView
+    from hf_tae.selection.planted import make_selection_domains
+    from hf_tae.selection.run import run_selection
+    from hf_tae.selection.select import (
+        best_prefix,
+        choose_top,
+        ensemble_scores,
+        forward_pass,
+        forward_stepwise,
+        gradient_similarity,
+        random_subsets,
+    )
+    from hf_tae.selection.sources import (
+        Sources,
+        cluster_gradients,
+        sources_from_column,
+        sources_from_tasks,
+    )
     from hf_tae.tasks.sampling import TaskBalancedSampler
     from hf_tae.tasks.taskset import TaskSet
     from hf_tae.trainers.arguments import MultitaskTrainingArguments
     from hf_tae.trainers.callbacks import GradientCollectorCallback
     from hf_tae.trainers.metrics import MultiLabelTaskMetrics, SingleLabelTaskMetrics
     from hf_tae.trainers.multitask import MultitaskTrainer
+    from hf_tae.trainers.seq2seq import Seq2SeqCollator, Seq2SeqMultitaskTrainer, Seq2SeqTaskMetrics
 
 
 _auto_registration.install()

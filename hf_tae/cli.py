@@ -1,5 +1,7 @@
 """The ``hf-tae`` command line: ``hf-tae run [<family>] [options]`` (the end-to-end job on a
-task family, ``graph`` by default) and ``hf-tae publish <artifact dir> <repo_id>``.
+task family, ``graph`` by default), ``hf-tae select <family> --target TASK`` (GradEx data
+selection), ``hf-tae merge config.yaml`` (merge fine-tuned models of one base) and
+``hf-tae publish <artifact dir> <repo_id>``.
 
 Heavy libraries (torch, transformers) are imported only when a subcommand runs, so ``--help``
 answers instantly. The Hub token comes from the usual places (``HF_TOKEN``, ``hf auth login``)
@@ -43,6 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
         "affinity, groups, group training, report (hf-tae run <family> --help lists its options)",
         add_help=False,
     )
+    commands.add_parser(
+        "select",
+        help="GradEx data selection: which training sources help one target task "
+        "(hf-tae select <family> --target TASK; --help lists its options)",
+        add_help=False,
+    )
+    commands.add_parser(
+        "merge",
+        help="merge fine-tuned models or peft adapters of one base (YAML close to mergekit's: "
+        "hf-tae merge config.yaml [output_dir]; hf-tae merge --help for the format)",
+        add_help=False,
+    )
     publish = commands.add_parser(
         "publish",
         help="publish a model, gradient store, task data or run folder to the Hub",
@@ -80,6 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"hf-tae run: error: {err}", file=sys.stderr)
             return 2
         return 0
+    if argv[:1] == ["select"]:
+        from hf_tae.selection.cli import main as select_main
+
+        return select_main(argv[1:])
+    if argv[:1] == ["merge"]:
+        from hf_tae.merging.cli import main as merge_main
+
+        return merge_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -141,7 +141,7 @@ def test_output_dtype_is_written_and_recorded(family, tmp_path):
 
 
 def test_sweep_picks_the_best_point_and_reads_statistics_once(family, monkeypatch):
-    from hf_tae.merging import MergeStatistics, sweep
+    from hf_tae.merging import MergeStatistics, merge_sweep
 
     root, base, models, stats = family
     # the score peaks at λ = 0.5: distance of the merged c_fc weight to θ0 + 0.5 Σ τ_i
@@ -158,7 +158,7 @@ def test_sweep_picks_the_best_point_and_reads_statistics_once(family, monkeypatc
         return original(self, key)
 
     monkeypatch.setattr(MergeStatistics, "_raw", spy)
-    result = sweep(base, models, "mats", [{"init_lambda": x} for x in (0.2, 0.5, 0.8)],
+    result = merge_sweep(base, models, "mats", [{"init_lambda": x} for x in (0.2, 0.5, 0.8)],
                    lambda sd: -float((sd[name] - target).norm()), statistics=stats,
                    objective="regmean", max_iter=0)  # fmt: skip
     assert result.best_params == {"init_lambda": 0.5}

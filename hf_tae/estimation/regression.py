@@ -252,6 +252,24 @@ class RegressionEstimator:
             out.append(ids)
         return out
 
+    def _task_ids(self, tasks: Sequence[int | str]) -> list[int]:
+        """Ids of task names or ids (no training rows needed); unknown tasks raise."""
+        if isinstance(tasks, str | int):
+            raise TaeError(f"give a list of tasks, got {tasks!r}.")
+        out = []
+        for task in tasks:
+            if isinstance(task, str) and task in self.task_names:
+                out.append(self.task_names.index(task))
+            elif (
+                isinstance(task, int | np.integer)
+                and not isinstance(task, bool)
+                and 0 <= task < self.num_tasks
+            ):
+                out.append(int(task))
+            else:
+                raise TaeError(f"unknown task {task!r}; the store's tasks are {self.task_names}.")
+        return out
+
     def _membership(self, subsets: list[tuple[int, ...]]) -> torch.Tensor:
         member = torch.zeros(len(subsets), self.num_tasks, dtype=torch.bool)
         for b, subset in enumerate(subsets):
@@ -483,12 +501,13 @@ class RegressionEstimator:
         subsets: Sequence[Sequence[int | str]],
         w: torch.Tensor,
         split: str = "validation",
-        targets: str = "subset",
+        targets: str | Sequence[int | str] = "subset",
     ) -> pd.DataFrame:
         """Per-(subset, task) scores of the linearized model ``s_e(θ0) + z_e·w_S``.
 
         One row per subset and target task (``targets="subset"``: the tasks of S, as Grad-TAE
-        uses; ``"all"``: every task) with columns ``subset_id``, ``subset`` (task ids),
+        uses; ``"all"``: every task; a list of task ids or names: those tasks, which need no
+        training rows, for every subset) with columns ``subset_id``, ``subset`` (task ids),
         ``task``, ``task_name``, ``num_rows``, ``f1`` (positive when logit > 0), ``accuracy``
         and ``log_loss`` (mean ``softplus(−y·logit)``), the columns of
         :data:`~hf_tae.estimation.schema.RESULT_COLUMNS`. With ``label_kind="gold"`` the logit is
@@ -499,8 +518,8 @@ class RegressionEstimator:
         """
         import pandas as pd
 
-        if targets not in ("subset", "all"):
-            raise TaeError(f"targets={targets!r}; use 'subset' or 'all'.")
+        if isinstance(targets, str) and targets not in ("subset", "all"):
+            raise TaeError(f"targets={targets!r}; use 'subset', 'all' or a list of tasks.")
         canon = self.canonical(subsets)
         w = torch.as_tensor(w)
         if w.ndim != 2 or w.shape != (len(canon), self.store.dim):
@@ -513,7 +532,11 @@ class RegressionEstimator:
         )
         w = w.to(self.device, self.dtype)
         member = self._membership(canon)
-        scored = member if targets == "subset" else torch.ones_like(member)
+        if isinstance(targets, str):
+            scored = member if targets == "subset" else torch.ones_like(member)
+        else:
+            scored = torch.zeros_like(member)
+            scored[:, self._task_ids(targets)] = True
         columns: dict[str, list[Any]] = {
             k: [] for k in ("subset_id", "task", "num_rows", "f1", "accuracy", "log_loss")
         }

@@ -81,6 +81,8 @@ class SubsetFineTuner:
             runs are keyed by (subset, seed, split) alone.
         seeds: one run per seed and subset (approximate clustering for multi-instruction
             tuning uses 2–3).
+        trainer_class: the Trainer of every run (default :class:`~hf_tae.MultitaskTrainer`;
+            a family's ``trainer_class``, e.g. the seq2seq trainer of text tasks).
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class SubsetFineTuner:
         args: MultitaskTrainingArguments,
         output_dir: str | os.PathLike,
         seeds: Sequence[int] = (0,),
+        trainer_class: type | None = None,
     ) -> None:
         if not seeds:
             raise TaeError("seeds is empty; give at least one seed, e.g. seeds=(0,).")
@@ -98,6 +101,7 @@ class SubsetFineTuner:
         self.args = args
         self.output_dir = Path(output_dir)
         self.seeds = [int(s) for s in seeds]
+        self.trainer_class = trainer_class
 
     @property
     def results_path(self) -> Path:
@@ -272,7 +276,9 @@ class SubsetFineTuner:
         task_set = self.task_set.select(list(subset))
         set_seed(seed)
         model = self.model_init()
-        trainer = MultitaskTrainer(model=model, args=args, task_set=task_set)
+        trainer = (self.trainer_class or MultitaskTrainer)(
+            model=model, args=args, task_set=task_set
+        )
         if trainer.accelerator.num_processes != 1 or trainer.args.world_size != 1:
             raise TaeError(
                 f"the Trainer of subset {list(subset)} joined a {trainer.args.world_size}-process "

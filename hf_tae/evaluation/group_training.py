@@ -59,6 +59,7 @@ def compare_group_training(
     split: str = "test",
     show_progress: bool = True,
     extra_splits: Sequence[str] = (),
+    trainer_class: type | None = None,
 ) -> pd.DataFrame:
     """Train every group of every strategy and score each task with its own group's model.
 
@@ -74,6 +75,8 @@ def compare_group_training(
         split: where each task is scored (``"test"`` for the final comparison).
         extra_splits: also score every new run on these (recorded, not returned), so that a
             second call with ``split`` set to one of them trains nothing.
+        trainer_class: the Trainer of every run (default :class:`~hf_tae.MultitaskTrainer`;
+            a family's ``trainer_class``).
 
     Returns:
         One row per (strategy, task): ``strategy``, ``task``, ``task_name``, ``group`` (the
@@ -90,7 +93,9 @@ def compare_group_training(
     subsets = sorted(
         {g for groups in partitions.values() for g in groups}, key=lambda g: (len(g), g)
     )
-    tuner = SubsetFineTuner(model_init, task_set, args, output_dir, seeds=seeds)
+    tuner = SubsetFineTuner(
+        model_init, task_set, args, output_dir, seeds=seeds, trainer_class=trainer_class
+    )
     table = tuner.run(subsets, split=split, show_progress=show_progress, extra_splits=extra_splits)
     means = (
         table.assign(subset=[tuple(s) for s in table["subset"]])

@@ -13,7 +13,11 @@ from hf_tae.errors import TaeError
 from hf_tae.families.base import TaskFamily, TaskMetrics
 
 #: Modules of the built-in families, imported on first lookup.
-_BUILTIN = ("hf_tae.families.graph.family", "hf_tae.families.image.family")
+_BUILTIN = (
+    "hf_tae.families.graph.family",
+    "hf_tae.families.image.family",
+    "hf_tae.families.text.family",
+)
 _REGISTRY: dict[str, type[TaskFamily]] = {}
 
 

@@ -193,6 +193,14 @@ class TaskFamily:
             return None
         return label_frequency_baseline(tasks, split, metric=self.metrics.selection)
 
+    @property
+    def trainer_class(self) -> type:
+        """The Trainer that trains and scores this family's models on a task set (meta-init,
+        group training, ground truth). Default: :class:`~hf_tae.MultitaskTrainer`."""
+        from hf_tae.trainers.multitask import MultitaskTrainer
+
+        return MultitaskTrainer
+
     def collate_fn(self, args: Any) -> Collate | None:
         """``(task_set, rows) -> model inputs`` for gradient collection (None: input columns)."""
         return None

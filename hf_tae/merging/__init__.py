@@ -12,7 +12,7 @@ from hf_tae.merging.registry import (
     register_method,
 )
 from hf_tae.merging.statistics import MergeStatistics
-from hf_tae.merging.sweep import SweepResult, sweep
+from hf_tae.merging.sweep import SweepResult, merge_sweep
 from hf_tae.merging.trackers import compute_statistics
 
 __all__ = [
@@ -27,5 +27,5 @@ __all__ = [
     "merge",
     "method_names",
     "register_method",
-    "sweep",
+    "merge_sweep",
 ]

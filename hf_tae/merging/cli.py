@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-tae merge",
         description="Merge fine-tuned models (or peft adapters) of one base as a YAML config says.",
+        epilog="config format:\n" + (__doc__ or "").split("\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", help="YAML file: merge_method, base_model, models, parameters")
     parser.add_argument("output_dir", nargs="?", help="output folder (default: the config's)")

@@ -27,7 +27,7 @@ class SweepResult:
     best_score: float
 
 
-def sweep(
+def merge_sweep(
     base: ModelLike | None,
     models: Sequence[ModelLike],
     method: str,

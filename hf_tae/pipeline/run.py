@@ -276,7 +276,7 @@ def _run_pipeline(
             with _stage(timings, "group training"):
                 results["group_training"] = stages.train_groups(
                     model_init, tasks, results["grouping"]["groups"], training_args,
-                    grouping_args, output_dir, planted, selection,
+                    grouping_args, output_dir, planted, selection, family.trainer_class,
                 )  # fmt: skip
             if is_main:
                 per_task = results["group_training"]["per_task"]
@@ -293,6 +293,7 @@ def _run_pipeline(
                 joined, results["ground_truth"] = stages.run_ground_truth(
                     model_init, tasks, subsets, estimates, est_args, grouping_args,
                     training_args, output_dir, results["estimation"]["seconds"],
+                    family.trainer_class,
                 )  # fmt: skip
             if is_main:
                 plot_estimated_vs_true(

@@ -70,7 +70,6 @@ def train_meta_init(
     from transformers import set_seed
 
     from hf_tae.hub import load_meta_init
-    from hf_tae.trainers.multitask import MultitaskTrainer
 
     set_seed(training_args.seed)  # the model is built before the Trainer seeds anything
     fingerprint = meta_init_fingerprint(family, family_args, tasks, training_args)
@@ -88,7 +87,7 @@ def train_meta_init(
     else:
         model = family.model_init(family_args, tasks)
     training_args.output_dir = str(output_dir / "checkpoints")
-    trainer = MultitaskTrainer(model=model, args=training_args, task_set=tasks)
+    trainer = family.trainer_class(model=model, args=training_args, task_set=tasks)
     if not (pipeline_args.meta_init or reuse):
         trainer.train()
     validation = trainer.evaluate_tasks("validation")
@@ -329,7 +328,8 @@ def _run_args(training_args: MultitaskTrainingArguments) -> MultitaskTrainingArg
 
 
 def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_args,
-                 output_dir: Path, planted: np.ndarray | None, metric: str) -> dict[str, Any]:  # fmt: skip
+                 output_dir: Path, planted: np.ndarray | None, metric: str,
+                 trainer_class: type | None = None) -> dict[str, Any]:  # fmt: skip
     """Stage 6: the group models against one model on all tasks, one per task and the planted
     groups; scored per task on the test split by every metric, compared by ``metric``. The
     recommendation is whichever of the groups, all tasks and single tasks scores best on the
@@ -350,7 +350,7 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
         return compare_group_training(
             model_init, tasks, strategies, _run_args(training_args), output_dir / "group_training",
             seeds=grouping_args.group_seeds, split=split, extra_splits=extra,
-            show_progress=not training_args.disable_tqdm,
+            show_progress=not training_args.disable_tqdm, trainer_class=trainer_class,
         )  # fmt: skip
 
     table = compare("test", ("validation",))  # each run is scored on both splits once
@@ -381,7 +381,8 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
 
 
 def run_ground_truth(model_init, tasks: TaskSet, subsets, estimates, est_args, grouping_args,
-                     training_args, output_dir: Path, estimation_seconds: float):  # fmt: skip
+                     training_args, output_dir: Path, estimation_seconds: float,
+                     trainer_class: type | None = None):  # fmt: skip
     """Stage 7: fine-tune ``--ground_truth`` sampled subsets and compare with their estimates."""
     from hf_tae.estimation.affinity import AffinityMatrix
     from hf_tae.estimation.compare import (
@@ -400,6 +401,7 @@ def run_ground_truth(model_init, tasks: TaskSet, subsets, estimates, est_args, g
         _run_args(training_args),
         output_dir / "ground_truth",
         seeds=grouping_args.ground_truth_seeds,
+        trainer_class=trainer_class,
     ).run(chosen, split=est_args.scoring_split, show_progress=not training_args.disable_tqdm)
     seconds = time.perf_counter() - start
     per_seed = [rows.drop(columns="seed") for _, rows in truth.groupby("seed")]

@@ -1,0 +1,151 @@
+"""GradEx data selection on the planted digits benchmark: does choosing sources by estimate pay
+off in real training?
+
+What it measures
+    The data are :func:`hf_tae.selection.planted.make_selection_domains`: a target domain with
+    30 training digits and 7 candidate sources (3 helpful: more upright digits; 2 mislabelled:
+    uniformly wrong labels; 2 off-view: digits with their 2×2 tiles rearranged, one of them
+    mislabelled), one model with a shared classification head. The selection job
+    (``hf-tae select images --target target``) trains θ0 on everything, collects gradients,
+    estimates the target's validation cross-entropy for subsets of sources, and chooses with
+    every method (ensemble best prefix, ensemble above the mean, GradEx's one-pass forward
+    selection, textbook forward stepwise) and baseline (all sources, gradient similarity,
+    representation similarity, random subsets of the same size, the target alone). Then it
+    trains, for real, every method's choice, the target with each source alone (is the planting
+    real?) and random subsets of half the sources, and prints:
+
+    * the target's test accuracy after training on each method's choice;
+    * the real effect of each source (target + source vs the target alone), by planted role;
+    * estimated vs real validation cross-entropy over every trained subset (error, Spearman);
+    * the compute of the estimates against training every subset the selection evaluated.
+
+How to run
+    ``python benchmarks/selection.py`` (resumable: rerun the same command), output in
+    ``runs/benchmark_selection`` and the printed summary in ``benchmarks/results/selection.txt``.
+    Extra flags go to ``hf-tae select``. Cost: 62 real runs (31 subsets × 2 seeds) plus the
+    planted answer; measured at 27–48 s per run on one thread of a shared 2-core machine under
+    a load of 4–8 (about 45 minutes in all, over three resumed calls), 2.8 minutes for θ0. On an
+    unloaded core a run should take a fraction of that; it does not fit in 15 minutes here.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+OUTPUT = Path("runs/benchmark_selection")
+RESULTS = Path(__file__).parent / "results" / "selection.txt"
+#: Shorter runs than the image family's 600 steps (31 subsets × 2 seeds of real training).
+FLAGS = [
+    "--head", "shared", "--target", "target", "--max_steps", "300",
+    "--per_device_train_batch_size", "32", "--truth_subsets", "20", "--num_subsets", "200",
+    "--train_seeds", "0", "1",
+    "--disable_tqdm", "true", "--logging_strategy", "no",
+]  # fmt: skip
+
+
+def summarize(results: dict) -> str:
+    from hf_tae.selection.planted import ROLES
+
+    tr = results["training"]
+    lines = [f"target {results['target']}; estimates rank by validation {results['metric']}; "
+             f"real runs: {tr['runs']} ({tr['seconds_per_run']:.1f} s each)", "",
+             f"{'method':<28} {'test acc':>8}  sources"]  # fmt: skip
+    for name, r in sorted(tr["by_method"].items(), key=lambda kv: -kv[1]["test"]):
+        lines.append(f"{name:<28} {r['test']:>8.4f}  {', '.join(r['sources']) or '(none)'}")
+    lines += ["", "real effect of each source (test accuracy, target + source − target alone):"]
+    for role in ("helpful", "off-view", "harmful"):
+        effects = {s: v for s, v in tr["source_effects"].items() if ROLES[s] == role}
+        text = ", ".join(f"{s} {v:+.3f}" for s, v in effects.items())
+        lines.append(f"  {role:<9} mean {np.mean(list(effects.values())):+.3f}: {text}")
+    a, c = tr["estimated_vs_real"], tr["compute"]
+    lines += ["", f"estimated vs real validation {a['metric']} over {a['num_subsets']} trained "
+                  f"subsets: mean abs error {a['mean_abs_error']:.3f} (relative "
+                  f"{a['mean_rel_error']:.3f}), Spearman {a['spearman']:.3f}, Pearson "
+                  f"{a['pearson']:.3f}"]  # fmt: skip
+    rnd = tr.get("estimated_vs_real_random")
+    if rnd:
+        lines.append(f"  random half-size subsets only ({rnd['num_subsets']}): abs error "
+                     f"{rnd['mean_abs_error']:.3f}, Spearman {rnd['spearman']:.3f}")  # fmt: skip
+    fo = results["first_order"]
+    if "first_order_error" in fo:
+        lines.append(f"first-order (A.7) error at the chosen step ‖Δθ‖ = {fo['norm']:.2f} "
+                     f"({fo['fraction']:.2f} of ‖θ0‖): {fo['first_order_error']:.3f} (zeroth "
+                     f"order {fo['zeroth_order_error']:.3f})")  # fmt: skip
+    lines += [f"compute: {c['subsets_evaluated']} subsets estimated in "
+              f"{c['estimation_seconds']:.1f} s (gradients + estimates) vs ≈ "
+              f"{c['training_seconds_for_them']:.0f} s to train them: {c['ratio']:.0f}× "
+              f"({c['ratio_with_meta_init']:.1f}× counting the meta-initialization, "
+              f"{results['timings']['meta-initialization']:.0f} s)"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def l2_sensitivity(grid=(1.0, 10.0, 100.0, 1000.0)) -> str:
+    """Forward stepwise choice at other ridge strengths λ, from the same gradients (seconds):
+    how much the answer depends on λ, which the job does not choose from data (one θ0)."""
+    from hf_tae import GradientStore
+    from hf_tae.selection import SourceEstimator, forward_stepwise, sources_from_tasks
+
+    store = GradientStore.load(OUTPUT / "gradients")
+    sources = sources_from_tasks(store)
+    lines = ["forward stepwise choice by λ (same gradients; the job uses λ = 100):"]
+    for l2 in grid:
+        est = SourceEstimator(store, sources, "target", base=["target"], l2=l2)
+
+        def score(subsets, est=est):
+            return -est.estimate(subsets)["log_loss"].to_numpy()
+
+        chosen, _ = forward_stepwise(score, est.candidates, score([est.base])[0], est.base)
+        lines.append(f"  λ = {l2:g}: {', '.join(sources.names[c] for c in chosen) or '(none)'}")
+    return "\n".join(lines)
+
+
+def planted_answer(argv: list[str]) -> dict:
+    """Real training of the planted answer (the target with every helpful source and nothing
+    else), with the job's model and seeds: the reference a selection is judged against."""
+    from hf_tae.families import get_family
+    from hf_tae.pipeline.stages import _run_args, fresh_model
+    from hf_tae.selection.check import train_subsets
+    from hf_tae.selection.cli import build_parser
+    from hf_tae.selection.planted import ROLES
+
+    family = get_family("images")
+    family_args, _, _, sel, training_args = build_parser("images").parse_args_and_config(argv)
+    tasks = family.load_tasks(family_args)
+    answer = ["target", *(s for s, role in ROLES.items() if role == "helpful")]
+    real, _ = train_subsets(fresh_model(family, family_args, tasks, OUTPUT, sel.train_init),
+                            tasks, "target", [answer], _run_args(training_args),
+                            OUTPUT / "training", seeds=sel.train_seeds, show_progress=False,
+                            trainer_class=family.trainer_class)  # fmt: skip
+    test = real[real["split"] == "test"]
+    return {"sources": answer[1:], "test": float(test["accuracy"].iloc[0])}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from hf_tae.selection.cli import run
+    from hf_tae.selection.planted import make_selection_domains
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    data = OUTPUT / "data_planted"
+    if not data.exists():
+        make_selection_domains().save(data)
+    args = ["--dataset", str(data), "--output_dir", str(OUTPUT), *FLAGS, *argv]
+    results = run(["images", *args])
+    reference = planted_answer(args)
+    text = (summarize(results) + f"\nplanted answer (reference, trained the same way): test acc "
+            f"{reference['test']:.4f} ({', '.join(reference['sources'])})\n" + l2_sensitivity())  # fmt: skip
+    print(text)
+    RESULTS.write_text(text + "\n")
+    (OUTPUT / "summary.json").write_text(json.dumps(results["training"], indent=2, default=str))
+    return results
+
+
+if __name__ == "__main__":
+    main()

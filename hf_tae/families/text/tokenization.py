@@ -1,0 +1,156 @@
+"""Tokenizers built in-process and the tokenized task set of text tasks.
+
+Tokenizer choice matters more than model size for a tiny model: a byte-pair vocabulary of a few
+hundred symbols trained on the task texts (digits split one per token) learns far faster than
+bytes. :func:`train_bpe_tokenizer` builds one with the ``tokenizers`` library (no download) and
+wraps it in ``PreTrainedTokenizerFast``; any Hub tokenizer works too.
+
+:func:`tokenize_text_tasks` turns :class:`~hf_tae.families.text.data.TextTasks` into a
+:class:`~hf_tae.TaskSet` whose rows carry ``input_ids``, ``attention_mask`` and ``labels``
+(target ids ending in the end-of-sequence token, so that teacher-forced argmax equals greedy
+decoding), plus ``target_class`` (an id of the target string: the label-frequency baseline's
+"class", i.e. predicting a task's most frequent answer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from hf_tae.errors import TaeError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from hf_tae.families.text.data import TextTasks
+    from hf_tae.tasks.taskset import TaskSet
+
+logger = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+INPUT_COLUMNS = ["input_ids", "attention_mask", "labels"]
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 400):
+    """A byte-pair tokenizer trained on ``texts``: whitespace and single digits pre-split,
+    ``<pad>`` (id 0), ``</s>`` (id 1), ``<unk>`` (id 2), no post-processor (callers add
+    ``</s>`` where they need it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    tokenizer.decoder = decoders.BPEDecoder()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  show_progress=False)  # fmt: skip
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tokenizer_for(text_tasks: TextTasks, name_or_path: str | None, vocab_size: int):
+    """``AutoTokenizer`` of ``name_or_path``, else a BPE tokenizer trained on the tasks'
+    training texts."""
+    if name_or_path:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name_or_path)
+    train = text_tasks.dataset.filter(lambda split: split == "train", input_columns="split")
+    return train_bpe_tokenizer(list(train["input"]) + list(train["target"]), vocab_size)
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, what: str,
+         end_with_eos: bool) -> list[list[int]]:  # fmt: skip
+    eos = tokenizer.eos_token_id
+    out, truncated = [], 0
+    for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
+        if end_with_eos and eos is not None and (not ids or ids[-1] != eos):
+            ids = [*ids, eos]
+        if len(ids) > max_length:
+            truncated += 1
+            ids = ids[: max_length - 1] + [ids[-1]] if end_with_eos else ids[:max_length]
+        out.append(ids)
+    if truncated:
+        logger.warning("%d of %d %ss are longer than max_%s_length=%d tokens and were truncated; "
+                       "raise --max_%s_length to keep them whole.", truncated, len(texts), what,
+                       what, max_length, what)  # fmt: skip
+    return out
+
+
+def tokenize_text_tasks(
+    text_tasks: TextTasks,
+    tokenizer: PreTrainedTokenizerBase,
+    max_source_length: int = 128,
+    max_target_length: int = 32,
+) -> TaskSet:
+    """The :class:`~hf_tae.TaskSet` of ``text_tasks`` (single-label layout; the source is a
+    :class:`TokenizedTextTasks`). Over-long inputs and targets are truncated with a warning
+    that counts them (targets keep their final end-of-sequence token)."""
+    from datasets import List, Value
+
+    from hf_tae.tasks.taskset import TaskSet
+
+    if tokenizer.pad_token_id is None:
+        raise TaeError(
+            f"the tokenizer {type(tokenizer).__name__} has no pad token; set one first, e.g. "
+            "tokenizer.pad_token = tokenizer.eos_token."
+        )
+    if max_target_length < 2 or max_source_length < 1:
+        raise TaeError(
+            "max_target_length must be >= 2 (a token and </s>) and max_source_length >= 1."
+        )
+    data = text_tasks.dataset
+    sources = _ids(tokenizer, list(data["input"]), max_source_length, "source", end_with_eos=False)
+    targets = _ids(tokenizer, list(data["target"]), max_target_length, "target", end_with_eos=True)
+    answers = sorted(set(data["target"]))
+    index = {answer: i for i, answer in enumerate(answers)}
+    dataset = (
+        data.add_column("input_ids", sources, feature=List(Value("int32")))
+        .add_column("attention_mask", [[1] * len(s) for s in sources], feature=List(Value("int8")))
+        .add_column("labels", targets, feature=List(Value("int32")))
+        .add_column("target_class", [index[t] for t in data["target"]], feature=Value("int32"))
+    )
+    source = TokenizedTextTasks(text_tasks, tokenizer)
+    return TaskSet(dataset, text_tasks.task_names, input_columns=INPUT_COLUMNS,
+                   label_column="target_class", source=source)  # fmt: skip
+
+
+class TokenizedTextTasks:
+    """The source of a text task set: the :class:`TextTasks` and the tokenizer that encoded
+    them (saved together; its pad id pads the batches)."""
+
+    def __init__(self, text_tasks: TextTasks, tokenizer: PreTrainedTokenizerBase):
+        self.text_tasks, self.tokenizer = text_tasks, tokenizer
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.text_tasks.task_names
+
+    @property
+    def task_groups(self) -> list[int] | None:
+        return self.text_tasks.task_groups
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        """The text tasks (:meth:`TextTasks.save`) and the tokenizer (``tokenizer/``)."""
+        self.text_tasks.save(path, overwrite=overwrite)
+        self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+
+    def fingerprint(self) -> str:
+        """sha256 of the rows and the tokenizer's vocabulary."""
+        vocab = sorted(self.tokenizer.get_vocab().items())
+        return hashlib.sha256((self.text_tasks.fingerprint() + repr(vocab)).encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.text_tasks!r}, {type(self.tokenizer).__name__} ({len(self.tokenizer)} tokens)"
+        )

@@ -1,0 +1,345 @@
+"""The selection job: θ0 and gradients (the pipeline's stages), sources, estimates on the
+target, every selection method, and optionally the real-training check; ``report.md``,
+``results.json`` and PNGs in the output folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hf_tae.errors import TaeError
+from hf_tae.estimation.schema import higher_is_better
+from hf_tae.utils.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from hf_tae.families.base import TaskFamily
+    from hf_tae.pipeline.arguments import GradientArguments, PipelineArguments
+    from hf_tae.selection.arguments import SelectionArguments
+    from hf_tae.trainers.arguments import MultitaskTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+def build_sources(store, tasks, sel: SelectionArguments):
+    """The :class:`~hf_tae.selection.sources.Sources` that ``--sources`` names."""
+    from hf_tae.selection import sources as src
+
+    if sel.sources == "tasks":
+        return src.sources_from_tasks(store)
+    if sel.sources == "column":
+        if sel.source_column not in tasks.dataset.column_names:
+            raise TaeError(f"--source_column {sel.source_column!r} is not a dataset column; "
+                           f"the columns are {tasks.dataset.column_names}.")  # fmt: skip
+        return src.sources_from_column(store, tasks.dataset[sel.source_column], sel.source_column)
+    return src.cluster_gradients(store, sel.num_clusters, sel.sources, seed=sel.subset_seed)
+
+
+def select_sources(est, sel: SelectionArguments, metric: str) -> dict[str, Any]:
+    """Every method's choice of sources (ids), with the ensemble table and the trajectories."""
+    from hf_tae.estimation.subsets import sample_subsets
+    from hf_tae.selection.select import (
+        best_prefix,
+        choose_top,
+        ensemble_scores,
+        forward_pass,
+        forward_stepwise,
+        gradient_similarity,
+        oriented,
+        random_subsets,
+        top_k,
+    )  # fmt: skip
+
+    cand = est.candidates
+    if not cand:
+        raise TaeError("no candidate sources with training rows besides the base.")
+    evaluated: list[tuple[int, ...]] = []
+
+    def score(subsets):
+        table = est.estimate(subsets)
+        evaluated.extend(tuple(s) for s in table["subset"])
+        return oriented(table[metric], metric)
+
+    start = time.perf_counter()
+    size = max(1, round(sel.subset_fraction * len(cand)))
+    total = math.comb(len(cand), size)
+    subsets = sample_subsets(cand, min(sel.num_subsets, total), size, seed=sel.subset_seed)
+    table = est.estimate(subsets)
+    evaluated.extend(tuple(s) for s in table["subset"])
+    values = oriented(table[metric], metric)
+    names = est.sources.names
+    candidate_only = [[s for s in sub if s in cand] for sub in table["subset"]]
+    ensemble = ensemble_scores(candidate_only, values, len(names), names)
+    ensemble = ensemble[ensemble["source"].isin(cand)].reset_index(drop=True)
+    base_score = (float(score([est.base])[0]) if est.base
+                  else float(oriented([est.theta0_score()[metric]], metric)[0]))  # fmt: skip
+    ranking = ensemble.sort_values("rank")["source"].tolist()
+    if sel.budget is not None:
+        ours = choose_top(ensemble, k=sel.budget, candidates=cand)
+    else:
+        ours, _ = best_prefix(score, ranking, base_score, est.base)
+    above_mean = choose_top(ensemble, threshold=float(values.mean()), candidates=cand)
+    passed, pass_trajectory = forward_pass(score, cand, base_score, est.base)
+    stepwise, step_trajectory = forward_stepwise(score, cand, base_score, est.base)
+    store = est.view.store
+    train = store.tensors("train")
+    target_rows = est.view.tensors("validation")["grad"].numpy()
+    sims = gradient_similarity(train["grad"].numpy(), est.sources.ids, len(names), target_rows)
+    k = max(len(ours), 1)
+    methods = {
+        "ensemble (ours)": ours,
+        "ensemble above mean": above_mean,
+        "forward pass (GradEx code)": passed,
+        "forward stepwise": stepwise,
+        "all sources": list(cand),
+        "gradient similarity": top_k(sims, k, cand),
+        "base only": [],
+    }
+    for i, draw in enumerate(random_subsets(cand, k, sel.random_baselines, seed=sel.subset_seed)):
+        methods[f"random {k} #{i}"] = draw
+    seconds = time.perf_counter() - start
+    ensemble["gradient_similarity"] = sims[ensemble["source"].to_numpy()]
+    return {
+        "methods": methods,
+        "ensemble": ensemble,
+        "ensemble_estimates": table,
+        "forward_pass": pass_trajectory,
+        "forward_stepwise": step_trajectory,
+        "base_score": base_score,
+        "subset_size": size,
+        "num_evaluated": len(set(evaluated)),
+        "seconds": seconds,
+    }
+
+
+def run_selection(
+    family: str | TaskFamily,
+    family_args: Any,
+    pipeline_args: PipelineArguments,
+    grad_args: GradientArguments,
+    sel: SelectionArguments,
+    training_args: MultitaskTrainingArguments,
+    command: str = "",
+) -> dict[str, Any]:
+    """Run the selection job for ``family`` and return ``results`` (also ``results.json``)."""
+    import torch
+
+    from hf_tae.families import get_family
+    from hf_tae.pipeline import stages
+    from hf_tae.selection.estimate import SourceEstimator
+
+    family = get_family(family)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False
+    output_dir = Path(training_args.output_dir)
+    timings: dict[str, float] = {}
+    tasks = family.load_tasks(family_args)
+    sel.check(tasks.task_names, family.metrics.estimated)
+    metric = sel.selection_metric or family.metrics.affinity
+    results: dict[str, Any] = {"family": family.name, "command": command, "target": sel.target,
+                               "metric": metric, "settings": dataclasses.asdict(sel),
+                               "timings": timings}  # fmt: skip
+
+    start = time.perf_counter()
+    trainer, meta = stages.train_meta_init(family, family_args, tasks, pipeline_args,
+                                           training_args, output_dir)  # fmt: skip
+    timings["meta-initialization"] = time.perf_counter() - start
+    if meta["reused"]:  # keep the time of the run that trained it, for the compute ratio
+        timings["meta-initialization"] = _previous_timing(output_dir, "meta-initialization",
+                                                          timings["meta-initialization"])  # fmt: skip
+    results["meta_init"] = {"test_target": meta["test"].get(
+        f"test_{sel.target}_{family.metrics.selection}"), "reused": meta["reused"]}  # fmt: skip
+    exclude = list(grad_args.gradient_exclude)
+    if grad_args.exclude_task_heads:
+        exclude += family.private_parameters(trainer.model)
+    start = time.perf_counter()
+    store = trainer.collect_gradients(
+        output_dir / "gradients", score_fn=family.score_function(family_args),
+        collate_fn=family.collate_fn(family_args), dim=grad_args.projection_dim,
+        kind=grad_args.projection_kind, seed=grad_args.projection_seed,
+        batch_size=grad_args.gradient_batch_size, exclude=exclude or None, overwrite=True,
+    )  # fmt: skip
+    timings["gradients"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    sources = build_sources(store, tasks, sel)
+    sources.save(output_dir / "sources.json")
+    base = [sel.target] if sel.sources == "tasks" and sel.include_target else []
+    model = trainer.model.eval()
+    projected = {n for n, _ in store.metadata.get("projector", {}).get("parameters", [])}
+    theta0_norm = math.sqrt(sum(float((p.detach().double() ** 2).sum())
+                                for n, p in model.named_parameters() if n in projected))  # fmt: skip
+    est = SourceEstimator(store, sources, sel.target, base=base, step_norm=sel.step_norm,
+                          step_fraction=sel.step_fraction, theta0_norm=theta0_norm,
+                          l2=sel.estimator_l2, mode=sel.estimator_mode)  # fmt: skip
+    chosen = select_sources(est, sel, metric)
+    rep = _representation_similarity(family, family_args, model, tasks, est, sel)
+    if rep is not None:
+        from hf_tae.selection.select import top_k
+
+        chosen["ensemble"]["representation_similarity"] = rep[chosen["ensemble"]["source"]]
+        k = len(chosen["methods"]["ensemble (ours)"])
+        chosen["methods"]["representation similarity"] = top_k(rep, k, est.candidates)
+    timings["estimation + selection"] = time.perf_counter() - start
+    names = sources.names
+    results["sources"] = {"method": sources.method, "details": sources.details, "names": names,
+                          "counts": sources.counts().tolist(), "base": [names[b] for b in est.base]}  # fmt: skip
+    results["methods"] = {m: [names[s] for s in c] for m, c in chosen["methods"].items()}
+    results["ensemble"] = chosen["ensemble"].to_dict(orient="records")
+    results["forward_pass"] = chosen["forward_pass"].to_dict(orient="records")
+    results["forward_stepwise"] = chosen["forward_stepwise"].to_dict(orient="records")
+    results["estimation"] = {"subsets_evaluated": chosen["num_evaluated"],
+                             "seconds": chosen["seconds"], "subset_size": chosen["subset_size"],
+                             "base_score": chosen["base_score"]}  # fmt: skip
+    ours = chosen["methods"]["ensemble (ours)"]
+    w = est.fit([ours or est.base])
+    results["first_order"] = _first_order(family, family_args, model, est, w, tasks, exclude, sel)
+    _save(results, output_dir)
+
+    if sel.check_by_training:
+        results["training"] = _check(family, family_args, tasks, est, chosen, sel, training_args,
+                                     output_dir, metric, timings)  # fmt: skip
+    _save(results, output_dir)
+    from hf_tae.selection.report import plot_selection, write_selection_report
+
+    plot_selection(results, output_dir)
+    write_selection_report(results, output_dir)
+    return results
+
+
+def _representation_similarity(family, family_args, model, tasks, est, sel):
+    """Cosine of mean representations (the input of the output head), or None when the model
+    has no module named by ``--representation_module`` or a known head."""
+    from hf_tae.selection.check import representation_similarity
+
+    module = sel.representation_module
+    if module is None:
+        names = dict(model.named_modules())
+        module = next((m for m in ("classifier", "head", "heads.0") if m in names), None)
+    if module is None or module == "none":
+        return None
+    store = est.view.store
+    target = est.view.tensors("validation")["example_id"].numpy()
+    example_ids = store.tensors("train")["example_id"].numpy()
+    return representation_similarity(model, tasks, module, example_ids, est.sources.ids,
+                                     len(est.sources), target,
+                                     collate_fn=family.collate_fn(family_args))  # fmt: skip
+
+
+def _first_order(family, family_args, model, est, w, tasks, exclude, sel) -> dict[str, Any]:
+    """A.7 error of the chosen subset's estimate at its step; skipped without a projector."""
+    from hf_tae.selection.check import first_order_error
+
+    if "projector" not in est.view.metadata:
+        return {"skipped": "the gradient store records no projector to lift w"}
+    return first_order_error(model, est, w[0], tasks, score_fn=family.score_function(family_args),
+                             exclude=exclude, collate_fn=family.collate_fn(family_args),
+                             max_examples=sel.first_order_examples)  # fmt: skip
+
+
+def _check(family, family_args, tasks, est, chosen, sel, training_args, output_dir, metric,
+           timings) -> dict[str, Any]:  # fmt: skip
+    """Real training of every method's choice and of ``--truth_subsets`` random subsets."""
+    from hf_tae.estimation.subsets import sample_subsets
+    from hf_tae.pipeline.stages import _run_args, fresh_model
+    from hf_tae.selection.check import estimated_vs_real, train_subsets
+
+    if sel.sources != "tasks" or not sel.include_target:
+        return {"skipped": "real training needs task sources with the target included "
+                           "(--sources tasks --include_target true)"}  # fmt: skip
+    names = est.sources.names
+    cand = est.candidates
+
+    def as_tasks(subset):
+        return [names[s] for s in sorted({*est.base, *subset})]
+
+    methods = chosen["methods"]
+    size = chosen["subset_size"]
+    pool = sample_subsets(cand, min(sel.truth_subsets, math.comb(len(cand), size)), size,
+                          seed=sel.subset_seed + 1) if sel.truth_subsets else []  # fmt: skip
+    # the target with each source alone: does the source really help or hurt?
+    singles = [[c] for c in cand] if sel.check_each_source else []
+    every = [as_tasks(s) for s in [*methods.values(), *singles, *pool]]
+    unique = list({tuple(s): s for s in every}.values())
+    model_init = fresh_model(family, family_args, tasks, output_dir, sel.train_init)
+    start = time.perf_counter()
+    real, per_run = train_subsets(model_init, tasks, sel.target, unique, _run_args(training_args),
+                            output_dir / "training", seeds=sel.train_seeds,
+                            show_progress=not training_args.disable_tqdm,
+                            trainer_class=family.trainer_class)  # fmt: skip
+    timings["real training"] = time.perf_counter() - start
+    estimated = est.estimate([[names.index(t) for t in s] for s in unique])
+    estimated["subset"] = [[names[t] for t in s] for s in estimated["subset"]]
+    selection_metric = family.metrics.selection
+
+    def real_value(subset, split, m):
+        rows = real[(real["split"] == split) & (real["subset"].map(tuple) == tuple(subset))]
+        return float(rows[m].iloc[0])
+
+    by_method = {m: {"sources": [names[s] for s in c],
+                     "test": real_value(as_tasks(c), "test", selection_metric),
+                     "validation": real_value(as_tasks(c), "validation", selection_metric),
+                     "test_" + metric: real_value(as_tasks(c), "test", metric)}
+                 for m, c in methods.items()}  # fmt: skip
+    alone = by_method["base only"]["test"]
+    effects = {names[c[0]]: real_value(as_tasks(c), "test", selection_metric) - alone
+               for c in singles}  # fmt: skip
+    validation = real[real["split"] == "validation"]
+    agreement = estimated_vs_real(estimated, validation, metric)
+    agreement_truth = estimated_vs_real(
+        estimated[[tuple(s) in {tuple(as_tasks(p)) for p in pool} for s in estimated["subset"]]],
+        validation, metric) if len(pool) >= 3 else None  # fmt: skip
+    # selection by training would train every subset the estimates evaluated
+    estimation_seconds = timings["gradients"] + timings["estimation + selection"]
+    return {
+        "metric": selection_metric,
+        "by_method": by_method,
+        "source_effects": effects,
+        "estimated_vs_real": agreement,
+        "estimated_vs_real_random": agreement_truth,
+        "pairs": [
+            {"subset": s, "estimated": float(e), "real": real_value(s, "validation", metric)}
+            for s, e in zip(estimated["subset"], estimated[metric], strict=True)
+        ],  # fmt: skip
+        "runs": len(unique) * len(sel.train_seeds),
+        "seconds_per_run": per_run,
+        "compute": {
+            "subsets_evaluated": chosen["num_evaluated"],
+            "training_seconds_for_them": per_run * chosen["num_evaluated"],
+            "estimation_seconds": estimation_seconds,
+            "ratio": per_run * chosen["num_evaluated"] / max(estimation_seconds, 1e-9),
+            "ratio_with_meta_init": per_run
+            * chosen["num_evaluated"]
+            / max(estimation_seconds + timings["meta-initialization"], 1e-9),
+        },
+        "higher_is_better": higher_is_better(selection_metric),
+    }
+
+
+def _previous_timing(output_dir: Path, stage: str, default: float) -> float:
+    """``stage``'s time in an earlier ``results.json`` of this folder (a reused stage), else
+    ``default``."""
+    path = output_dir / "results.json"
+    if path.is_file():
+        return float(json.loads(path.read_text()).get("timings", {}).get(stage, default))
+    return default
+
+
+def _save(results: dict[str, Any], output_dir: Path) -> None:
+    atomic_write_text(output_dir / "results.json",
+                      json.dumps(results, indent=2, default=_plain) + "\n")  # fmt: skip
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

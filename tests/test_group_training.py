@@ -98,3 +98,33 @@ def test_summary_means_gains_and_wins_by_hand():
     assert summary.loc["all", "num_models"] == 1 and summary.loc["single", "num_models"] == 3
     with pytest.raises(TaeError, match="reference 'nope'"):
         summarize_group_training(pd.DataFrame(rows), reference="nope")
+
+
+def test_run_steps_gives_every_group_the_same_optimizer_steps(tiny_graph, task_set, tmp_path):
+    """By epochs a run's steps grow with its rows; with ``--run_steps`` a one-task group and the
+    all-tasks group take exactly that many optimizer steps (counted by a callback)."""
+    from transformers import TrainerCallback
+
+    from hf_tae import MultitaskTrainer
+    from hf_tae.pipeline.arguments import GroupingArguments
+    from hf_tae.pipeline.stages import _run_args
+
+    class CountSteps(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            CountSteps.steps += 1
+
+    def steps(args, tasks):
+        CountSteps.steps = 0
+        trainer = MultitaskTrainer(model=_model_init(tiny_graph)(), args=args,
+                                   task_set=task_set.select(tasks), callbacks=[CountSteps()])  # fmt: skip
+        trainer.train()
+        return CountSteps.steps
+
+    one, every = [tiny_graph.task_names[0]], list(tiny_graph.task_names)
+    base = _args(tmp_path)
+    by_epochs = _run_args(base, GroupingArguments())
+    assert steps(by_epochs, one) < steps(by_epochs, every)  # the size bias --run_steps removes
+    fixed = _run_args(base, GroupingArguments(run_steps=7))
+    assert steps(fixed, one) == steps(fixed, every) == 7

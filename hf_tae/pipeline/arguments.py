@@ -161,6 +161,15 @@ class GroupingArguments:
     group_seeds: list[int] = field(
         default_factory=lambda: [0], metadata={"help": "Seeds of each group training run."}
     )
+    run_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer steps of every group-training and ground-truth run, the same for "
+            "every subset. By epochs a run's steps grow with its rows, so a group of two tasks "
+            "gets a tenth of the all-tasks run's steps and often stops before it learns (see "
+            "README: scenarios). Default: the training arguments' epochs (or max_steps)."
+        },
+    )
     ground_truth: int = field(
         default=0,
         metadata={
@@ -228,6 +237,8 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
                         ("--null_min_z", grouping.null_min_z)):  # fmt: skip
         if not value >= 0:
             raise TaeError(f"{flag} must be a number >= 0, got {value}.")
+    if grouping.run_steps is not None and not grouping.run_steps >= 1:
+        raise TaeError(f"--run_steps must be >= 1 (or unset), got {grouping.run_steps}.")
     if not grouping.group_seeds:
         raise TaeError("--group_seeds is empty; give at least one seed.")
     if grouping.ground_truth and not grouping.ground_truth_seeds:

@@ -111,7 +111,7 @@ def planted_answer(argv: list[str]) -> dict:
     """Real training of the planted answer (the target with every helpful source and nothing
     else), with the job's model and seeds: the reference a selection is judged against."""
     from hf_tae.families import get_family
-    from hf_tae.pipeline.stages import _run_args, fresh_model
+    from hf_tae.pipeline.stages import fresh_model, run_arguments
     from hf_tae.selection.check import train_subsets
     from hf_tae.selection.cli import build_parser
     from hf_tae.selection.planted import ROLES
@@ -121,7 +121,7 @@ def planted_answer(argv: list[str]) -> dict:
     tasks = family.load_tasks(family_args)
     answer = ["target", *(s for s, role in ROLES.items() if role == "helpful")]
     real, _ = train_subsets(fresh_model(family, family_args, tasks, OUTPUT, sel.train_init),
-                            tasks, "target", [answer], _run_args(training_args),
+                            tasks, "target", [answer], run_arguments(training_args),
                             OUTPUT / "training", seeds=sel.train_seeds, show_progress=False,
                             trainer_class=family.trainer_class)  # fmt: skip
     test = real[real["split"] == "test"]

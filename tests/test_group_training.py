@@ -107,7 +107,7 @@ def test_run_steps_gives_every_group_the_same_optimizer_steps(tiny_graph, task_s
 
     from hf_tae import MultitaskTrainer
     from hf_tae.pipeline.arguments import GroupingArguments
-    from hf_tae.pipeline.stages import _run_args
+    from hf_tae.pipeline.stages import run_arguments
 
     class CountSteps(TrainerCallback):
         steps = 0
@@ -124,7 +124,7 @@ def test_run_steps_gives_every_group_the_same_optimizer_steps(tiny_graph, task_s
 
     one, every = [tiny_graph.task_names[0]], list(tiny_graph.task_names)
     base = _args(tmp_path)
-    by_epochs = _run_args(base, GroupingArguments().run_steps)
+    by_epochs = run_arguments(base, GroupingArguments().run_steps)
     assert steps(by_epochs, one) < steps(by_epochs, every)  # the size bias --run_steps removes
-    fixed = _run_args(base, GroupingArguments(run_steps=7).run_steps)
+    fixed = run_arguments(base, GroupingArguments(run_steps=7).run_steps)
     assert steps(fixed, one) == steps(fixed, every) == 7

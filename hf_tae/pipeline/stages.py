@@ -323,7 +323,7 @@ def fresh_model(family: TaskFamily, family_args: Any, tasks: TaskSet, run_dir: P
     return model_init
 
 
-def _run_args(training_args: MultitaskTrainingArguments,
+def run_arguments(training_args: MultitaskTrainingArguments,
               run_steps: int | None = None) -> MultitaskTrainingArguments:  # fmt: skip
     """The arguments of one group-training or ground-truth run: no Hub, no reporting, and
     ``run_steps`` (``--run_steps``) optimizer steps for every subset when it is set."""
@@ -350,9 +350,11 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
         for name, g in zip(names, planted, strict=True):
             by_group.setdefault(int(g), []).append(name)
         strategies["planted groups"] = list(by_group.values())
+    run_args = run_arguments(training_args, grouping_args.run_steps)
+
     def compare(split: str, extra: tuple[str, ...] = ()):
         return compare_group_training(
-            model_init, tasks, strategies, _run_args(training_args, grouping_args.run_steps), output_dir / "group_training",
+            model_init, tasks, strategies, run_args, output_dir / "group_training",
             seeds=grouping_args.group_seeds, split=split, extra_splits=extra,
             show_progress=not training_args.disable_tqdm, trainer_class=trainer_class,
         )  # fmt: skip
@@ -402,7 +404,7 @@ def run_ground_truth(model_init, tasks: TaskSet, subsets, estimates, est_args, g
     truth = SubsetFineTuner(
         model_init,
         tasks,
-        _run_args(training_args, grouping_args.run_steps),
+        run_arguments(training_args, grouping_args.run_steps),
         output_dir / "ground_truth",
         seeds=grouping_args.ground_truth_seeds,
         trainer_class=trainer_class,

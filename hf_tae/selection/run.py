@@ -248,7 +248,7 @@ def _check(family, family_args, tasks, est, chosen, sel, training_args, output_d
            timings) -> dict[str, Any]:  # fmt: skip
     """Real training of every method's choice and of ``--truth_subsets`` random subsets."""
     from hf_tae.estimation.subsets import sample_subsets
-    from hf_tae.pipeline.stages import _run_args, fresh_model
+    from hf_tae.pipeline.stages import fresh_model, run_arguments
     from hf_tae.selection.check import estimated_vs_real, train_subsets
 
     if sel.sources != "tasks" or not sel.include_target:
@@ -270,7 +270,7 @@ def _check(family, family_args, tasks, est, chosen, sel, training_args, output_d
     unique = list({tuple(s): s for s in every}.values())
     model_init = fresh_model(family, family_args, tasks, output_dir, sel.train_init)
     start = time.perf_counter()
-    real, per_run = train_subsets(model_init, tasks, sel.target, unique, _run_args(training_args),
+    real, per_run = train_subsets(model_init, tasks, sel.target, unique, run_arguments(training_args),
                             output_dir / "training", seeds=sel.train_seeds,
                             show_progress=not training_args.disable_tqdm,
                             trainer_class=family.trainer_class)  # fmt: skip

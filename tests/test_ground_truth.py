@@ -51,8 +51,9 @@ class ModelInit:
 
 
 def _args(path, **kw):
-    return MultitaskTrainingArguments(output_dir=str(path), learning_rate=1e-2, num_train_epochs=2,
-                                      per_device_train_batch_size=64, per_device_eval_batch_size=4096,
+    kw = {"learning_rate": 1e-2, "per_device_eval_batch_size": 4096, **kw}
+    return MultitaskTrainingArguments(output_dir=str(path), num_train_epochs=2,
+                                      per_device_train_batch_size=64,
                                       lr_scheduler_type="constant", use_cpu=True, disable_tqdm=True,
                                       report_to="none", **kw)  # fmt: skip
 
@@ -121,6 +122,40 @@ def test_extra_splits_are_scored_by_the_same_runs(graph, task_set, finished, tmp
     assert init.calls == len(SUBSETS)  # nothing trained
     pd.testing.assert_frame_equal(again, validation)
     assert not test[["f1", "log_loss"]].equals(again[["f1", "log_loss"]])  # another split's rows
+
+
+def test_a_folder_of_runs_refuses_other_settings(graph, task_set, tmp_path):
+    """Runs are reused only with the settings they were trained with: other weight-changing
+    arguments or another starting model raise and name the change; arguments that only move
+    where a run logs or evaluates, and a pre-existing folder without settings.json, are reused."""
+    init = ModelInit(graph)
+    SubsetFineTuner(init, task_set, _args(tmp_path / "a"), tmp_path, fingerprint="m0").run(
+        [[0, 1]], show_progress=False
+    )
+    assert init.calls == 1
+    other_lr = SubsetFineTuner(init, task_set, _args(tmp_path / "b", learning_rate=0.02), tmp_path,
+                               fingerprint="m0")  # fmt: skip
+    with pytest.raises(TaeError, match=r"learning_rate: 0.01 -> 0.02.*delete that folder"):
+        other_lr.run([[0, 1]], show_progress=False)
+    steps = SubsetFineTuner(init, task_set, _args(tmp_path / "c", max_steps=7), tmp_path,
+                            fingerprint="m0")  # fmt: skip
+    with pytest.raises(TaeError, match=r"max_steps: -1 -> 7"):
+        steps.run([[0, 1]], show_progress=False)
+    with pytest.raises(TaeError, match=r"fingerprint: m0 -> m1"):
+        SubsetFineTuner(init, task_set, _args(tmp_path / "d"), tmp_path, fingerprint="m1").run(
+            [[0, 1]], show_progress=False
+        )
+    neutral = _args(tmp_path / "elsewhere", logging_steps=3, per_device_eval_batch_size=7)
+    SubsetFineTuner(init, task_set, neutral, tmp_path, fingerprint="m0").run(
+        [[0, 1]], show_progress=False
+    )
+    assert init.calls == 1  # reused, nothing trained
+    (tmp_path / "settings.json").unlink()  # a folder written before settings.json existed
+    SubsetFineTuner(init, task_set, _args(tmp_path / "e", max_steps=7), tmp_path).run(
+        [[0, 1]], show_progress=False
+    )
+    assert init.calls == 1
+    assert json.loads((tmp_path / "settings.json").read_text())["training"]["max_steps"] == 7
 
 
 def test_corrupt_middle_line_raises(graph, task_set, tmp_path):

@@ -128,3 +128,24 @@ def test_run_steps_gives_every_group_the_same_optimizer_steps(tiny_graph, task_s
     assert steps(by_epochs, one) < steps(by_epochs, every)  # the size bias --run_steps removes
     fixed = run_arguments(base, GroupingArguments(run_steps=7).run_steps)
     assert steps(fixed, one) == steps(fixed, every) == 7
+
+
+def test_init_fingerprint_follows_the_saved_meta_initialization(tiny_graph, task_set, tmp_path):
+    """Group training from θ0 records which θ0: resaving the same weights keeps the fingerprint,
+    one changed weight or a missing meta_init/ changes it."""
+    import torch
+
+    from hf_tae.families import get_family
+    from hf_tae.pipeline.stages import init_fingerprint
+
+    family = get_family("graph")
+    model = _model_init(tiny_graph)()
+    model.save_pretrained(tmp_path / "meta_init")
+    first = init_fingerprint(family, None, task_set, tmp_path, "meta")
+    model.save_pretrained(tmp_path / "meta_init")
+    assert init_fingerprint(family, None, task_set, tmp_path, "meta") == first
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    model.save_pretrained(tmp_path / "meta_init")
+    assert init_fingerprint(family, None, task_set, tmp_path, "meta") != first
+    assert init_fingerprint(family, None, task_set, tmp_path / "nowhere", "meta") != first

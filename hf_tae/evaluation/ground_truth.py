@@ -50,6 +50,14 @@ if TYPE_CHECKING:
     from hf_tae.trainers.arguments import MultitaskTrainingArguments
 
 RESULTS_FILE = "results.jsonl"
+#: What the runs in a folder were trained with; a run with other settings refuses the folder.
+SETTINGS_FILE = "settings.json"
+#: Arguments every run overrides or that only pick the run (see ``SubsetFineTuner._fine_tune``).
+_PER_RUN_ARGUMENTS = frozenset({
+    "seed", "tasks", "eval_strategy", "save_strategy", "load_best_model_at_end",
+    "metric_for_best_model", "greater_is_better", "per_device_eval_batch_size", "eval_steps",
+    "save_steps", "eval_on_start", "eval_delay",
+})  # fmt: skip
 #: Per-process results under a multi-process launch (``results.rank{r}.jsonl``), merged on exit.
 RANK_RESULTS_GLOB = "results.rank*.jsonl"
 RUNS_DIR = "runs"
@@ -76,13 +84,16 @@ class SubsetFineTuner:
         args: training arguments, copied per run with ``output_dir`` under
             ``output_dir/runs/``, ``seed`` = the run seed, ``tasks=None`` (the subset is
             selected on the task set), and no evaluation, checkpoints, reporting or tqdm.
-        output_dir: holds ``results.jsonl`` (one JSON line per finished (subset, seed)).
-            Reuse it only with the same ``model_init``, ``task_set`` and ``args``: finished
-            runs are keyed by (subset, seed, split) alone.
+        output_dir: holds ``results.jsonl`` (one JSON line per finished (subset, seed)) and
+            ``settings.json`` (what the runs were trained with: the arguments that change the
+            weights, the task names, the trainer and ``fingerprint``). A rerun with other
+            settings raises instead of mixing runs of two configurations.
         seeds: one run per seed and subset (approximate clustering for multi-instruction
             tuning uses 2–3).
         trainer_class: the Trainer of every run (default :class:`~hf_tae.MultitaskTrainer`;
             a family's ``trainer_class``, e.g. the seq2seq trainer of text tasks).
+        fingerprint: what else determines the runs and is not in ``args``, e.g. the
+            fingerprint of the meta-initialization that ``model_init`` copies.
     """
 
     def __init__(
@@ -93,6 +104,7 @@ class SubsetFineTuner:
         output_dir: str | os.PathLike,
         seeds: Sequence[int] = (0,),
         trainer_class: type | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         if not seeds:
             raise TaeError("seeds is empty; give at least one seed, e.g. seeds=(0,).")
@@ -102,6 +114,40 @@ class SubsetFineTuner:
         self.output_dir = Path(output_dir)
         self.seeds = [int(s) for s in seeds]
         self.trainer_class = trainer_class
+        self.fingerprint = fingerprint
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What determines a run besides its subset and seed (saved as ``settings.json``)."""
+        from hf_tae.trainers import MultitaskTrainer
+        from hf_tae.trainers.arguments import weight_settings
+
+        trainer = self.trainer_class or MultitaskTrainer
+        return {
+            "training": weight_settings(self.args, ignore=_PER_RUN_ARGUMENTS),
+            "task_names": list(self.task_set.all_task_names),
+            "trainer": f"{trainer.__module__}.{trainer.__qualname__}",
+            "fingerprint": self.fingerprint,
+        }
+
+    def check_settings(self) -> None:
+        """Refuse an ``output_dir`` whose finished runs were trained with other settings (the
+        differences are named); stamp it with this tuner's settings otherwise. A folder of
+        results without ``settings.json`` (written before it existed) is taken as matching."""
+        path = self.output_dir / SETTINGS_FILE
+        ours = self.settings
+        if path.is_file():
+            theirs = json.loads(path.read_text())
+            if theirs != ours:
+                raise TaeError(
+                    f"{self.output_dir} holds fine-tuning runs trained with other settings "
+                    f"({_differences(theirs, ours)}); delete that folder to train them again "
+                    "with the new settings, or write to another output folder."
+                )
+            return
+        if process_state().is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(ours, indent=1, sort_keys=True))
 
     @property
     def results_path(self) -> Path:
@@ -173,6 +219,7 @@ class SubsetFineTuner:
         )
         is_local_main = state.is_local_main_process
         canon = self.canonical(subsets)
+        self.check_settings()
         records = self.load_records()
         done = {(tuple(r["subset"]), r["seed"], r["split"]): r for r in records}
         todo = [
@@ -303,6 +350,20 @@ class SubsetFineTuner:
                 for t, name in zip(subset, task_set.task_names, strict=True)
             ]
         return out
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    """``key: old -> new`` for every setting that differs (nested keys dotted), at most 6."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _differences(a, b, f"{prefix}{key}.")
+            changes.extend([inner] if inner else [])
+        elif a != b:
+            shown = [str(v) if len(str(v)) <= 40 else f"{str(v)[:37]}..." for v in (a, b)]
+            changes.append(f"{prefix}{key}: {shown[0]} -> {shown[1]}")
+    return "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

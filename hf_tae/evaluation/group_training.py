@@ -60,6 +60,7 @@ def compare_group_training(
     show_progress: bool = True,
     extra_splits: Sequence[str] = (),
     trainer_class: type | None = None,
+    fingerprint: str | None = None,
 ) -> pd.DataFrame:
     """Train every group of every strategy and score each task with its own group's model.
 
@@ -77,6 +78,8 @@ def compare_group_training(
             second call with ``split`` set to one of them trains nothing.
         trainer_class: the Trainer of every run (default :class:`~hf_tae.MultitaskTrainer`;
             a family's ``trainer_class``).
+        fingerprint: what ``model_init`` starts from, recorded with the runs (see
+            :class:`~hf_tae.SubsetFineTuner`: a rerun with other settings raises).
 
     Returns:
         One row per (strategy, task): ``strategy``, ``task``, ``task_name``, ``group`` (the
@@ -94,7 +97,8 @@ def compare_group_training(
         {g for groups in partitions.values() for g in groups}, key=lambda g: (len(g), g)
     )
     tuner = SubsetFineTuner(
-        model_init, task_set, args, output_dir, seeds=seeds, trainer_class=trainer_class
+        model_init, task_set, args, output_dir, seeds=seeds, trainer_class=trainer_class,
+        fingerprint=fingerprint,
     )
     table = tuner.run(subsets, split=split, show_progress=show_progress, extra_splits=extra_splits)
     means = (

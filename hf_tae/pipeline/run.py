@@ -272,11 +272,14 @@ def _run_pipeline(
             estimates = AffinityMatrix.load(output_dir / "affinity").results
         model_init = stages.fresh_model(family, family_args, tasks, output_dir,
                                         grouping_args.group_init)  # fmt: skip
+        init_print = stages.init_fingerprint(family, family_args, tasks, output_dir,
+                                             grouping_args.group_init)  # fmt: skip
         if grouping_args.train_groups:
             with _stage(timings, "group training"):
                 results["group_training"] = stages.train_groups(
                     model_init, tasks, results["grouping"]["groups"], training_args,
                     grouping_args, output_dir, planted, selection, family.trainer_class,
+                    fingerprint=init_print,
                 )  # fmt: skip
             if is_main:
                 per_task = results["group_training"]["per_task"]
@@ -293,7 +296,7 @@ def _run_pipeline(
                 joined, results["ground_truth"] = stages.run_ground_truth(
                     model_init, tasks, subsets, estimates, est_args, grouping_args,
                     training_args, output_dir, results["estimation"]["seconds"],
-                    family.trainer_class,
+                    family.trainer_class, fingerprint=init_print,
                 )  # fmt: skip
             if is_main:
                 plot_estimated_vs_true(

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hf_tae.errors import TaeError
+from hf_tae.trainers.arguments import weight_settings
 from hf_tae.utils.io import atomic_write_text
 
 if TYPE_CHECKING:
@@ -35,12 +36,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "meta_init.fingerprint.json"
-#: TrainingArguments that do not change the trained weights.
-_VOLATILE = {
-    "output_dir", "logging_dir", "run_name", "disable_tqdm", "report_to", "push_to_hub",
-    "hub_model_id", "hub_token", "hub_strategy", "hub_private_repo", "dataloader_pin_memory",
-    "logging_steps", "logging_strategy", "save_total_limit", "local_rank",
-}  # fmt: skip
 
 
 def meta_init_fingerprint(family: TaskFamily, family_args: Any, tasks: TaskSet,
@@ -48,8 +43,8 @@ def meta_init_fingerprint(family: TaskFamily, family_args: Any, tasks: TaskSet,
     """sha256 of what determines a trained meta-initialization: the family's data fingerprint
     (data and family arguments) and the training arguments that affect the weights."""
     digest = hashlib.sha256(family.fingerprint(family_args, tasks).encode())
-    training = {k: v for k, v in training_args.to_dict().items() if k not in _VOLATILE}
-    digest.update(json.dumps([family.name, training], sort_keys=True, default=str).encode())
+    training = weight_settings(training_args)
+    digest.update(json.dumps([family.name, training], sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -323,6 +318,25 @@ def fresh_model(family: TaskFamily, family_args: Any, tasks: TaskSet, run_dir: P
     return model_init
 
 
+def init_fingerprint(family: TaskFamily, family_args: Any, tasks: TaskSet, run_dir: Path,
+                     init: str) -> str:  # fmt: skip
+    """What :func:`fresh_model` starts each run from, as a sha256: the family's data and model
+    arguments (``init="scratch"``), or the saved meta-initialization's files (``"meta"``). The
+    group-training and ground-truth folders record it, so a resumed job never mixes runs that
+    started from two different models."""
+    digest = hashlib.sha256(init.encode())
+    if init == "scratch":
+        digest.update(family.fingerprint(family_args, tasks).encode())
+        return digest.hexdigest()
+    for path in sorted((run_dir / "meta_init").glob("*")):
+        if path.suffix in {".safetensors", ".json"}:  # not training_args.bin (paths)
+            digest.update(path.name.encode())
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
 def run_arguments(training_args: MultitaskTrainingArguments,
               run_steps: int | None = None) -> MultitaskTrainingArguments:  # fmt: skip
     """The arguments of one group-training or ground-truth run: no Hub, no reporting, and
@@ -333,11 +347,13 @@ def run_arguments(training_args: MultitaskTrainingArguments,
 
 def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_args,
                  output_dir: Path, planted: np.ndarray | None, metric: str,
-                 trainer_class: type | None = None) -> dict[str, Any]:  # fmt: skip
+                 trainer_class: type | None = None,
+                 fingerprint: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Stage 6: the group models against one model on all tasks, one per task and the planted
     groups; scored per task on the test split by every metric, compared by ``metric``. The
     recommendation is whichever of the groups, all tasks and single tasks scores best on the
-    validation split (the same runs, scored twice): the estimate proposes, validation decides."""
+    validation split (the same runs, scored twice): the estimate proposes, validation decides.
+    ``fingerprint``: :func:`init_fingerprint` of ``model_init``, recorded with the runs."""
     from hf_tae.estimation.schema import higher_is_better
     from hf_tae.evaluation.group_training import compare_group_training, summarize_group_training
 
@@ -357,6 +373,7 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
             model_init, tasks, strategies, run_args, output_dir / "group_training",
             seeds=grouping_args.group_seeds, split=split, extra_splits=extra,
             show_progress=not training_args.disable_tqdm, trainer_class=trainer_class,
+            fingerprint=fingerprint,
         )  # fmt: skip
 
     table = compare("test", ("validation",))  # each run is scored on both splits once
@@ -388,8 +405,9 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
 
 def run_ground_truth(model_init, tasks: TaskSet, subsets, estimates, est_args, grouping_args,
                      training_args, output_dir: Path, estimation_seconds: float,
-                     trainer_class: type | None = None):  # fmt: skip
-    """Stage 7: fine-tune ``--ground_truth`` sampled subsets and compare with their estimates."""
+                     trainer_class: type | None = None, fingerprint: str | None = None):  # fmt: skip
+    """Stage 7: fine-tune ``--ground_truth`` sampled subsets and compare with their estimates
+    (``fingerprint``: :func:`init_fingerprint` of ``model_init``, recorded with the runs)."""
     from hf_tae.estimation.affinity import AffinityMatrix
     from hf_tae.estimation.compare import (
         compare_affinities,
@@ -408,6 +426,7 @@ def run_ground_truth(model_init, tasks: TaskSet, subsets, estimates, est_args, g
         output_dir / "ground_truth",
         seeds=grouping_args.ground_truth_seeds,
         trainer_class=trainer_class,
+        fingerprint=fingerprint,
     ).run(chosen, split=est_args.scoring_split, show_progress=not training_args.disable_tqdm)
     seconds = time.perf_counter() - start
     per_seed = [rows.drop(columns="seed") for _, rows in truth.groupby("seed")]

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
+
+#: TrainingArguments that do not change the trained weights: where and how a run logs, saves,
+#: reports and evaluates. Left out of the fingerprints that decide whether results are reused.
+RESULT_NEUTRAL_ARGUMENTS = frozenset({
+    "output_dir", "logging_dir", "run_name", "disable_tqdm", "report_to", "push_to_hub",
+    "hub_model_id", "hub_token", "hub_strategy", "hub_private_repo", "dataloader_pin_memory",
+    "logging_steps", "logging_strategy", "save_total_limit", "local_rank",
+})  # fmt: skip
 
 
 @dataclass
@@ -76,3 +86,13 @@ class MultitaskTrainingArguments(TrainingArguments):
         state = self.__dict__.copy()
         state["hub_token"] = None
         return state
+
+
+def weight_settings(args: TrainingArguments, ignore: frozenset[str] | set[str] = frozenset()
+                    ) -> dict[str, Any]:  # fmt: skip
+    """The training arguments that determine the trained weights, as JSON values (every field
+    of ``args`` except :data:`RESULT_NEUTRAL_ARGUMENTS` and ``ignore``): what a resumed job
+    compares before it reuses a finished run."""
+    kept = {k: v for k, v in args.to_dict().items()
+            if k not in RESULT_NEUTRAL_ARGUMENTS and k not in ignore}  # fmt: skip
+    return json.loads(json.dumps(kept, sort_keys=True, default=str))

@@ -127,7 +127,7 @@ def test_extra_splits_are_scored_by_the_same_runs(graph, task_set, finished, tmp
 def test_a_folder_of_runs_refuses_other_settings(graph, task_set, tmp_path):
     """Runs are reused only with the settings they were trained with: other weight-changing
     arguments or another starting model raise and name the change; arguments that only move
-    where a run logs or evaluates, and a pre-existing folder without settings.json, are reused."""
+    where a run logs or evaluates are reused; results without settings.json are refused."""
     init = ModelInit(graph)
     SubsetFineTuner(init, task_set, _args(tmp_path / "a"), tmp_path, fingerprint="m0").run(
         [[0, 1]], show_progress=False
@@ -151,11 +151,10 @@ def test_a_folder_of_runs_refuses_other_settings(graph, task_set, tmp_path):
     )
     assert init.calls == 1  # reused, nothing trained
     (tmp_path / "settings.json").unlink()  # a folder written before settings.json existed
-    SubsetFineTuner(init, task_set, _args(tmp_path / "e", max_steps=7), tmp_path).run(
-        [[0, 1]], show_progress=False
-    )
-    assert init.calls == 1
-    assert json.loads((tmp_path / "settings.json").read_text())["training"]["max_steps"] == 7
+    with pytest.raises(TaeError, match=r"no settings.json"):
+        SubsetFineTuner(init, task_set, _args(tmp_path / "e"), tmp_path, fingerprint="m0").run(
+            [[0, 1]], show_progress=False
+        )
 
 
 def test_corrupt_middle_line_raises(graph, task_set, tmp_path):
@@ -352,6 +351,7 @@ def test_rank_files_of_an_interrupted_launch_are_resumed(graph, task_set, finish
     tuner, _, table = finished
     first = json.loads(tuner.results_path.read_text().splitlines()[0])
     (tmp_path / "results.rank1.jsonl").write_text(json.dumps(first) + '\n{"subset": [1, 3], "se')
+    (tmp_path / "settings.json").write_text((tuner.output_dir / "settings.json").read_text())
     init = ModelInit(graph)
     again = SubsetFineTuner(init, task_set, tuner.args, tmp_path, seeds=(0,))
     assert [r["subset"] for r in again.load_records()] == [first["subset"]]

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from hf_tae.errors import TaeError
 from hf_tae.estimation.schema import METRICS, RESULT_COLUMNS
 from hf_tae.utils.distributed import process_state
-from hf_tae.utils.io import atomic_write_text
+from hf_tae.utils.io import atomic_folder, atomic_write_text
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -61,6 +61,8 @@ _PER_RUN_ARGUMENTS = frozenset({
 #: Per-process results under a multi-process launch (``results.rank{r}.jsonl``), merged on exit.
 RANK_RESULTS_GLOB = "results.rank*.jsonl"
 RUNS_DIR = "runs"
+#: Models kept on request (``run(keep_models=...)``), one folder per (subset, seed).
+MODELS_DIR = "models"
 #: Launcher variables from which accelerate and transformers infer a distributed run.
 _DISTRIBUTED_ENV = (
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
@@ -132,10 +134,16 @@ class SubsetFineTuner:
 
     def check_settings(self) -> None:
         """Refuse an ``output_dir`` whose finished runs were trained with other settings (the
-        differences are named); stamp it with this tuner's settings otherwise. A folder of
-        results without ``settings.json`` (written before it existed) is taken as matching."""
+        differences are named) or with unknown ones (results without ``settings.json``, from
+        earlier hf_tae); stamp a new folder with this tuner's settings."""
         path = self.output_dir / SETTINGS_FILE
         ours = self.settings
+        if not path.is_file() and self.load_records():
+            raise TaeError(
+                f"{self.output_dir} holds fine-tuning runs but no {SETTINGS_FILE} saying what "
+                "they were trained with (an older hf_tae wrote them); delete that folder to "
+                "train them again, or write to another output folder."
+            )
         if path.is_file():
             theirs = json.loads(path.read_text())
             if theirs != ours:
@@ -188,11 +196,15 @@ class SubsetFineTuner:
         split: str = "validation",
         show_progress: bool = True,
         extra_splits: Sequence[str] = (),
+        keep_models: Sequence[Sequence[int | str]] = (),
     ) -> pd.DataFrame:
         """Fine-tune on every subset for every seed (skipping finished runs) and score on ``split``.
 
         ``extra_splits``: every run this call trains is also scored on these splits and recorded,
         so a later ``run(..., split=<one of them>)`` finds it done without training again.
+        ``keep_models``: subsets (among ``subsets``) whose model of the first seed is saved to
+        :meth:`model_path` (e.g. to merge the group models); a finished run whose model is
+        missing is trained again to save it (its recorded scores are kept).
 
         Returns one row per (subset, target task in the subset, seed) with the columns of
         ``RegressionEstimator.evaluate`` — ``subset_id`` (position in ``subsets``), ``subset``
@@ -222,11 +234,13 @@ class SubsetFineTuner:
         self.check_settings()
         records = self.load_records()
         done = {(tuple(r["subset"]), r["seed"], r["split"]): r for r in records}
+        keep = {(s, self.seeds[0]) for s in self.canonical(keep_models)}
         todo = [
             (s, seed)
             for s in dict.fromkeys(canon)
             for seed in self.seeds
             if (s, seed, split) not in done
+            or ((s, seed) in keep and not self.model_path(s, seed).is_dir())
         ]
         if world > 1:  # every process must see the same pending list before any appends
             state.wait_for_everyone()
@@ -237,9 +251,10 @@ class SubsetFineTuner:
             scored = [sp for sp in splits if (subset, seed, sp) not in done]
             if world > 1:
                 with _single_process_accelerate(local_rank):
-                    by_split = self._fine_tune(subset, seed, scored, local_rank=local_rank)
+                    by_split = self._fine_tune(subset, seed, scored, local_rank=local_rank,
+                                               save=(subset, seed) in keep)  # fmt: skip
             else:
-                by_split = self._fine_tune(subset, seed, scored)
+                by_split = self._fine_tune(subset, seed, scored, save=(subset, seed) in keep)
             new = [{"subset": list(subset), "seed": seed, "split": sp, "rank": rank,
                     "rows": by_split[sp]} for sp in scored]  # fmt: skip
             for record in new:
@@ -284,16 +299,22 @@ class SubsetFineTuner:
         if state is not None:
             state.wait_for_everyone()
 
+    def model_path(self, subset: Sequence[int], seed: int) -> Path:
+        """Where ``run(keep_models=...)`` saves the model of ``subset`` (global ids) and ``seed``."""
+        return self.output_dir / MODELS_DIR / f"{'-'.join(map(str, subset))}_seed{seed}"
+
     def _fine_tune(
         self,
         subset: tuple[int, ...],
         seed: int,
         splits: Sequence[str],
         local_rank: int | None = None,
+        save: bool = False,
     ) -> dict[str, list[dict[str, Any]]]:
         """Train ``model_init()`` on ``subset`` with ``seed``; per-task scores on each split.
 
-        ``local_rank`` (multi-process launches only) picks this process's GPU for the run.
+        ``local_rank`` (multi-process launches only) picks this process's GPU for the run;
+        ``save`` keeps the trained model in :meth:`model_path` (written atomically).
         """
         import torch
         from transformers import set_seed
@@ -335,6 +356,9 @@ class SubsetFineTuner:
             )
         trainer.remove_callback(PrinterCallback)  # no log lines under the progress bar
         trainer.train()
+        if save:
+            with atomic_folder(self.model_path(subset, seed), overwrite=True) as folder:
+                trainer.save_model(str(folder))
         out = {}
         for split in splits:
             metrics = trainer.evaluate_tasks(split)

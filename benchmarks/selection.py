@@ -87,23 +87,24 @@ def summarize(results: dict) -> str:
     return "\n".join(lines)
 
 
-def l2_sensitivity(grid=(1.0, 10.0, 100.0, 1000.0)) -> str:
-    """Forward stepwise choice at other ridge strengths λ, from the same gradients (seconds):
-    how much the answer depends on λ, which the job does not choose from data (one θ0)."""
-    from hf_tae import GradientStore
-    from hf_tae.selection import SourceEstimator, forward_stepwise, sources_from_tasks
+def by_l2(results: dict) -> str:
+    """Each λ's own choice (ensemble best prefix and forward stepwise) and how linear the model
+    is along it (A.7: first- vs zeroth-order error of the target's score at that step); the
+    job keeps what most λ values keep (``--estimator_l2 vote``)."""
+    from hf_tae.selection.planted import ROLES
 
-    store = GradientStore.load(OUTPUT / "gradients")
-    sources = sources_from_tasks(store)
-    lines = ["forward stepwise choice by λ (same gradients; the job uses λ = 100):"]
-    for l2 in grid:
-        est = SourceEstimator(store, sources, "target", base=["target"], l2=l2)
-
-        def score(subsets, est=est):
-            return -est.estimate(subsets)["log_loss"].to_numpy()
-
-        chosen, _ = forward_stepwise(score, est.candidates, score([est.base])[0], est.base)
-        lines.append(f"  λ = {l2:g}: {', '.join(sources.names[c] for c in chosen) or '(none)'}")
+    helpful = sorted(s for s, role in ROLES.items() if role == "helpful")
+    lines = ["choice by λ (same gradients; the job keeps a source when most λ keep it):"]
+    for l2, choice in results["estimation"]["by_l2"].items():
+        fo = results.get("first_order_by_l2", {}).get(l2, {})
+        ours, step = choice["ensemble (ours)"], choice["forward stepwise"]
+        mark = "planted answer" if sorted(ours) == helpful else "not the planted answer"
+        lines.append(f"  λ = {float(l2):g}: ensemble {', '.join(ours) or '(none)'}; stepwise "
+                     f"{'same' if sorted(step) == sorted(ours) else ', '.join(step)} ({mark}); "
+                     f"A.7 at ‖Δθ‖ = {fo.get('fraction', float('nan')):.3f} of ‖θ0‖: first order "
+                     f"{fo.get('first_order_error', float('nan')):.3f}, zeroth "
+                     f"{fo.get('zeroth_order_error', float('nan')):.3f}")  # fmt: skip
+    lines.append(f"  vote: {', '.join(results['methods']['ensemble (ours)']) or '(none)'}")
     return "\n".join(lines)
 
 
@@ -111,7 +112,7 @@ def planted_answer(argv: list[str]) -> dict:
     """Real training of the planted answer (the target with every helpful source and nothing
     else), with the job's model and seeds: the reference a selection is judged against."""
     from hf_tae.families import get_family
-    from hf_tae.pipeline.stages import fresh_model, run_arguments
+    from hf_tae.pipeline.stages import fresh_model, init_fingerprint, run_arguments
     from hf_tae.selection.check import train_subsets
     from hf_tae.selection.cli import build_parser
     from hf_tae.selection.planted import ROLES
@@ -123,7 +124,9 @@ def planted_answer(argv: list[str]) -> dict:
     real, _ = train_subsets(fresh_model(family, family_args, tasks, OUTPUT, sel.train_init),
                             tasks, "target", [answer], run_arguments(training_args),
                             OUTPUT / "training", seeds=sel.train_seeds, show_progress=False,
-                            trainer_class=family.trainer_class)  # fmt: skip
+                            trainer_class=family.trainer_class,
+                            fingerprint=init_fingerprint(family, family_args, tasks, OUTPUT,
+                                                         sel.train_init))  # fmt: skip
     test = real[real["split"] == "test"]
     return {"sources": answer[1:], "test": float(test["accuracy"].iloc[0])}
 
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = run(["images", *args])
     reference = planted_answer(args)
     text = (summarize(results) + f"\nplanted answer (reference, trained the same way): test acc "
-            f"{reference['test']:.4f} ({', '.join(reference['sources'])})\n" + l2_sensitivity())  # fmt: skip
+            f"{reference['test']:.4f} ({', '.join(reference['sources'])})\n" + by_l2(results))  # fmt: skip
     print(text)
     RESULTS.write_text(text + "\n")
     (OUTPUT / "summary.json").write_text(json.dumps(results["training"], indent=2, default=str))

@@ -69,6 +69,13 @@ def test_selection_job_writes_report_results_and_plots(planted, tmp_path):
     assert training["source_effects"] == {}
     assert "first_order_error" in results["first_order"]
     assert len(results["ensemble"]) == 7 and all(r["count"] > 0 for r in results["ensemble"])
+    # --estimator_l2 vote (default): each λ of the grid chose, the kept sources are the majority
+    by_l2 = results["estimation"]["by_l2"]
+    assert [float(x) for x in by_l2] == [1.0, 10.0, 100.0, 1000.0, 10000.0]
+    for method in ("ensemble (ours)", "forward stepwise"):
+        votes = [s for c in by_l2.values() for s in c[method]]
+        assert sorted(methods[method]) == sorted({s for s in votes if votes.count(s) >= 3})
+    assert "## Choices by λ" in (out / "report.md").read_text()
     # resumable: a rerun trains nothing new
     runs = (out / "training" / "results.jsonl").read_text()
     assert main(["images", "--dataset", str(planted), "--output_dir", str(out), *TINY]) == 0
@@ -85,6 +92,10 @@ def test_selection_command_rejects_bad_input(planted, tmp_path, capsys):
     assert "--source_column" in capsys.readouterr().err
     assert main([*base, "--target", "target", "--step_norm", "nan", *TINY[4:]]) == 2
     assert "step size" in capsys.readouterr().err
+    assert main([*base, "--target", "target", "--estimator_l2", "auto"]) == 2
+    assert "'vote'" in capsys.readouterr().err
+    assert main([*base, "--target", "target", "--estimator_l2_grid", "10", "0"]) == 2
+    assert "--estimator_l2_grid" in capsys.readouterr().err
 
 
 def test_representation_similarity_against_a_hand_computation():

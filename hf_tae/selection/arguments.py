@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from hf_tae.errors import TaeError
+from hf_tae.estimation.regularization import DEFAULT_L2_GRID
 from hf_tae.estimation.schema import check_metric
 
 SOURCE_KINDS = ("tasks", "column", "agglomerative", "kmeans")
@@ -47,7 +48,17 @@ class SelectionArguments:
             "metric, log_loss for the built-in families)."
         },
     )
-    estimator_l2: float = field(default=100.0, metadata={"help": "λ of the estimator's ridge."})
+    estimator_l2: str = field(
+        default="vote",
+        metadata={
+            "help": "λ of the estimator's ridge, or 'vote': every λ of --estimator_l2_grid "
+            "chooses, and a source is kept when most of them keep it (README: choosing λ)."
+        },
+    )
+    estimator_l2_grid: list[float] = field(
+        default_factory=lambda: list(DEFAULT_L2_GRID),
+        metadata={"help": "λ values that vote with --estimator_l2 vote."},
+    )
     estimator_mode: str = field(
         default="principled", metadata={"help": "'principled' (offsets) or 'paper'."}
     )
@@ -123,8 +134,7 @@ class SelectionArguments:
             check_metric(self.selection_metric, metrics, "--selection_metric")
         if not (0 < self.subset_fraction < 1):
             raise TaeError(f"--subset_fraction must be in (0, 1), got {self.subset_fraction}.")
-        if not (math.isfinite(self.estimator_l2) and self.estimator_l2 > 0):
-            raise TaeError(f"--estimator_l2 must be a number > 0, got {self.estimator_l2}.")
+        self.l2_values()  # raises on a bad --estimator_l2 or grid
         for flag, value, low in (("--num_subsets", self.num_subsets, 1),
                                  ("--num_clusters", self.num_clusters, 2),
                                  ("--truth_subsets", self.truth_subsets, 0),
@@ -133,3 +143,20 @@ class SelectionArguments:
                 raise TaeError(f"{flag} must be >= {low}, got {value}.")
         if not self.train_seeds:
             raise TaeError("--train_seeds is empty; give at least one seed.")
+
+    def l2_values(self) -> list[float]:
+        """The λ values the selection runs: the grid for ``--estimator_l2 vote``, else one."""
+        value = str(self.estimator_l2).strip().lower()
+        if value == "vote":
+            grid = [float(x) for x in self.estimator_l2_grid]
+            if not grid or not all(math.isfinite(x) and x > 0 for x in grid):
+                raise TaeError(f"--estimator_l2_grid must be numbers > 0, got {grid}.")
+            return sorted(set(grid))
+        try:
+            l2 = float(value)
+        except ValueError:
+            l2 = math.nan
+        if not (math.isfinite(l2) and l2 > 0):
+            raise TaeError(f"--estimator_l2 must be a number > 0 or 'vote', got "
+                           f"{self.estimator_l2!r}; pass e.g. 100 or vote.")  # fmt: skip
+        return [l2]

@@ -34,11 +34,12 @@ def train_subsets(model_init: Callable[[], Any], task_set: TaskSet, target: str,
                   subsets: Sequence[Sequence[str]], args: MultitaskTrainingArguments,
                   output_dir: str | Path, seeds: Sequence[int] = (0,),
                   splits: Sequence[str] = ("validation", "test"),
-                  show_progress: bool = True,
-                  trainer_class: type | None = None) -> tuple[pd.DataFrame, float]:  # fmt: skip
+                  show_progress: bool = True, trainer_class: type | None = None,
+                  fingerprint: str | None = None) -> tuple[pd.DataFrame, float]:  # fmt: skip
     """Fine-tune on every subset of tasks (each must contain ``target``) and score the target.
 
-    ``trainer_class``: the Trainer of every run (the family's; default MultitaskTrainer).
+    ``trainer_class``: the Trainer of every run (the family's; default MultitaskTrainer);
+    ``fingerprint``: what ``model_init`` starts from (see :class:`~hf_tae.SubsetFineTuner`).
 
     Returns one row per (subset, split), the metrics averaged over ``seeds`` (columns
     ``subset`` (sorted task names), ``split``, ``f1``, ``accuracy``, ``log_loss``), and the
@@ -59,7 +60,8 @@ def train_subsets(model_init: Callable[[], Any], task_set: TaskSet, target: str,
     if missing:
         raise TaeError(f"subsets {missing[:3]} leave out the target {target!r}; add it.")
     tuner = SubsetFineTuner(
-        model_init, task_set, args, output_dir, seeds=seeds, trainer_class=trainer_class
+        model_init, task_set, args, output_dir, seeds=seeds, trainer_class=trainer_class,
+        fingerprint=fingerprint,
     )
     before = len(tuner.load_records())
     start = time.perf_counter()

@@ -76,6 +76,17 @@ def write_selection_report(results: dict[str, Any], output_dir: Path) -> Path:
         "| method | sources |", "|---|---|",
     ]  # fmt: skip
     lines += [f"| {m} | {', '.join(s) or '(none)'} |" for m, s in results["methods"].items()]
+    by_l2 = results["estimation"].get("by_l2", {})
+    if len(by_l2) > 1:
+        lines += ["", "## Choices by λ", "", "Each λ of the grid chooses; a source is kept when "
+                  "more than half of them keep it (`--estimator_l2 vote`). Source scores and "
+                  f"trajectories below are at λ = {results['estimation']['l2']:g}.", "",
+                  "| λ | ensemble (ours) | forward stepwise |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| {float(l2):g} | {', '.join(c['ensemble (ours)']) or '(none)'} | "
+                  f"{', '.join(c['forward stepwise']) or '(none)'} |"
+                  for l2, c in by_l2.items()]  # fmt: skip
+        lines.append(f"| **vote** | {', '.join(results['methods']['ensemble (ours)']) or '(none)'}"
+                     f" | {', '.join(results['methods']['forward stepwise']) or '(none)'} |")  # fmt: skip
     lines += ["", "## Source scores", "", "| source | score | 95% CI | subsets | gradient cosine "
               "| representation cosine |", "|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['name']} | {r['score']:.4f} | [{r['ci_low']:.4f}, {r['ci_high']:.4f}] | "

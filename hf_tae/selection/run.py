@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
     from hf_tae.trainers.arguments import MultitaskTrainingArguments
 
 logger = logging.getLogger(__name__)
+
+#: The methods whose choice comes from the estimates (and so from λ).
+ESTIMATED_METHODS = ("ensemble (ours)", "ensemble above mean", "forward pass (GradEx code)",
+                     "forward stepwise")  # fmt: skip
 
 
 def build_sources(store, tasks, sel: SelectionArguments):
@@ -52,8 +57,6 @@ def select_sources(est, sel: SelectionArguments, metric: str) -> dict[str, Any]:
         forward_stepwise,
         gradient_similarity,
         oriented,
-        random_subsets,
-        top_k,
     )  # fmt: skip
 
     cand = est.candidates
@@ -91,22 +94,17 @@ def select_sources(est, sel: SelectionArguments, metric: str) -> dict[str, Any]:
     train = store.tensors("train")
     target_rows = est.view.tensors("validation")["grad"].numpy()
     sims = gradient_similarity(train["grad"].numpy(), est.sources.ids, len(names), target_rows)
-    k = max(len(ours), 1)
     methods = {
         "ensemble (ours)": ours,
         "ensemble above mean": above_mean,
         "forward pass (GradEx code)": passed,
         "forward stepwise": stepwise,
-        "all sources": list(cand),
-        "gradient similarity": top_k(sims, k, cand),
-        "base only": [],
     }
-    for i, draw in enumerate(random_subsets(cand, k, sel.random_baselines, seed=sel.subset_seed)):
-        methods[f"random {k} #{i}"] = draw
     seconds = time.perf_counter() - start
     ensemble["gradient_similarity"] = sims[ensemble["source"].to_numpy()]
     return {
-        "methods": methods,
+        "methods": _with_baselines(methods, sims, cand, sel),
+        "similarity": sims,
         "ensemble": ensemble,
         "ensemble_estimates": table,
         "forward_pass": pass_trajectory,
@@ -176,10 +174,17 @@ def run_selection(
     projected = {n for n, _ in store.metadata.get("projector", {}).get("parameters", [])}
     theta0_norm = math.sqrt(sum(float((p.detach().double() ** 2).sum())
                                 for n, p in model.named_parameters() if n in projected))  # fmt: skip
-    est = SourceEstimator(store, sources, sel.target, base=base, step_norm=sel.step_norm,
-                          step_fraction=sel.step_fraction, theta0_norm=theta0_norm,
-                          l2=sel.estimator_l2, mode=sel.estimator_mode)  # fmt: skip
-    chosen = select_sources(est, sel, metric)
+    by_l2, estimators = {}, {}
+    for l2 in sel.l2_values():
+        estimators[l2] = SourceEstimator(
+            store, sources, sel.target, base=base, step_norm=sel.step_norm,
+            step_fraction=sel.step_fraction, theta0_norm=theta0_norm, l2=l2,
+            mode=sel.estimator_mode,
+        )  # fmt: skip
+        by_l2[l2] = select_sources(estimators[l2], sel, metric)
+    l2s = sorted(by_l2)
+    est = estimators[l2s[len(l2s) // 2]]  # the middle λ: tables, plots, the real check's estimates
+    chosen = vote_across_l2(by_l2, est.candidates, sel) if len(l2s) > 1 else by_l2[l2s[0]]
     rep = _representation_similarity(family, family_args, model, tasks, est, sel)
     if rep is not None:
         from hf_tae.selection.select import top_k
@@ -197,10 +202,20 @@ def run_selection(
     results["forward_stepwise"] = chosen["forward_stepwise"].to_dict(orient="records")
     results["estimation"] = {"subsets_evaluated": chosen["num_evaluated"],
                              "seconds": chosen["seconds"], "subset_size": chosen["subset_size"],
-                             "base_score": chosen["base_score"]}  # fmt: skip
+                             "base_score": chosen["base_score"], "l2": est.estimator.l2,
+                             "by_l2": {str(l2): {m: [names[s] for s in c["methods"][m]]
+                                                 for m in ESTIMATED_METHODS}
+                                       for l2, c in by_l2.items()}}  # fmt: skip
     ours = chosen["methods"]["ensemble (ours)"]
     w = est.fit([ours or est.base])
     results["first_order"] = _first_order(family, family_args, model, est, w, tasks, exclude, sel)
+    if len(by_l2) > 1:  # how linear the model is along each λ's own choice
+        results["first_order_by_l2"] = {
+            str(l2): _first_order(family, family_args, model, e,
+                                  e.fit([by_l2[l2]["methods"]["ensemble (ours)"] or e.base]),
+                                  tasks, exclude, sel)
+            for l2, e in estimators.items()
+        }  # fmt: skip
     _save(results, output_dir)
 
     if sel.check_by_training:
@@ -233,6 +248,41 @@ def _representation_similarity(family, family_args, model, tasks, est, sel):
                                      collate_fn=family.collate_fn(family_args))  # fmt: skip
 
 
+def _with_baselines(methods: dict[str, list[int]], sims: np.ndarray, cand: list[int],
+                    sel: SelectionArguments) -> dict[str, list[int]]:  # fmt: skip
+    """``methods`` plus the baselines, sized like ``ensemble (ours)``: all sources, gradient
+    similarity, the base alone and ``--random_baselines`` random subsets."""
+    from hf_tae.selection.select import random_subsets, top_k
+
+    k = max(len(methods["ensemble (ours)"]), 1)
+    out = {**methods, "all sources": list(cand), "gradient similarity": top_k(sims, k, cand),
+           "base only": []}  # fmt: skip
+    for i, draw in enumerate(random_subsets(cand, k, sel.random_baselines, seed=sel.subset_seed)):
+        out[f"random {k} #{i}"] = draw
+    return out
+
+
+def vote_across_l2(by_l2: dict[float, dict[str, Any]], cand: list[int],
+                   sel: SelectionArguments) -> dict[str, Any]:  # fmt: skip
+    """One choice per method from the choices at every λ: a source is kept when more than half
+    of the λ values keep it (stability selection along the regularization path, Meinshausen and
+    Bühlmann 2010). No single λ is right on every data set (README: choosing λ), while a source
+    that only one λ adds is most often an artefact of that λ. Tables and trajectories are the
+    middle λ's; the baselines are re-drawn at the voted size."""
+    l2s = sorted(by_l2)
+    middle = by_l2[l2s[len(l2s) // 2]]
+    voted = {}
+    for method in ESTIMATED_METHODS:
+        counts = Counter(s for c in by_l2.values() for s in c["methods"][method])
+        voted[method] = sorted(s for s, n in counts.items() if 2 * n > len(l2s))
+    return {
+        **middle,
+        "methods": _with_baselines(voted, middle["similarity"], cand, sel),
+        "num_evaluated": sum(c["num_evaluated"] for c in by_l2.values()),
+        "seconds": sum(c["seconds"] for c in by_l2.values()),
+    }
+
+
 def _first_order(family, family_args, model, est, w, tasks, exclude, sel) -> dict[str, Any]:
     """A.7 error of the chosen subset's estimate at its step; skipped without a projector."""
     from hf_tae.selection.check import first_order_error
@@ -248,7 +298,7 @@ def _check(family, family_args, tasks, est, chosen, sel, training_args, output_d
            timings) -> dict[str, Any]:  # fmt: skip
     """Real training of every method's choice and of ``--truth_subsets`` random subsets."""
     from hf_tae.estimation.subsets import sample_subsets
-    from hf_tae.pipeline.stages import fresh_model, run_arguments
+    from hf_tae.pipeline.stages import fresh_model, init_fingerprint, run_arguments
     from hf_tae.selection.check import estimated_vs_real, train_subsets
 
     if sel.sources != "tasks" or not sel.include_target:
@@ -273,7 +323,9 @@ def _check(family, family_args, tasks, est, chosen, sel, training_args, output_d
     real, per_run = train_subsets(model_init, tasks, sel.target, unique, run_arguments(training_args),
                             output_dir / "training", seeds=sel.train_seeds,
                             show_progress=not training_args.disable_tqdm,
-                            trainer_class=family.trainer_class)  # fmt: skip
+                            trainer_class=family.trainer_class,
+                            fingerprint=init_fingerprint(family, family_args, tasks, output_dir,
+                                                         sel.train_init))  # fmt: skip
     timings["real training"] = time.perf_counter() - start
     estimated = est.estimate([[names.index(t) for t in s] for s in unique])
     estimated["subset"] = [[names[t] for t in s] for s in estimated["subset"]]

@@ -146,6 +146,9 @@ def test_a_folder_of_runs_refuses_other_settings(graph, task_set, tmp_path):
             [[0, 1]], show_progress=False
         )
     neutral = _args(tmp_path / "elsewhere", logging_steps=3, per_device_eval_batch_size=7)
+    MultitaskTrainer(model=init(), args=neutral, task_set=task_set)
+    assert neutral.label_names  # filled in by the Trainer: not a reason to retrain
+    init.calls -= 1
     SubsetFineTuner(init, task_set, neutral, tmp_path, fingerprint="m0").run(
         [[0, 1]], show_progress=False
     )

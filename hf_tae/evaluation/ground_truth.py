@@ -52,11 +52,12 @@ if TYPE_CHECKING:
 RESULTS_FILE = "results.jsonl"
 #: What the runs in a folder were trained with; a run with other settings refuses the folder.
 SETTINGS_FILE = "settings.json"
-#: Arguments every run overrides or that only pick the run (see ``SubsetFineTuner._fine_tune``).
+#: Arguments every run overrides, that only pick the run (see ``SubsetFineTuner._fine_tune``),
+#: or that a Trainer fills in on the arguments it is given (``label_names``).
 _PER_RUN_ARGUMENTS = frozenset({
     "seed", "tasks", "eval_strategy", "save_strategy", "load_best_model_at_end",
     "metric_for_best_model", "greater_is_better", "per_device_eval_batch_size", "eval_steps",
-    "save_steps", "eval_on_start", "eval_delay",
+    "save_steps", "eval_on_start", "eval_delay", "label_names",
 })  # fmt: skip
 #: Per-process results under a multi-process launch (``results.rank{r}.jsonl``), merged on exit.
 RANK_RESULTS_GLOB = "results.rank*.jsonl"

@@ -52,7 +52,7 @@ class SelectionArguments:
         default="vote",
         metadata={
             "help": "λ of the estimator's ridge, or 'vote': every λ of --estimator_l2_grid "
-            "chooses, and a source is kept when most of them keep it (README: choosing λ)."
+            "chooses, and a source is kept when most of them keep it (README: data selection)."
         },
     )
     estimator_l2_grid: list[float] = field(

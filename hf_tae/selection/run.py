@@ -266,7 +266,7 @@ def vote_across_l2(by_l2: dict[float, dict[str, Any]], cand: list[int],
                    sel: SelectionArguments) -> dict[str, Any]:  # fmt: skip
     """One choice per method from the choices at every λ: a source is kept when more than half
     of the λ values keep it (stability selection along the regularization path, Meinshausen and
-    Bühlmann 2010). No single λ is right on every data set (README: choosing λ), while a source
+    Bühlmann 2010). No single λ is right on every data set (README: data selection), while a source
     that only one λ adds is most often an artefact of that λ. Tables and trajectories are the
     middle λ's; the baselines are re-drawn at the voted size."""
     l2s = sorted(by_l2)

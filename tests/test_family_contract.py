@@ -158,7 +158,7 @@ def test_cli_help_lists_families_and_rejects_unknown_ones():
     assert proc.returncode == 0 and "Families: graph, images" in proc.stdout
     proc = subprocess.run([str(cli), "run", "nope"], env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
-    assert proc.returncode == 2 and "known families: ['graph', 'images', 'instructions']" in proc.stderr
+    assert proc.returncode == 2 and "known families: ['graph', 'images', 'instructions', 'instructions_causal']" in proc.stderr
 
 
 def test_default_scores_follow_the_model_type():

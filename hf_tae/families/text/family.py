@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from hf_tae.tasks.taskset import TaskSet
 
 SCORE_TOKENS = ("mean", "first")
+ADAPTERS = ("lora", "ia3")
 
 
 def default_cache_dir() -> str:
@@ -39,6 +41,64 @@ def default_cache_dir() -> str:
     ``$HF_HOME/hf_tae/base_models`` (``HF_HOME`` defaults to ``~/.cache/huggingface``)."""
     home = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
     return os.path.join(os.environ.get("HF_TAE_CACHE", os.path.join(home, "hf_tae")), "base_models")
+
+
+def cached_base_model(model_class: Callable, config, seed: int, cache_dir: str | None,
+                      prefix: str) -> str:  # fmt: skip
+    """Folder of a tiny base model built by ``model_class(config)`` (a model class or a function
+    that builds one) with weights drawn from ``seed``, under ``cache_dir`` (default
+    :func:`default_cache_dir`), keyed by a hash of both; built and saved on first use. Saved
+    rather than kept in memory so that the adapters of a saved meta-initialization name a base
+    model they can be loaded onto."""
+    import torch
+
+    key = json.dumps([config.to_dict(), seed], sort_keys=True, default=str)
+    folder = (
+        Path(cache_dir or default_cache_dir())
+        / f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    )
+    if not (folder / "config.json").is_file():
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = model_class(config)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        if folder.exists():  # another process built it meanwhile
+            shutil.rmtree(tmp)
+        else:
+            tmp.replace(folder)
+    return str(folder)
+
+
+def attach_adapter(base, args: InstructionArguments, task_type: str):
+    """``base`` with trainable adapters, everything else frozen: LoRA from TRL's
+    ``ModelConfig`` (``trl.get_peft_config``, as ``trl sft --use_peft`` builds it) or (IA)³ on
+    peft's default modules for the architecture. A config that matches no module raises a
+    :class:`TaeError` listing the model's linear modules."""
+    import peft
+    from trl import ModelConfig, get_peft_config
+
+    # GPT-2's Conv1D stores weights as [in, out]: adapters on it need fan_in_fan_out
+    conv1d = {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if type(m).__name__ == "Conv1D"}
+    if args.adapter == "ia3":
+        config = peft.IA3Config(task_type=task_type, fan_in_fan_out=bool(conv1d))
+    else:
+        model_config = ModelConfig(use_peft=True, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                                   lora_dropout=args.lora_dropout, lora_task_type=task_type,
+                                   lora_target_modules=list(args.lora_target_modules))  # fmt: skip
+        config = get_peft_config(model_config)
+        config.fan_in_fan_out = bool(conv1d & set(config.target_modules))
+    try:
+        return peft.get_peft_model(base, config)
+    except ValueError as err:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules()
+                         if type(m).__name__ in ("Linear", "Conv1D")})  # fmt: skip
+        what = (f"--lora_target_modules {args.lora_target_modules}" if args.adapter == "lora"
+                else "peft's default (IA)3 modules")  # fmt: skip
+        raise TaeError(
+            f"{what} match no module of {type(base).__name__} ({err}); its linear modules are "
+            f"named {linear}."
+        ) from err
 
 
 @dataclass
@@ -96,6 +156,10 @@ class InstructionArguments:
     vocab_size: int = field(
         default=400, metadata={"help": "Size of the in-process BPE vocabulary."}
     )
+    pad_token: str | None = field(
+        default=None,
+        metadata={"help": "Pad token for a tokenizer that has none (e.g. GPT-2's <|endoftext|>)."},
+    )
     max_source_length: int = field(default=128, metadata={"help": "Longest input in tokens."})
     max_target_length: int = field(
         default=32, metadata={"help": "Longest target in tokens, with </s> (longer: truncated)."}
@@ -119,6 +183,12 @@ class InstructionArguments:
         default=None,
         metadata={"help": "Tiny T5: folder that keeps the built base models (default: "
                           "$HF_TAE_CACHE/base_models, else $HF_HOME/hf_tae/base_models)."},
+    )  # fmt: skip
+    adapter: str = field(
+        default="lora",
+        metadata={"help": "Adapter on the frozen base: 'lora' (LoRA, from TRL's ModelConfig) or "
+                          "'ia3' ((IA)3 on peft's default modules of the architecture).",
+                  "choices": list(ADAPTERS)},
     )  # fmt: skip
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
@@ -205,47 +275,35 @@ class InstructionFamily(TaskFamily):
                                  seed=args.data_seed_text)  # fmt: skip
 
     def load_tasks(self, args: InstructionArguments) -> TaskSet:
-        from hf_tae.families.text.tokenization import tokenize_text_tasks, tokenizer_for
+        from hf_tae.families.text.tokenization import tokenizer_for
 
         if args.score_tokens not in SCORE_TOKENS:
             raise TaeError(
                 f"--score_tokens {args.score_tokens!r} is not one of {list(SCORE_TOKENS)}."
             )
+        if args.adapter not in ADAPTERS:
+            raise TaeError(f"--adapter {args.adapter!r} is not one of {list(ADAPTERS)}.")
         text_tasks = self.load_text_tasks(args)
         name = args.tokenizer_name_or_path or args.model_name_or_path
         saved = Path(args.text_tasks or "") / "tokenizer"  # a run's data/ keeps its tokenizer
         if name is None and args.text_tasks and saved.is_dir():
             name = str(saved)
         tokenizer = tokenizer_for(text_tasks, name, args.vocab_size)
-        return tokenize_text_tasks(
-            text_tasks, tokenizer, args.max_source_length, args.max_target_length
-        )
+        if args.pad_token is not None:
+            tokenizer.pad_token = args.pad_token
+        return self.tokenize(text_tasks, tokenizer, args.max_source_length, args.max_target_length)
 
     def model_init(self, args: InstructionArguments, tasks: TaskSet):
-        import peft
         from transformers import AutoModelForSeq2SeqLM
 
         base = AutoModelForSeq2SeqLM.from_pretrained(
             args.model_name_or_path or self.tiny_base(args, tasks)
         )
-        config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                 target_modules=list(args.lora_target_modules),
-                                 task_type=peft.TaskType.SEQ_2_SEQ_LM)  # fmt: skip
-        try:
-            return peft.get_peft_model(base, config)
-        except ValueError as err:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules()
-                             if type(m).__name__ in ("Linear", "Conv1D")})  # fmt: skip
-            raise TaeError(
-                f"--lora_target_modules {args.lora_target_modules} match no module of "
-                f"{type(base).__name__} ({err}); its linear modules are named {linear}."
-            ) from err
+        return attach_adapter(base, args, "SEQ_2_SEQ_LM")
 
     def tiny_base(self, args: InstructionArguments, tasks: TaskSet) -> str:
         """Folder of the tiny T5 base built from config with ``--base_model_seed`` (built and
-        saved on first use). Saved rather than kept in memory so that the adapters of a saved
-        meta-initialization name a base model they can be loaded onto."""
-        import torch
+        saved on first use, :func:`cached_base_model`)."""
         from transformers import T5Config, T5ForConditionalGeneration
 
         tokenizer = tasks.source.tokenizer
@@ -254,22 +312,16 @@ class InstructionFamily(TaskFamily):
                           num_heads=args.num_heads, dropout_rate=0.0,
                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                           decoder_start_token_id=tokenizer.pad_token_id)  # fmt: skip
-        key = json.dumps([config.to_dict(), args.base_model_seed], sort_keys=True, default=str)
-        folder = (
-            Path(args.base_model_dir or default_cache_dir())
-            / f"tiny-t5-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-        )
-        if not (folder / "config.json").is_file():
-            with torch.random.fork_rng():
-                torch.manual_seed(args.base_model_seed)
-                model = T5ForConditionalGeneration(config)
-            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-            model.save_pretrained(tmp)
-            if folder.exists():  # another process built it meanwhile
-                shutil.rmtree(tmp)
-            else:
-                tmp.replace(folder)
-        return str(folder)
+        return cached_base_model(T5ForConditionalGeneration, config, args.base_model_seed,
+                                 args.base_model_dir, "tiny-t5")  # fmt: skip
+
+    @staticmethod
+    def tokenize(text_tasks: TextTasks, tokenizer, max_source_length: int,
+                 max_target_length: int) -> TaskSet:  # fmt: skip
+        """The task set of the text rows for this family's model (seq2seq: source and target)."""
+        from hf_tae.families.text.tokenization import tokenize_text_tasks
+
+        return tokenize_text_tasks(text_tasks, tokenizer, max_source_length, max_target_length)
 
     def score_function(self, args: InstructionArguments):
         from hf_tae.models.scores import TokenLogOddsScore
@@ -283,3 +335,7 @@ class InstructionFamily(TaskFamily):
 
     def describe(self, tasks: TaskSet) -> str:
         return repr(tasks.source)
+
+
+# the causal variant subclasses InstructionFamily; importing it here registers it with this module
+from hf_tae.families.text import causal  # noqa: E402, F401

@@ -10,6 +10,8 @@ wraps it in ``PreTrainedTokenizerFast``; any Hub tokenizer works too.
 (target ids ending in the end-of-sequence token, so that teacher-forced argmax equals greedy
 decoding), plus ``target_class`` (an id of the target string: the label-frequency baseline's
 "class", i.e. predicting a task's most frequent answer).
+:func:`tokenize_prompt_completion` does the same for a causal LM: one sequence of prompt and
+completion tokens per row, the labels masked (-100) on the prompt.
 """
 
 from __future__ import annotations
@@ -66,10 +68,10 @@ def tokenizer_for(text_tasks: TextTasks, name_or_path: str | None, vocab_size: i
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, what: str,
-         end_with_eos: bool) -> list[list[int]]:  # fmt: skip
+         end_with_eos: bool, add_special_tokens: bool = True) -> list[list[int]]:  # fmt: skip
     eos = tokenizer.eos_token_id
     out, truncated = [], 0
-    for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
+    for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]:
         if end_with_eos and eos is not None and (not ids or ids[-1] != eos):
             ids = [*ids, eos]
         if len(ids) > max_length:
@@ -83,42 +85,87 @@ def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, 
     return out
 
 
+def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, max_source_length: int,
+                     max_target_length: int) -> None:  # fmt: skip
+    if tokenizer.pad_token_id is None:
+        raise TaeError(
+            f"the tokenizer {type(tokenizer).__name__} has no pad token; set one first, e.g. "
+            "tokenizer.pad_token = tokenizer.eos_token (--pad_token for the causal family)."
+        )
+    if max_target_length < 2 or max_source_length < 1:
+        raise TaeError(
+            "max_target_length must be >= 2 (a token and </s>) and max_source_length >= 1."
+        )
+
+
+def _task_set(text_tasks: TextTasks, tokenizer: PreTrainedTokenizerBase,
+              input_ids: list[list[int]], labels: list[list[int]]) -> TaskSet:  # fmt: skip
+    """The task set of tokenized rows: ``input_ids``, ``attention_mask``, ``labels`` and
+    ``target_class`` added to the text rows."""
+    from datasets import List, Value
+
+    from hf_tae.tasks.taskset import TaskSet
+
+    data = text_tasks.dataset
+    answers = sorted(set(data["target"]))
+    index = {answer: i for i, answer in enumerate(answers)}
+    dataset = (
+        data.add_column("input_ids", input_ids, feature=List(Value("int32")))
+        .add_column(
+            "attention_mask", [[1] * len(s) for s in input_ids], feature=List(Value("int8"))
+        )
+        .add_column("labels", labels, feature=List(Value("int32")))
+        .add_column("target_class", [index[t] for t in data["target"]], feature=Value("int32"))
+    )
+    source = TokenizedTextTasks(text_tasks, tokenizer)
+    return TaskSet(dataset, text_tasks.task_names, input_columns=INPUT_COLUMNS,
+                   label_column="target_class", source=source)  # fmt: skip
+
+
 def tokenize_text_tasks(
     text_tasks: TextTasks,
     tokenizer: PreTrainedTokenizerBase,
     max_source_length: int = 128,
     max_target_length: int = 32,
 ) -> TaskSet:
-    """The :class:`~hf_tae.TaskSet` of ``text_tasks`` (single-label layout; the source is a
-    :class:`TokenizedTextTasks`). Over-long inputs and targets are truncated with a warning
-    that counts them (targets keep their final end-of-sequence token)."""
-    from datasets import List, Value
-
-    from hf_tae.tasks.taskset import TaskSet
-
-    if tokenizer.pad_token_id is None:
-        raise TaeError(
-            f"the tokenizer {type(tokenizer).__name__} has no pad token; set one first, e.g. "
-            "tokenizer.pad_token = tokenizer.eos_token."
-        )
-    if max_target_length < 2 or max_source_length < 1:
-        raise TaeError(
-            "max_target_length must be >= 2 (a token and </s>) and max_source_length >= 1."
-        )
+    """The :class:`~hf_tae.TaskSet` of ``text_tasks`` for a seq2seq LM (single-label layout;
+    the source is a :class:`TokenizedTextTasks`). Over-long inputs and targets are truncated
+    with a warning that counts them (targets keep their final end-of-sequence token)."""
+    _check_tokenizer(tokenizer, max_source_length, max_target_length)
     data = text_tasks.dataset
     sources = _ids(tokenizer, list(data["input"]), max_source_length, "source", end_with_eos=False)
     targets = _ids(tokenizer, list(data["target"]), max_target_length, "target", end_with_eos=True)
-    answers = sorted(set(data["target"]))
-    index = {answer: i for i, answer in enumerate(answers)}
-    dataset = (
-        data.add_column("input_ids", sources, feature=List(Value("int32")))
-        .add_column("attention_mask", [[1] * len(s) for s in sources], feature=List(Value("int8")))
-        .add_column("labels", targets, feature=List(Value("int32")))
-        .add_column("target_class", [index[t] for t in data["target"]], feature=Value("int32"))
-    )
-    source = TokenizedTextTasks(text_tasks, tokenizer)
-    return TaskSet(dataset, text_tasks.task_names, input_columns=INPUT_COLUMNS,
-                   label_column="target_class", source=source)  # fmt: skip
+    return _task_set(text_tasks, tokenizer, sources, targets)
+
+
+def tokenize_prompt_completion(
+    text_tasks: TextTasks,
+    tokenizer: PreTrainedTokenizerBase,
+    max_source_length: int = 128,
+    max_target_length: int = 32,
+) -> TaskSet:
+    """The :class:`~hf_tae.TaskSet` of ``text_tasks`` for a causal LM: one sequence per row,
+    the prompt's tokens then the completion's and the end-of-sequence token, with ``labels``
+    -100 on the prompt (the loss, metrics and scores see the completion only).
+
+    Prompt and completion are tokenized apart and joined as ids, so the completion starts on a
+    token boundary (TRL's text path tokenizes ``prompt + completion`` and warns when merges
+    cross the boundary); only the prompt gets the tokenizer's special tokens (a BOS).
+    Truncation is counted and warned about as in :func:`tokenize_text_tasks`.
+    """
+    _check_tokenizer(tokenizer, max_source_length, max_target_length)
+    if tokenizer.eos_token_id is None:
+        raise TaeError(
+            f"the tokenizer {type(tokenizer).__name__} has no end-of-sequence token; a causal LM "
+            "needs one to end its completions (set tokenizer.eos_token)."
+        )
+    data = text_tasks.dataset
+    prompts = _ids(tokenizer, list(data["input"]), max_source_length, "source", end_with_eos=False)
+    completions = _ids(tokenizer, list(data["target"]), max_target_length, "target",
+                       end_with_eos=True, add_special_tokens=False)  # fmt: skip
+    input_ids = [p + c for p, c in zip(prompts, completions, strict=True)]
+    labels = [[-100] * len(p) + c for p, c in zip(prompts, completions, strict=True)]
+    return _task_set(text_tasks, tokenizer, input_ids, labels)
 
 
 class TokenizedTextTasks:

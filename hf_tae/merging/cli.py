@@ -1,9 +1,9 @@
 """``hf-tae merge config.yaml [output_dir]``: a merge described in YAML close to mergekit's.
 
     merge_method: mats            # any registered method (hf_tae.merging.method_names())
-    base_model: ./base            # model folder; omit for (IA)³ adapters
+    base_model: ./base            # model folder or Hub id; omit for (IA)³ adapters
     models:
-      - model: ./task_a           # model folder or peft adapter folder
+      - model: ./task_a           # folder, peft adapter folder or Hub id user/name[@revision]
         parameters: {weight: 1.0, statistics: ./task_a.stats.safetensors}
       - model: ./task_b
         parameters: {statistics: ./task_b.stats.safetensors}
@@ -14,6 +14,9 @@
 
 Per-model ``parameters`` hold ``weight`` and ``statistics`` only (other per-model values,
 mergekit's gradients and slices are not supported); ``lambda`` is accepted for ``lam``.
+Hub model ids are downloaded (safetensors and config files only). A rerun into a folder that
+holds the finished merge of the same inputs and options skips it; an interrupted merge leaves
+no output folder behind.
 """
 
 from __future__ import annotations
@@ -96,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("config", help="YAML file: merge_method, base_model, models, parameters")
     parser.add_argument("output_dir", nargs="?", help="output folder (default: the config's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="merge again into an existing output folder (default: keep a "
+                        "finished merge of the same inputs and options, refuse anything else)")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="device of the solves (e.g. cuda)")
     return parser
 
@@ -113,11 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = yaml.safe_load(path.read_text()) or {}
         if not isinstance(config, dict):
             raise TaeError(f"{path} must hold a YAML mapping (merge_method, models, ...).")
-        result = merge_from_config(
-            config, args.output_dir, overwrite=args.overwrite, device=args.device
-        )
+        result = merge_from_config(config, args.output_dir, overwrite=args.overwrite,
+                                   device=args.device, skip_if_finished=not args.overwrite)  # fmt: skip
     except TaeError as err:
         print(f"hf-tae merge: error: {err}", file=sys.stderr)
         return 2
-    print(f"merged model written to {result.output_dir}")
+    if result.skipped:
+        print(f"{result.output_dir} already holds this merge (same inputs and options); kept")
+    else:
+        print(f"merged model written to {result.output_dir}")
     return 0

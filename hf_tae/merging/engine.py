@@ -4,7 +4,9 @@ For every tensor name the engine reads θ0 and the M fine-tuned tensors (and eac
 statistics for it), checks them, calls the method, and hands the result to a sharded writer,
 so memory stays near one tensor per input model plus its statistics (D.3). Methods with a
 global step (TIES with ``trim="global"``) get extra streaming passes first. Solves run in
-``solve_dtype`` (float64 by default) and the output takes the base's dtype.
+``solve_dtype`` (float64 by default) and the output takes the base's dtype. Output folders
+appear whole or not at all, and record a fingerprint of what was merged so that a rerun can
+skip a finished merge (:mod:`hf_tae.merging.resume`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from torch import nn
 from hf_tae.errors import TaeError
 from hf_tae.merging.adapters import IA3Source, LoraSource, LoraWriter, OnesSource, write_ia3
 from hf_tae.merging.registry import Block, get_method
-from hf_tae.merging.sources import TensorSource, open_source
+from hf_tae.merging.resume import CONFIG_FILE, finished_fingerprint, partial_folder
+from hf_tae.merging.resume import fingerprint as inputs_fingerprint
+from hf_tae.merging.sources import TensorSource, open_source, resolve_model
 from hf_tae.merging.statistics import MergeStatistics, config_fingerprint
 from hf_tae.merging.writer import ShardWriter
-from hf_tae.utils.io import atomic_folder
 from hf_tae.utils.progress import tqdm
 
 ModelLike = str | os.PathLike | Mapping[str, torch.Tensor] | nn.Module
@@ -40,12 +43,14 @@ _STAT_KINDS = {"gram": ("gram", "kfac"), "kfac": ("kfac",), "fisher": ("fisher",
 
 @dataclass
 class MergeResult:
-    """The merged tensors (``None`` when written to ``output_dir``) and the per-tensor log
-    (fallbacks, CG residuals)."""
+    """The merged tensors (``None`` when written to ``output_dir``), the per-tensor log
+    (fallbacks, CG residuals), and whether a finished merge of the same inputs was found in
+    ``output_dir`` and kept (``skipped``)."""
 
     state_dict: dict[str, torch.Tensor] | None
     log: dict[str, dict[str, Any]] = field(default_factory=dict)
     output_dir: Path | None = None
+    skipped: bool = False
 
 
 def _open_statistics(statistics: Sequence[Any] | None, n: int) -> list[MergeStatistics] | None:
@@ -112,6 +117,9 @@ def merge(
     device: str | torch.device = "cpu",
     max_shard_bytes: int = 5_000_000_000,
     max_task_vector_ratio: float | None = 1.0,
+    fixed: Mapping[str, torch.Tensor] | None = None,
+    fingerprint: str | None = None,
+    skip_if_finished: bool = False,
     **params: Any,
 ) -> MergeResult:
     """Merge ``models`` (fine-tuned from ``base``) with ``method`` and its ``params``.
@@ -125,12 +133,34 @@ def merge(
     when ``lora_rank`` is set (else the full merged model); (IA)³ merges write an adapter.
     ``max_task_vector_ratio``: refuse a model whose ``‖θ_i − θ0‖ / ‖θ0‖`` over the weight
     matrices exceeds it (two random initialisations give about √2: a different base);
-    ``None`` turns the check off.
+    ``None`` turns the check off. ``fixed``: tensors written as given instead of merged (e.g.
+    task-private heads taken from each task's own model). A Hub model repo id
+    (``user/name[@revision]``) is downloaded first (safetensors and config files only).
+
+    Restarts: the output is written to ``.{name}.partial`` and renamed into place at the end,
+    so an interrupted merge leaves nothing at ``output_dir`` and the next one starts afresh.
+    ``merge_config.json`` records ``fingerprint`` (default: one of the inputs, method, options
+    and statistics, :func:`~hf_tae.merging.resume.fingerprint`); with ``skip_if_finished``, an
+    ``output_dir`` holding a finished merge with the same fingerprint is kept as it is and
+    returned with ``skipped=True`` (any other content still needs ``overwrite``).
     """
     spec = get_method(method)
     params = spec.check_params(params)
     if not models:
         raise TaeError("models is empty; pass the fine-tuned models to merge.")
+    base = None if base is None else resolve_model(base, "the base model")
+    models = [resolve_model(m, f"model {i}") for i, m in enumerate(models)]
+    fixed = dict(fixed or {})
+    if output_dir is not None:
+        if fingerprint is None:
+            fingerprint = inputs_fingerprint(
+                method, params, weights, str(dtype), str(solve_dtype), lora_rank,
+                max_task_vector_ratio, *(_fingerprint_input(m) for m in [base, *models]),
+                *(_fingerprint_input(s) for s in statistics or ()), fixed,
+            )  # fmt: skip
+        if skip_if_finished and finished_fingerprint(output_dir) == fingerprint:
+            log = json.loads((Path(output_dir) / "merge_log.json").read_text())
+            return MergeResult(None, log, Path(output_dir), skipped=True)
     base_src = None if base is None else open_source(base, "the base model")
     srcs = [open_source(m, f"model {i} ({_describe(m)})", base_src) for i, m in enumerate(models)]
     kinds = {type(s) for s in srcs}
@@ -159,6 +189,11 @@ def merge(
         adapted = set().union(*(s.deltas for s in srcs))
         names = [n for n in names if n in adapted]
     _check_names(ref, [s for s in srcs if s is not ref], names)
+    unknown = sorted(set(fixed) - set(names))
+    if unknown:
+        raise TaeError(
+            f"fixed tensor {unknown[0]!r} is not a tensor of the models; check its name."
+        )
     if stats is not None:
         _check_statistics(stats, srcs, needed, set(names))
 
@@ -179,12 +214,15 @@ def merge(
     with ExitStack() as stack:  # the output folder appears only when the merge succeeded
         folder = None
         if output_dir is not None:
-            folder = stack.enter_context(atomic_folder(output_dir, overwrite=overwrite))
+            folder = stack.enter_context(partial_folder(output_dir, overwrite=overwrite))
         writer = _writer(folder, srcs, lora_rank, ia3, max_shard_bytes)
         for name in tqdm(names, desc=f"merge ({method})", unit="tensor"):
-            tensor, info, stored = _merge_tensor(name, ref if base_src else None, srcs, weights,
-                                                 stats, spec, params, extra, solve_dtype, device,
-                                                 norms)  # fmt: skip
+            if name in fixed:
+                tensor, info, stored = _fixed_tensor(name, fixed[name], ref)
+            else:
+                tensor, info, stored = _merge_tensor(name, ref if base_src else None, srcs,
+                                                     weights, stats, spec, params, extra,
+                                                     solve_dtype, device, norms)  # fmt: skip
             if info:
                 log[name] = info
             out_dtype = dtype or stored
@@ -197,10 +235,26 @@ def merge(
         _check_bases(norms, srcs, max_task_vector_ratio)
         if folder is not None:
             _finish(folder, writer, merged, srcs, ref, ia3, method, params, weights, stats, log,
-                    dtype)  # fmt: skip
+                    dtype, fingerprint)  # fmt: skip
     if output_dir is not None:
         return MergeResult(None, log, Path(output_dir))
     return MergeResult(merged, log)
+
+
+def _fingerprint_input(item: Any) -> Any:
+    """What identifies a model or statistics argument: a path as a path, the rest as is."""
+    return Path(item) if isinstance(item, str) else item
+
+
+def _fixed_tensor(name: str, tensor: torch.Tensor, ref: TensorSource):
+    """A tensor given in ``fixed``: checked against the reference's shape, stored in its dtype."""
+    stored = ref.get(name).dtype
+    if tuple(tensor.shape) != ref.shape(name):
+        raise TaeError(
+            f"fixed tensor {name!r} has shape {tuple(tensor.shape)} but the models' is "
+            f"{ref.shape(name)}; pass a tensor of the model's shape."
+        )
+    return tensor.detach().cpu(), {"fixed": True}, stored
 
 
 def _describe(model: Any) -> str:
@@ -301,7 +355,7 @@ def _writer(folder, srcs, lora_rank, ia3, max_shard_bytes):
 
 
 def _finish(folder, writer, merged, srcs, ref, ia3, method, params, weights, stats, log,
-            dtype) -> None:  # fmt: skip
+            dtype, fingerprint) -> None:  # fmt: skip
     if ia3:
         write_ia3(folder, merged, srcs[0])
     else:
@@ -317,6 +371,7 @@ def _finish(folder, writer, merged, srcs, ref, ia3, method, params, weights, sta
                 config["dtype"] = str(dtype).removeprefix("torch.")
                 (folder / "config.json").write_text(json.dumps(config, indent=2))
     record = {
+        "fingerprint": fingerprint,
         "merge_method": method,
         "parameters": params,
         "weights": weights,
@@ -331,5 +386,5 @@ def _finish(folder, writer, merged, srcs, ref, ia3, method, params, weights, sta
             for s in stats
         ],
     }
-    (folder / "merge_config.json").write_text(json.dumps(record, indent=2, default=str))
+    (folder / CONFIG_FILE).write_text(json.dumps(record, indent=2, default=str))
     (folder / "merge_log.json").write_text(json.dumps(log, indent=2))

@@ -3,13 +3,16 @@
 A folder of safetensors shards (``model.safetensors`` or ``model.safetensors.index.json``) is
 read through ``safe_open`` (memory-mapped, one tensor copied out per ``get``), as mergekit's
 lazy loader does (D.3); an in-memory state dict or ``nn.Module`` is wrapped as is. Adapters
-(peft LoRA / (IA)³ folders) are in :mod:`hf_tae.merging.adapters`.
+(peft LoRA / (IA)³ folders) are in :mod:`hf_tae.merging.adapters`. A Hub model repo id
+(``user/name``, or ``user/name@revision`` as in mergekit) that is not a local path is
+downloaded first with ``snapshot_download``, safetensors and JSON/tokenizer files only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -114,13 +117,58 @@ class StateDictSource:
         return self._tensors[name]
 
 
+#: What a merge reads from a Hub model repo: weights as safetensors (never pickles), the
+#: config and adapter config, the shard index and the tokenizer files copied to the output.
+HUB_PATTERNS = ("*.safetensors", "*.json", "*.txt", "*.model")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def is_hub_id(model: Any) -> bool:
+    """Whether ``model`` reads as a Hub repo id (``user/name[@revision]``) and not a local path."""
+    return (
+        isinstance(model, str)
+        and _REPO_ID.match(model) is not None
+        and not Path(model).exists()
+        and not model.startswith((".", "/", "~"))
+    )
+
+
+def download_model(model: str, label: str) -> Path:
+    """The local snapshot of Hub model ``user/name[@revision]`` (safetensors, JSON and tokenizer
+    files only; cached by ``huggingface_hub``, so a second merge downloads nothing)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, _, revision = model.partition("@")
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision or None,
+                                      allow_patterns=list(HUB_PATTERNS)))  # fmt: skip
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+        raise TaeError(
+            f"{label}: could not download {repo_id!r} (revision {revision or 'main'!r}) from the "
+            f"Hub: {err}. Check the repo id, the revision and your access (HF_TOKEN), or pass a "
+            "local folder."
+        ) from err
+    if not any(path.glob("*.safetensors")):
+        raise TaeError(
+            f"{label}: the Hub repo {repo_id!r} holds no .safetensors weights (pickled "
+            "pytorch_model.bin files are not read); convert the model to safetensors first."
+        )
+    return path
+
+
+def resolve_model(model: Any, label: str) -> Any:
+    """``model`` with a Hub repo id replaced by its downloaded snapshot folder."""
+    return download_model(model, label) if is_hub_id(model) else model
+
+
 def open_source(
     model: str | os.PathLike | Mapping[str, torch.Tensor] | nn.Module,
     label: str,
     base: TensorSource | None = None,
 ) -> TensorSource:
-    """A tensor source for a model folder, a peft adapter folder (needs ``base`` for LoRA), a
-    state dict or a module."""
+    """A tensor source for a model folder, a Hub model repo id (``user/name[@revision]``), a
+    peft adapter folder or repo (needs ``base`` for LoRA), a state dict or a module."""
     if isinstance(model, nn.Module):
         if hasattr(model, "peft_config"):
             raise TaeError(
@@ -130,9 +178,12 @@ def open_source(
         return StateDictSource(model, label)
     if isinstance(model, Mapping):
         return StateDictSource(model, label)
-    path = Path(model)
+    path = Path(resolve_model(model, label))
     if not path.exists():
-        raise TaeError(f"{label}: {path} does not exist; pass a model folder, file or state dict.")
+        raise TaeError(
+            f"{label}: {path} does not exist; pass a model folder, file, Hub repo id "
+            "(user/name[@revision]) or state dict."
+        )
     if (path / "adapter_config.json").is_file():
         from hf_tae.merging.adapters import open_adapter
 

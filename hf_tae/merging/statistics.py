@@ -33,8 +33,10 @@ _SUFFIXES = {
     "fisher": "fisher_diag",
     "fisher_block": "fisher_block",
 }
-# config entries that change with saving, not with the architecture
-_VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"}
+# config entries that change with saving or running (the Trainer turns use_cache off), not
+# with the architecture
+_VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
+             "use_cache"}  # fmt: skip
 
 
 def config_fingerprint(config: Mapping[str, Any] | None) -> str | None:

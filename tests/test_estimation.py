@@ -21,7 +21,6 @@ from hf_tae.estimation import (
     RegressionEstimator,
     all_pairs,
     apply_delta,
-    sample_adaptive,
     sample_subsets,
 )
 from hf_tae.gradients.store import GradientStore
@@ -250,15 +249,6 @@ def test_sample_subsets_properties():
     assert (0, 1, 2) not in rest and (3, 4, 5) not in rest
     assert len(sample_subsets(6, 18, size=3, exclude_existing=[(0, 1, 2), (3, 4, 5)])) == 18
     assert all_pairs(4) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
-
-
-def test_sample_adaptive_draws_from_one_cluster_plus_new_tasks():
-    clusters = [[0, 1, 2], [3, 4]]
-    subsets = sample_adaptive(clusters, [5, 6], 12, size=3, seed=0)
-    assert len(subsets) == len(set(subsets)) == 12
-    for s in subsets:
-        old = set(s) - {5, 6}
-        assert old <= {0, 1, 2} or old <= {3, 4}
 
 
 def test_sampler_errors():

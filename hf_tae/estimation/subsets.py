@@ -135,38 +135,6 @@ def all_pairs(tasks: int | Sequence[Task]) -> list[tuple[Task, Task]]:
     return list(itertools.combinations(_universe(tasks), 2))
 
 
-def sample_adaptive(
-    clusters: Sequence[Sequence[Task]],
-    new_tasks: Sequence[Task],
-    num_subsets: int,
-    size: int | tuple[int, int],
-    seed: int = 0,
-    exclude_existing: Iterable[Iterable[Task]] | None = None,
-) -> list[tuple[Task, ...]]:
-    """Adaptive sampling of approximate clustering for multi-instruction tuning.
-
-    Each draw picks one current cluster uniformly and samples the subset from that cluster
-    plus the ``new_tasks`` (tasks in no cluster yet), so affinities are estimated only between
-    a cluster and the new tasks. ``size`` is capped by the pool of the cluster drawn. Returns
-    distinct subsets (fewer than ``num_subsets`` only when no new subset can be found).
-    """
-    if not clusters:
-        raise TaeError("clusters is empty; give the current clusters (lists of tasks).")
-    universe = _universe([t for c in clusters for t in c] + list(new_tasks))
-    new = _check_known("new_tasks", new_tasks, universe)
-    rng = random.Random(seed)
-    seen = _canonical_set(exclude_existing, universe)
-    out: list[tuple[Task, ...]] = []
-    for _ in range(MAX_ATTEMPTS_PER_SUBSET * max(num_subsets, 1)):
-        if len(out) >= num_subsets:
-            break
-        pool = list(dict.fromkeys([*rng.choice(clusters), *new]))
-        lo, hi = (size, size) if isinstance(size, int) else size
-        capped = (min(lo, len(pool)), min(hi, len(pool)))
-        out += _draw(pool, [], universe, 1, capped, rng, seen)
-    return out
-
-
 def _canonical_set(
     subsets: Iterable[Iterable[Task]] | None, universe: list[Task]
 ) -> set[tuple[Task, ...]]:

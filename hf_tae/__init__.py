@@ -71,7 +71,6 @@ _LAZY_ATTRS: dict[str, str] = {
     "AffinityMatrix": "hf_tae.estimation.affinity",
     "sample_subsets": "hf_tae.estimation.subsets",
     "all_pairs": "hf_tae.estimation.subsets",
-    "sample_adaptive": "hf_tae.estimation.subsets",
     "partition_payoffs": "hf_tae.estimation.partition",
     "choose_partition": "hf_tae.estimation.partition",
     "select_l2": "hf_tae.estimation.regularization",
@@ -143,6 +142,21 @@ _LAZY_ATTRS: dict[str, str] = {
     "Seq2SeqCollator": "hf_tae.trainers.seq2seq",
     "MultiLabelTaskMetrics": "hf_tae.trainers.metrics",
     "SingleLabelTaskMetrics": "hf_tae.trainers.metrics",
+    # adaptive sampling and exhaustive truth (notes B.1)
+    "adaptive_sampling": "hf_tae.estimation.adaptive",
+    "sample_round": "hf_tae.estimation.adaptive",
+    "pair_coverage": "hf_tae.estimation.adaptive",
+    "read_clusters": "hf_tae.estimation.adaptive",
+    "exhaustive_subsets": "hf_tae.evaluation.exhaustive",
+    "compare_with_exhaustive": "hf_tae.evaluation.exhaustive",
+    "score_partitions": "hf_tae.evaluation.exhaustive",
+    # causal LMs through TRL (issue 12)
+    "SFTMultitaskTrainer": "hf_tae.trainers.sft",
+    "SFTMultitaskConfig": "hf_tae.trainers.sft",
+    "CompletionCollator": "hf_tae.trainers.sft",
+    "CausalInstructionFamily": "hf_tae.families.text.causal",
+    "CausalInstructionArguments": "hf_tae.families.text.causal",
+    "tokenize_prompt_completion": "hf_tae.families.text.tokenization",
 }
 
 __all__ = ["__version__", *_LAZY_ATTRS]
@@ -163,6 +177,12 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
         threshold_rounding,
     )
     from hf_tae.errors import TaeError
+    from hf_tae.estimation.adaptive import (
+        adaptive_sampling,
+        pair_coverage,
+        read_clusters,
+        sample_round,
+    )
     from hf_tae.estimation.affinity import AffinityMatrix
     from hf_tae.estimation.compare import (
         compare_affinities,
@@ -173,7 +193,12 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from hf_tae.estimation.partition import choose_partition, partition_payoffs
     from hf_tae.estimation.regression import RegressionEstimator, apply_delta
     from hf_tae.estimation.regularization import select_l2
-    from hf_tae.estimation.subsets import all_pairs, sample_adaptive, sample_subsets
+    from hf_tae.estimation.subsets import all_pairs, sample_subsets
+    from hf_tae.evaluation.exhaustive import (
+        compare_with_exhaustive,
+        exhaustive_subsets,
+        score_partitions,
+    )
     from hf_tae.evaluation.first_order import first_order_check
     from hf_tae.evaluation.ground_truth import SubsetFineTuner, average_seeds
     from hf_tae.evaluation.group_training import compare_group_training, summarize_group_training
@@ -191,6 +216,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from hf_tae.families.image.family import ImageArguments, ImageFamily
     from hf_tae.families.image.preprocessing import add_pixel_values
     from hf_tae.families.text.bigbench import bigbench_tasks, read_bigbench
+    from hf_tae.families.text.causal import CausalInstructionArguments, CausalInstructionFamily
     from hf_tae.families.text.data import (
         TextTasks,
         tasks_from_column,
@@ -200,7 +226,11 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from hf_tae.families.text.embedded import make_digit_skills
     from hf_tae.families.text.family import InstructionArguments, InstructionFamily
     from hf_tae.families.text.templates import Template, load_templates
-    from hf_tae.families.text.tokenization import tokenize_text_tasks, train_bpe_tokenizer
+    from hf_tae.families.text.tokenization import (
+        tokenize_prompt_completion,
+        tokenize_text_tasks,
+        train_bpe_tokenizer,
+    )
     from hf_tae.gradients.capture import ProjectedGradientCapture
     from hf_tae.gradients.collector import GradientCollector
     from hf_tae.gradients.store import GradientStore
@@ -248,6 +278,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from hf_tae.trainers.metrics import MultiLabelTaskMetrics, SingleLabelTaskMetrics
     from hf_tae.trainers.multitask import MultitaskTrainer
     from hf_tae.trainers.seq2seq import Seq2SeqCollator, Seq2SeqMultitaskTrainer, Seq2SeqTaskMetrics
+    from hf_tae.trainers.sft import CompletionCollator, SFTMultitaskConfig, SFTMultitaskTrainer
 
 
 _auto_registration.install()

@@ -61,6 +61,7 @@ def compare_group_training(
     extra_splits: Sequence[str] = (),
     trainer_class: type | None = None,
     fingerprint: str | None = None,
+    keep_models: Sequence[Sequence[int | str]] = (),
 ) -> pd.DataFrame:
     """Train every group of every strategy and score each task with its own group's model.
 
@@ -80,6 +81,8 @@ def compare_group_training(
             a family's ``trainer_class``).
         fingerprint: what ``model_init`` starts from, recorded with the runs (see
             :class:`~hf_tae.SubsetFineTuner`: a rerun with other settings raises).
+        keep_models: groups whose model (first seed) is kept under ``output_dir/models/``
+            (:meth:`~hf_tae.SubsetFineTuner.model_path`), e.g. to merge them afterwards.
 
     Returns:
         One row per (strategy, task): ``strategy``, ``task``, ``task_name``, ``group`` (the
@@ -100,7 +103,8 @@ def compare_group_training(
         model_init, task_set, args, output_dir, seeds=seeds, trainer_class=trainer_class,
         fingerprint=fingerprint,
     )
-    table = tuner.run(subsets, split=split, show_progress=show_progress, extra_splits=extra_splits)
+    table = tuner.run(subsets, split=split, show_progress=show_progress, extra_splits=extra_splits,
+                      keep_models=keep_models)  # fmt: skip
     means = (
         table.assign(subset=[tuple(s) for s in table["subset"]])
         .groupby(["subset", "task", "task_name"], sort=False)[list(METRICS)]

@@ -85,6 +85,29 @@ class EstimationArguments:
         },
     )
     subset_seed: int = field(default=0, metadata={"help": "Seed of the subset sampler."})
+    sampling: str = field(
+        default="uniform",
+        metadata={
+            "help": "How subsets are drawn: 'uniform' (every subset of --subset_size tasks "
+            "equally likely, Grad-TAE) or 'adaptive' (approximate clustering for "
+            "multi-instruction tuning: the tasks not in --initial_clusters come in over "
+            "--adaptive_rounds rounds; each subset is drawn from one current cluster plus the "
+            "round's new tasks, then the tasks are re-clustered; --num_subsets is split over "
+            "the rounds; the pair coverage per round is reported)."
+        },
+    )
+    initial_clusters: str | None = field(
+        default=None,
+        metadata={
+            "help": "--sampling adaptive: the current clusters, a text file with one cluster "
+            "of task names per line or a previous run's groups.json; tasks in no cluster are "
+            "the new tasks. Default: none (the first round samples its new tasks alone)."
+        },
+    )
+    adaptive_rounds: int = field(
+        default=3,
+        metadata={"help": "--sampling adaptive: rounds of sample, estimate, re-cluster."},
+    )
     estimator_l2: str = field(
         default="auto",
         metadata={
@@ -170,11 +193,42 @@ class GroupingArguments:
             "README: scenarios). Default: the training arguments' epochs (or max_steps)."
         },
     )
+    merge_methods: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Also merge the group models (first --group_seeds seed) into one model per "
+            "method, e.g. 'average regmean fisher' (any of hf_tae.merging.method_names() with "
+            "its default parameters, except those needing fisher_block statistics), and add "
+            "each merged model to the group-training comparison as 'merged (<method>)'. Each "
+            "task keeps its own group model's head (task-private parameters); RegMean/Fisher "
+            "statistics come from each group model on its group's training rows. Outputs in "
+            "<output_dir>/merged/<method>/; a rerun keeps finished merges (README: Merging)."
+        },
+    )
+    merge_examples: int = field(
+        default=1000,
+        metadata={"help": "Training rows per group model for the merge statistics."},
+    )
     ground_truth: int = field(
         default=0,
         metadata={
             "help": "Fine-tune this many sampled subsets for real (from --group_init) and "
             "compare them with their estimates (0: skip)."
+        },
+    )
+    ground_truth_exhaustive: int = field(
+        default=0,
+        metadata={
+            "help": "Fine-tune every subset of this many tasks for real, all C(n, k) of them "
+            "(approximate clustering's --preload_combos), and compare the estimate's grouping "
+            "with an exhaustive search over partitions on the true affinities (0: skip)."
+        },
+    )
+    max_exhaustive_subsets: int = field(
+        default=100,
+        metadata={
+            "help": "--ground_truth_exhaustive refuses to start when C(n, k) exceeds this "
+            "(each subset is one fine-tuning run per --ground_truth_seeds)."
         },
     )
     ground_truth_seeds: list[int] = field(
@@ -207,6 +261,7 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
         "--clustering": (grouping.clustering, ("sdp", "spectral")),
         "--group_init": (grouping.group_init, ("scratch", "meta")),
         "--partition_choice": (grouping.partition_choice, ("payoff", "density")),
+        "--sampling": (est.sampling, ("uniform", "adaptive")),
     }
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
@@ -230,6 +285,8 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
         ("--max_task_groups", grouping.max_task_groups, 2),
         ("--ground_truth", grouping.ground_truth, 0),
         ("--num_meta_inits", est.num_meta_inits, 1),
+        ("--adaptive_rounds", est.adaptive_rounds, 1),
+        ("--ground_truth_exhaustive", grouping.ground_truth_exhaustive, 0),
     ):
         if value < low:
             raise TaeError(f"{flag} must be >= {low}, got {value}.")
@@ -241,5 +298,20 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
         raise TaeError(f"--run_steps must be >= 1 (or unset), got {grouping.run_steps}.")
     if not grouping.group_seeds:
         raise TaeError("--group_seeds is empty; give at least one seed.")
-    if grouping.ground_truth and not grouping.ground_truth_seeds:
+    if grouping.merge_methods:
+        from hf_tae.merging import get_method
+
+        for name in grouping.merge_methods:
+            spec = get_method(name)  # unknown names raise, listing the known ones
+            if "fisher_block" in spec.statistics(spec.check_params({})):
+                raise TaeError(f"--merge_methods {name}: the pipeline computes no (IA)³ "
+                               "block-Fisher statistics; merge with hf_tae.merge(...).")  # fmt: skip
+        if not grouping.train_groups:
+            raise TaeError("--merge_methods merges the group models: keep --train_groups true.")
+        if grouping.merge_examples < 1:
+            raise TaeError(f"--merge_examples must be >= 1, got {grouping.merge_examples}.")
+    if est.initial_clusters and est.sampling != "adaptive":
+        raise TaeError("--initial_clusters is read by --sampling adaptive only; add it.")
+    truth = grouping.ground_truth or grouping.ground_truth_exhaustive
+    if truth and not grouping.ground_truth_seeds:
         raise TaeError("--ground_truth_seeds is empty; give at least one seed.")

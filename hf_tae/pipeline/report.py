@@ -129,6 +129,7 @@ def render_report(results: Mapping[str, Any]) -> str:
             "![affinity](affinity_by_group.png)",
             "",
         ]
+        out += _sampling_lines(est)
         if est.get("l2_selection"):  # --estimator_l2 auto
             out += [
                 "λ chosen as the one at which the meta-initializations' affinities agree best "
@@ -230,6 +231,19 @@ def render_report(results: Mapping[str, Any]) -> str:
             "![gains](grouping_gains.png)",
             "",
         ]
+        if training.get("merged"):  # --merge_methods
+            costs = ", ".join(
+                f"{m} {'kept from an earlier run' if v['skipped'] else _num(v['seconds'], '.2f') + ' s'}"
+                f" (validation {sel} {_num(v['validation'])})"
+                for m, v in training["merged"].items()
+            )  # fmt: skip
+            out += [
+                "Rows `merged (<method>)`: the group models (first seed) merged into one model "
+                "by that method (`merged/<method>/`); shared parameters merged, each task's "
+                "private parameters (its head) taken from its own group's model, RegMean/Fisher "
+                f"statistics from each group model on its group's training rows. Merges: {costs}.",
+                "",
+            ]
         rec = training.get("recommended")
         if rec:  # the estimate proposes, validation decides
             val = ", ".join(f"{s} {_num(v)}" for s, v in rec["validation"].items())
@@ -296,7 +310,87 @@ def render_report(results: Mapping[str, Any]) -> str:
                     )
                 )
             out += [""]
+    out += _exhaustive_lines(results.get("exhaustive_truth"))
     return "\n".join(out)
+
+
+def _sampling_lines(est: Mapping[str, Any]) -> list[str]:
+    """How the subsets were drawn and the share of task pairs they observe; per round under
+    ``--sampling adaptive`` (notes B.1)."""
+    if "pair_coverage" not in est:
+        return []
+    line = (f"Sampling: {est.get('sampling', 'uniform')}; the subsets observe "
+            f"{_num(est['pair_coverage'], '.1%')} of the task pairs (affinity coverage).")  # fmt: skip
+    adaptive = est.get("adaptive")
+    if not adaptive:
+        return [line, ""]
+    start = adaptive.get("initial_clusters") or []
+    source = adaptive.get("initial_clusters_path") or "none"
+    rows = [[r["round"], ", ".join(r["new_tasks"]), r["num_subsets"], _num(r["coverage"], ".1%"),
+             _num(r["coverage_seen"], ".1%"), len(r["clusters"])] for r in adaptive["rounds"]]  # fmt: skip
+    return [
+        line,
+        "",
+        f"Adaptive rounds from {len(start)} initial cluster(s) ({source}): each subset drawn "
+        "from one current cluster plus the round's new tasks, then the tasks re-clustered.",
+        "",
+        _table(["round", "new tasks", "subsets", "coverage (all pairs)",
+                "coverage (tasks so far)", "clusters"], rows),  # fmt: skip
+        "",
+        "Clusters after the last round: "
+        + "; ".join("{" + ", ".join(c) + "}" for c in adaptive["final_clusters"]) + ".",
+        "",
+    ]
+
+
+def _exhaustive_lines(truth: Mapping[str, Any] | None) -> list[str]:
+    """The ``--ground_truth_exhaustive`` section: all C(n, K) subsets fine-tuned, the estimate
+    against the truth, and the partitions an exhaustive search finds on it."""
+    if not truth:
+        return []
+    c, chosen = truth["affinity"], truth["chosen"]
+    out = [
+        "## Exhaustive truth",
+        "",
+        f"All {truth['num_subsets']} subsets of {truth['subset_size']} tasks fine-tuned "
+        f"({truth['seeds']} seed(s), {_num(truth['seconds'], '.0f')} s). Estimated vs true "
+        f"affinity: Spearman {_num(c['spearman'], '+.2f')}, relative Frobenius "
+        f"{_num(c['relative_frobenius'])} ({c['num_entries']} entries).",
+        "",
+    ]
+    if truth.get("by_k"):
+        out += [
+            "Per k, the best partition of the true affinity by exhaustive search against the SDP "
+            "on the truth and on the estimate (ARI against the exhaustive partition; objectives "
+            "are the average density on the true affinity):",
+            "",
+            _table(["k", "exhaustive objective", "SDP on truth: ARI", "objective",
+                    "SDP on estimate: ARI", "objective"],
+                   [[r["k"], r["exhaustive_objective"], r["sdp_true_ari"], r["sdp_true_objective"],
+                     r["sdp_estimate_ari"], r["sdp_estimate_objective"]] for r in truth["by_k"]]),
+            "",
+        ]  # fmt: skip
+    elif truth.get("note"):
+        out += [f"No per-k comparison: {truth['note']}.", ""]
+    line = (f"The job's grouping (k = {chosen['k']}) has true objective "
+            f"{_num(chosen['true_objective'])}")  # fmt: skip
+    if _finite(chosen.get("exhaustive_objective")):
+        line += (f" against {_num(chosen['exhaustive_objective'])} for the exhaustive optimum "
+                 f"at that k (ARI {_num(chosen['ari_vs_exhaustive'], '.2f')})")  # fmt: skip
+    out += [line + ".", ""]
+    parts = truth.get("partitions") or {}
+    if parts.get("scorable"):
+        top = parts["top"][0]
+        out += [
+            f"{parts['scorable']} partitions are made of fine-tuned subsets only; the best by "
+            f"the real {truth['metric']} (mean over tasks, each in its own group's run): "
+            + "; ".join("{" + ", ".join(g) + "}" for g in top["groups"])
+            + f" ({_num(top['score'], '.4f')})."
+            + (f" The job's grouping ranks {chosen['rank']} of them ({_num(chosen['score'], '.4f')})."
+               if chosen.get("rank") else ""),  # fmt: skip
+            "",
+        ]
+    return out
 
 
 def write_report(results: Mapping[str, Any], output_dir: str | os.PathLike) -> Path:

@@ -14,10 +14,18 @@ Stages, each timed and reported:
 5. **grouping**: :func:`~hf_tae.sdp_cluster` with k from ``--num_task_groups`` or chosen by
    :func:`~hf_tae.sweep_k`;
 6. **group training**: one model per group against one model on all tasks, one per task and
-   the planted groups when the data has them (:func:`~hf_tae.compare_group_training`);
+   the planted groups when the data has them (:func:`~hf_tae.compare_group_training`); with
+   ``--merge_methods``, the group models merged into one model per method join the comparison
+   (:func:`~hf_tae.pipeline.stages.merge_groups`, outputs in ``merged/``);
 7. optional **ground truth**: ``--ground_truth N`` fine-tunes N of the sampled subsets for real
    (each with every ``--ground_truth_seeds``) and compares them with their estimates, against
-   the ceiling set by the noise of both sides (:func:`~hf_tae.self_agreement`).
+   the ceiling set by the noise of both sides (:func:`~hf_tae.self_agreement`);
+8. optional **exhaustive truth**: ``--ground_truth_exhaustive K`` fine-tunes all C(n, K) subsets
+   and compares the chosen grouping with an exhaustive search over partitions on the true
+   affinities (:mod:`hf_tae.pipeline.exhaustive`).
+
+``--sampling adaptive`` draws stage 3's subsets from one current cluster plus new tasks, round
+by round (:mod:`hf_tae.pipeline.adaptive`, notes B.1).
 
 Everything family-specific (data, model, score, private parameters, metrics, planted groups,
 fingerprint) comes from the :class:`~hf_tae.families.TaskFamily`. Outputs in ``--output_dir``:
@@ -136,6 +144,9 @@ def _run_pipeline(
     family = get_family(family)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_arguments(est_args, grouping_args)
+    if grouping_args.merge_methods and training_args.world_size > 1:
+        raise TaeError("--merge_methods runs in one process; run the job without a multi-process "
+                       "launch (a rerun reuses the finished stages).")  # fmt: skip
     metric = est_args.affinity_metric or family.metrics.affinity
     if metric not in family.metrics.estimated:
         raise TaeError(
@@ -156,6 +167,12 @@ def _run_pipeline(
             raise TaeError(
                 f"{flag} {value} exceeds the {tasks.num_tasks} tasks; use at most {tasks.num_tasks}."
             )
+    if est_args.estimate:  # --initial_clusters and --ground_truth_exhaustive, before training
+        from hf_tae.pipeline.adaptive import check_sampling
+        from hf_tae.pipeline.exhaustive import check_exhaustive
+
+        check_sampling(est_args, tasks.task_names)
+        check_exhaustive(grouping_args, tasks.num_tasks)
     selection = family.metrics.selection
     results: dict[str, Any] = {
         "family": family.name,
@@ -239,7 +256,7 @@ def _run_pipeline(
         if is_main:  # cheap: one process estimates and clusters, the others wait
             with _stage(timings, "estimation + affinity"):
                 subsets, affinity, results["estimation"] = stages.estimate_affinity(
-                    stores, tasks, est_args, planted
+                    stores, tasks, est_args, planted, grouping_args
                 )
             # --estimator_l2 auto is resolved once; the partition choice uses the same λ
             est_args = dataclasses.replace(
@@ -263,13 +280,18 @@ def _run_pipeline(
             from hf_tae.estimation.affinity import AffinityMatrix
             from hf_tae.estimation.subsets import sample_subsets
 
-            subsets = sample_subsets(
-                tasks.num_tasks,
-                results["estimation"]["num_subsets"],
-                est_args.subset_size,
-                seed=est_args.subset_seed,
-            )
-            estimates = AffinityMatrix.load(output_dir / "affinity").results
+            affinity = AffinityMatrix.load(output_dir / "affinity")
+            estimates = affinity.results
+            if est_args.sampling == "adaptive":  # the subsets drawn, in subset_id order
+                first = estimates.drop_duplicates("subset_id").sort_values("subset_id")
+                subsets = [tuple(s) for s in first["subset"]]
+            else:
+                subsets = sample_subsets(
+                    tasks.num_tasks,
+                    results["estimation"]["num_subsets"],
+                    est_args.subset_size,
+                    seed=est_args.subset_seed,
+                )
         model_init = stages.fresh_model(family, family_args, tasks, output_dir,
                                         grouping_args.group_init)  # fmt: skip
         init_print = stages.init_fingerprint(family, family_args, tasks, output_dir,
@@ -279,7 +301,7 @@ def _run_pipeline(
                 results["group_training"] = stages.train_groups(
                     model_init, tasks, results["grouping"]["groups"], training_args,
                     grouping_args, output_dir, planted, selection, family.trainer_class,
-                    fingerprint=init_print,
+                    fingerprint=init_print, private_parameters=family.private_parameters,
                 )  # fmt: skip
             if is_main:
                 per_task = results["group_training"]["per_task"]
@@ -302,6 +324,14 @@ def _run_pipeline(
                 plot_estimated_vs_true(
                     joined[f"{metric}_est"], joined[f"{metric}_true"],
                     output_dir / "estimated_vs_true.png", family.metrics.label(metric),
+                )  # fmt: skip
+        if grouping_args.ground_truth_exhaustive:
+            from hf_tae.pipeline.exhaustive import run_exhaustive_truth
+
+            with _stage(timings, "exhaustive truth"):
+                results["exhaustive_truth"] = run_exhaustive_truth(
+                    model_init, tasks, affinity, results["grouping"], est_args, grouping_args,
+                    training_args, output_dir, family.trainer_class,
                 )  # fmt: skip
     save_results()
     if is_main:

@@ -126,10 +126,13 @@ AUTO_FALLBACK_L2 = 100.0
 
 
 def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
-                      planted: np.ndarray | None = None):  # fmt: skip
+                      planted: np.ndarray | None = None,
+                      grouping_args: GroupingArguments | None = None):  # fmt: skip
     """Stages 3–4: estimated per-(subset, task) scores on every store (one per
     meta-initialization) and their averaged affinity matrix. Returns ``(subsets, affinity,
-    info)``."""
+    info)``. ``--sampling adaptive`` draws the subsets round by round, re-clustering with
+    ``grouping_args`` (:mod:`hf_tae.pipeline.adaptive`)."""
+    from hf_tae.estimation.adaptive import pair_coverage
     from hf_tae.estimation.affinity import AffinityMatrix
     from hf_tae.estimation.compare import self_agreement
     from hf_tae.estimation.regression import RegressionEstimator
@@ -144,9 +147,12 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
         )
     available = math.comb(n, est_args.subset_size)
     num_subsets = min(est_args.num_subsets, available)
-    if num_subsets < est_args.num_subsets:
-        logger.info("only %d subsets of size %d exist; using all", available, est_args.subset_size)
-    subsets = sample_subsets(n, num_subsets, est_args.subset_size, seed=est_args.subset_seed)
+    adaptive = None
+    if est_args.sampling == "uniform":
+        if num_subsets < est_args.num_subsets:
+            logger.info("only %d subsets of size %d exist; using all", available,
+                        est_args.subset_size)  # fmt: skip
+        subsets = sample_subsets(n, num_subsets, est_args.subset_size, seed=est_args.subset_seed)
     metric = est_args.affinity_metric
     start = time.perf_counter()
     l2, selection = fixed_l2(est_args), None
@@ -154,6 +160,13 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
         l2 = AUTO_FALLBACK_L2
         logger.warning("--estimator_l2 auto compares meta-initializations and this run has one; "
                        "using λ = %g. Pass --num_meta_inits 2 or more, or λ as a number.", l2)  # fmt: skip
+    if est_args.sampling == "adaptive":  # notes B.1: one cluster plus the new tasks per subset
+        from hf_tae.pipeline.adaptive import adaptive_estimates
+
+        adaptive = adaptive_estimates(stores, tasks, est_args, grouping_args, l2,
+                                      L2_SELECTION_SUBSETS)  # fmt: skip
+        subsets, l2, selection = adaptive.subsets, adaptive.l2, adaptive.selection
+        num_subsets = len(subsets)
     if l2 is None:  # --estimator_l2 auto: the λ whose meta-initializations agree best
         selection = select_l2(stores, subsets, grid=est_args.estimator_l2_grid, metric=metric,
                               split=est_args.scoring_split, mode=est_args.estimator_mode,
@@ -171,7 +184,9 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
     members = []
     for member, store in enumerate(stores):
         estimator = RegressionEstimator(store, l2=l2, mode=est_args.estimator_mode)
-        if selection is not None and len(subsets) <= L2_SELECTION_SUBSETS:  # already estimated
+        if adaptive is not None:
+            table = adaptive.tables[member]
+        elif selection is not None and len(subsets) <= L2_SELECTION_SUBSETS:  # already estimated
             table = selection.results[member]
         else:
             table = estimator.evaluate(subsets, estimator.fit(subsets),
@@ -197,6 +212,10 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
         "subsets_per_second": len(stores) * (num_subsets + (0 if selection is None else len(
             selection.table) * min(num_subsets, L2_SELECTION_SUBSETS))) / max(seconds, 1e-9),
     }
+    info["sampling"] = est_args.sampling
+    info["pair_coverage"] = pair_coverage(subsets, n)  # share of T's entries observed
+    if adaptive is not None:
+        info["adaptive"] = adaptive.info
     if len(members) > 1:  # how much one meta-initialization's estimate says about another's
         info["self_agreement"] = self_agreement(members)
     if planted is not None:
@@ -348,12 +367,17 @@ def run_arguments(training_args: MultitaskTrainingArguments,
 def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_args,
                  output_dir: Path, planted: np.ndarray | None, metric: str,
                  trainer_class: type | None = None,
-                 fingerprint: str | None = None) -> dict[str, Any]:  # fmt: skip
+                 fingerprint: str | None = None,
+                 private_parameters: Callable[[Any], list[str]] | None = None,
+                 ) -> dict[str, Any]:  # fmt: skip
     """Stage 6: the group models against one model on all tasks, one per task and the planted
     groups; scored per task on the test split by every metric, compared by ``metric``. The
     recommendation is whichever of the groups, all tasks and single tasks scores best on the
     validation split (the same runs, scored twice): the estimate proposes, validation decides.
-    ``fingerprint``: :func:`init_fingerprint` of ``model_init``, recorded with the runs."""
+    ``fingerprint``: :func:`init_fingerprint` of ``model_init``, recorded with the runs.
+    With ``--merge_methods``, the group models are also merged (:func:`merge_groups`) and each
+    merged model joins the comparison as strategy ``"merged (<method>)"`` (one model);
+    ``private_parameters(model)`` names the task-private parameters (the family's)."""
     from hf_tae.estimation.schema import higher_is_better
     from hf_tae.evaluation.group_training import compare_group_training, summarize_group_training
 
@@ -368,15 +392,27 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
         strategies["planted groups"] = list(by_group.values())
     run_args = run_arguments(training_args, grouping_args.run_steps)
 
+    keep = groups if grouping_args.merge_methods else ()  # the merge stage reads them
+
     def compare(split: str, extra: tuple[str, ...] = ()):
         return compare_group_training(
             model_init, tasks, strategies, run_args, output_dir / "group_training",
             seeds=grouping_args.group_seeds, split=split, extra_splits=extra,
             show_progress=not training_args.disable_tqdm, trainer_class=trainer_class,
-            fingerprint=fingerprint,
+            fingerprint=fingerprint, keep_models=keep,
         )  # fmt: skip
 
     table = compare("test", ("validation",))  # each run is scored on both splits once
+    merged = None
+    if grouping_args.merge_methods:
+        import pandas as pd
+
+        from hf_tae.merging.groups import comparison_rows
+
+        merged = merge_groups(model_init, tasks, groups, run_args, grouping_args, output_dir,
+                              trainer_class, private_parameters)  # fmt: skip
+        table = pd.concat([table, pd.DataFrame(comparison_rows(merged, tasks, "test"))],
+                          ignore_index=True)  # fmt: skip
     summary = summarize_group_training(table, reference="all tasks", metric=metric)
     wide = table.pivot(index="task_name", columns="strategy", values=metric).loc[names]
     # the recommendation: the estimate's groups, all tasks or single tasks, whichever the
@@ -387,13 +423,14 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
     sign = 1.0 if higher_is_better(metric) else -1.0
     scores = {s: float(validation.loc[s, metric]) for s in options}
     best = max(options, key=lambda s: sign * scores[s])
-    return {
+    columns = [*strategies, *(f"merged ({m})" for m in merged or {})]
+    info = {
         "init": "from scratch" if grouping_args.group_init == "scratch" else "from θ0",
         "seeds": len(grouping_args.group_seeds),
         "split": "test",
         "metric": metric,
         "summary": json.loads(summary.to_json(orient="index")),
-        "per_task": {t: {s: float(wide.loc[t, s]) for s in strategies} for t in names},
+        "per_task": {t: {s: float(wide.loc[t, s]) for s in columns} for t in names},
         "recommended": {
             "strategy": best,
             "groups": [list(g) for g in strategies[best]],
@@ -401,6 +438,43 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
             "test": float(summary.loc[best, metric]),
         },
     }
+    if merged is not None:  # where each merged model is, its cost, and its validation score
+        info["merged"] = {
+            m: {k: v[k] for k in ("path", "seconds", "skipped", "private")}
+            | {"validation": float(np.mean([r[metric] for r in v["scores"]["validation"]]))}
+            for m, v in merged.items()
+        }
+    return info
+
+
+def merge_groups(model_init, tasks: TaskSet, groups, run_args, grouping_args, output_dir: Path,
+                 trainer_class: type | None = None,
+                 private_parameters: Callable[[Any], list[str]] | None = None,
+                 ) -> dict[str, Any]:  # fmt: skip
+    """Stage 6b (``--merge_methods``): merge the group models (first group seed, kept by group
+    training under ``group_training/models/``) into ``merged/<method>/`` and score each merged
+    model per task on test and validation (:func:`hf_tae.merging.groups.merge_and_score`).
+    Task-private parameters come from each task's own group model; data-aware methods use
+    statistics of each group model on its group's training rows. Merges are atomic and a
+    rerun keeps finished ones (fingerprint of inputs, method and options)."""
+    from hf_tae.evaluation.ground_truth import SubsetFineTuner
+    from hf_tae.hub import load_meta_init
+    from hf_tae.merging.groups import merge_and_score, save_start_model
+    from hf_tae.trainers import MultitaskTrainer
+
+    seed = grouping_args.group_seeds[0]
+    tuner = SubsetFineTuner(model_init, tasks, run_args, output_dir / "group_training")
+    canon = tuner.canonical(groups)
+    trainer_class = trainer_class or MultitaskTrainer
+    private = private_parameters(model_init()) if private_parameters is not None else []
+    base = (output_dir / "meta_init" if grouping_args.group_init == "meta" else
+            save_start_model(model_init, seed, output_dir / "merged" / f"init_seed{seed}"))  # fmt: skip
+    return merge_and_score(
+        [tuner.model_path(g, seed) for g in canon], canon, grouping_args.merge_methods,
+        output_dir / "merged", tasks=tasks, trainer_class=trainer_class, args=run_args,
+        load_model=load_meta_init, private=private, base=base,
+        max_examples=grouping_args.merge_examples,
+    )  # fmt: skip
 
 
 def run_ground_truth(model_init, tasks: TaskSet, subsets, estimates, est_args, grouping_args,

@@ -19,6 +19,7 @@ from hf_tae.selection.sources import (
     cluster_gradients,
     sources_from_column,
     sources_from_tasks,
+    with_target_rows,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "random_subsets",
     "sources_from_column",
     "sources_from_tasks",
+    "with_target_rows",
 ]

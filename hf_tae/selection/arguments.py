@@ -37,8 +37,9 @@ class SelectionArguments:
     include_target: bool = field(
         default=True,
         metadata={
-            "help": "With task sources: the target's own training rows are in every subset "
-            "(the base the sources are added to), not a candidate."
+            "help": "The target's own training rows are in every subset (the base the "
+            "sources are added to), not a candidate: the target task with task sources, a "
+            "source of their own ('<target>:train') with row sources."
         },
     )
     selection_metric: str | None = field(
@@ -84,7 +85,10 @@ class SelectionArguments:
     )
     check_by_training: bool = field(
         default=True,
-        metadata={"help": "Fine-tune on every method's choice and compare (task sources only)."},
+        metadata={
+            "help": "Fine-tune on every method's choice and compare (with --include_target; "
+            "row sources train on their training rows plus the target's)."
+        },
     )
     check_each_source: bool = field(
         default=True,

@@ -2,16 +2,19 @@
 (A.7) error of the estimate at its step size.
 
 Real training reuses :class:`~hf_tae.evaluation.ground_truth.SubsetFineTuner` (resumable
-``results.jsonl``, runs shared across processes under ``accelerate launch``), so it needs
-sources that are tasks of the task set: a subset of sources is then a subset of tasks, and the
-target is scored from the same run.
+``results.jsonl``, runs shared across processes under ``accelerate launch``). With task sources
+a subset of sources is a subset of tasks (:func:`train_subsets`). Sources that group training
+rows (a column, clusters) are trained on a view of the task set that keeps only their training
+examples and every held-out one (:func:`source_task_set`), one fine-tuner folder per set of
+training examples (:func:`train_source_subsets`); the target is scored from the same run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from hf_tae.selection.estimate import SourceEstimator
+    from hf_tae.selection.sources import Sources
     from hf_tae.tasks.taskset import TaskSet
     from hf_tae.trainers.arguments import MultitaskTrainingArguments
 
@@ -85,6 +89,61 @@ def train_subsets(model_init: Callable[[], Any], task_set: TaskSet, target: str,
         atomic_write_text(timing_path, json.dumps(timing))
     per_run = timing["seconds"] / timing["runs"] if timing["runs"] else math.nan
     return pd.concat(parts, ignore_index=True), per_run
+
+
+def source_task_set(task_set: TaskSet, sources: Sources, train_rows: Mapping[str, np.ndarray],
+                    subset: Sequence[int | str], target: str) -> TaskSet:  # fmt: skip
+    """The task set of one real run on row sources: the training examples of the sources in
+    ``subset`` and every validation and test example, restricted to the target and the tasks
+    with kept training examples.
+
+    ``train_rows`` holds ``example_id`` and ``task`` of the gradient store's training rows, in
+    the order of ``sources.ids``; training examples outside the store have no source and are
+    not trained on.
+    """
+    keep = np.isin(sources.ids, sources.resolve(list(subset)))
+    rows = np.asarray(train_rows["example_id"])[keep]
+    tasks = np.asarray(train_rows["task"])[keep]
+    view = task_set.keep_train_examples(rows, tasks)
+    return view.select(sorted({*tasks.tolist(), int(task_set.resolve([target])[0])}))
+
+
+def train_source_subsets(model_init: Callable[[], Any], task_set: TaskSet, sources: Sources,
+                         train_rows: Mapping[str, np.ndarray], target: str,
+                         subsets: Sequence[Sequence[int | str]], args: MultitaskTrainingArguments,
+                         output_dir: str | Path, seeds: Sequence[int] = (0,),
+                         splits: Sequence[str] = ("validation", "test"),
+                         show_progress: bool = True, trainer_class: type | None = None,
+                         fingerprint: str | None = None) -> tuple[pd.DataFrame, float]:  # fmt: skip
+    """:func:`train_subsets` for sources that group training rows: fine-tune on the training
+    examples of each subset of sources (:func:`source_task_set`) and score the target.
+
+    Each subset trains in ``output_dir/<key>``, the key a hash of the (row, task) training
+    examples, so a rerun reuses its finished runs and another grouping of the rows (a new
+    clustering) never does. Returns the table of :func:`train_subsets` with ``subset`` the
+    source names sorted by id, and the mean seconds of one run.
+    """
+    import pandas as pd
+
+    parts, seconds = [], []
+    for subset in subsets:
+        ids = sorted(set(sources.resolve(list(subset))))
+        view = source_task_set(task_set, sources, train_rows, ids, target)
+        table, per_run = train_subsets(model_init, view, target, [view.task_names], args,
+                                       Path(output_dir) / _examples_key(view), seeds, splits,
+                                       show_progress, trainer_class, fingerprint)  # fmt: skip
+        table["subset"] = [[sources.names[s] for s in ids]] * len(table)
+        parts.append(table)
+        seconds.append(per_run)
+    finite = [s for s in seconds if math.isfinite(s)]
+    return pd.concat(parts, ignore_index=True), (float(np.mean(finite)) if finite else math.nan)
+
+
+def _examples_key(task_set: TaskSet) -> str:
+    """A folder name for the training examples of ``task_set`` (a hash of their rows, tasks)."""
+    ex = task_set.examples("train")
+    pairs = np.stack([ex["example_id"], ex["task"]]).astype(np.int64)
+    return "rows-" + hashlib.sha1(pairs.tobytes()).hexdigest()[:16]
 
 
 def first_order_error(model: nn.Module, estimator: SourceEstimator, w: torch.Tensor,

@@ -33,7 +33,8 @@ ESTIMATED_METHODS = ("ensemble (ours)", "ensemble above mean", "forward pass (Gr
 
 
 def build_sources(store, tasks, sel: SelectionArguments):
-    """The :class:`~hf_tae.selection.sources.Sources` that ``--sources`` names."""
+    """The :class:`~hf_tae.selection.sources.Sources` that ``--sources`` names; with row sources
+    and ``--include_target``, the target's training rows are a source of their own (the base)."""
     from hf_tae.selection import sources as src
 
     if sel.sources == "tasks":
@@ -42,8 +43,18 @@ def build_sources(store, tasks, sel: SelectionArguments):
         if sel.source_column not in tasks.dataset.column_names:
             raise TaeError(f"--source_column {sel.source_column!r} is not a dataset column; "
                            f"the columns are {tasks.dataset.column_names}.")  # fmt: skip
-        return src.sources_from_column(store, tasks.dataset[sel.source_column], sel.source_column)
-    return src.cluster_gradients(store, sel.num_clusters, sel.sources, seed=sel.subset_seed)
+        rows = src.sources_from_column(store, tasks.dataset[sel.source_column], sel.source_column)
+    else:
+        rows = src.cluster_gradients(store, sel.num_clusters, sel.sources, seed=sel.subset_seed)
+    return src.with_target_rows(rows, store, sel.target) if sel.include_target else rows
+
+
+def base_sources(sources, sel: SelectionArguments) -> list[str]:
+    """The sources in every subset: the target's own training rows with ``--include_target``
+    (the target task, or its rows' own source with row sources), else none."""
+    if not sel.include_target:
+        return []
+    return [sel.target] if sel.sources == "tasks" else [sources.details["target_rows"]]
 
 
 def select_sources(est, sel: SelectionArguments, metric: str) -> dict[str, Any]:
@@ -169,7 +180,7 @@ def run_selection(
     start = time.perf_counter()
     sources = build_sources(store, tasks, sel)
     sources.save(output_dir / "sources.json")
-    base = [sel.target] if sel.sources == "tasks" and sel.include_target else []
+    base = base_sources(sources, sel)
     model = trainer.model.eval()
     projected = {n for n, _ in store.metadata.get("projector", {}).get("parameters", [])}
     theta0_norm = math.sqrt(sum(float((p.detach().double() ** 2).sum())
@@ -298,16 +309,15 @@ def _check(family, family_args, tasks, est, chosen, sel, training_args, output_d
            timings) -> dict[str, Any]:  # fmt: skip
     """Real training of every method's choice and of ``--truth_subsets`` random subsets."""
     from hf_tae.estimation.subsets import sample_subsets
-    from hf_tae.pipeline.stages import fresh_model, init_fingerprint, run_arguments
-    from hf_tae.selection.check import estimated_vs_real, train_subsets
+    from hf_tae.selection.check import estimated_vs_real
 
-    if sel.sources != "tasks" or not sel.include_target:
-        return {"skipped": "real training needs task sources with the target included "
-                           "(--sources tasks --include_target true)"}  # fmt: skip
+    if not sel.include_target:
+        return {"skipped": "real training needs the target's own training rows in every run "
+                           "(--include_target true)"}  # fmt: skip
     names = est.sources.names
     cand = est.candidates
 
-    def as_tasks(subset):
+    def as_names(subset):  # the sources of a run by name, base included, sorted by id
         return [names[s] for s in sorted({*est.base, *subset})]
 
     methods = chosen["methods"]
@@ -316,16 +326,10 @@ def _check(family, family_args, tasks, est, chosen, sel, training_args, output_d
                           seed=sel.subset_seed + 1) if sel.truth_subsets else []  # fmt: skip
     # the target with each source alone: does the source really help or hurt?
     singles = [[c] for c in cand] if sel.check_each_source else []
-    every = [as_tasks(s) for s in [*methods.values(), *singles, *pool]]
+    every = [as_names(s) for s in [*methods.values(), *singles, *pool]]
     unique = list({tuple(s): s for s in every}.values())
-    model_init = fresh_model(family, family_args, tasks, output_dir, sel.train_init)
     start = time.perf_counter()
-    real, per_run = train_subsets(model_init, tasks, sel.target, unique, run_arguments(training_args),
-                            output_dir / "training", seeds=sel.train_seeds,
-                            show_progress=not training_args.disable_tqdm,
-                            trainer_class=family.trainer_class,
-                            fingerprint=init_fingerprint(family, family_args, tasks, output_dir,
-                                                         sel.train_init))  # fmt: skip
+    real, per_run = _train(family, family_args, tasks, est, unique, sel, training_args, output_dir)
     timings["real training"] = time.perf_counter() - start
     estimated = est.estimate([[names.index(t) for t in s] for s in unique])
     estimated["subset"] = [[names[t] for t in s] for s in estimated["subset"]]
@@ -336,17 +340,17 @@ def _check(family, family_args, tasks, est, chosen, sel, training_args, output_d
         return float(rows[m].iloc[0])
 
     by_method = {m: {"sources": [names[s] for s in c],
-                     "test": real_value(as_tasks(c), "test", selection_metric),
-                     "validation": real_value(as_tasks(c), "validation", selection_metric),
-                     "test_" + metric: real_value(as_tasks(c), "test", metric)}
+                     "test": real_value(as_names(c), "test", selection_metric),
+                     "validation": real_value(as_names(c), "validation", selection_metric),
+                     "test_" + metric: real_value(as_names(c), "test", metric)}
                  for m, c in methods.items()}  # fmt: skip
     alone = by_method["base only"]["test"]
-    effects = {names[c[0]]: real_value(as_tasks(c), "test", selection_metric) - alone
+    effects = {names[c[0]]: real_value(as_names(c), "test", selection_metric) - alone
                for c in singles}  # fmt: skip
     validation = real[real["split"] == "validation"]
     agreement = estimated_vs_real(estimated, validation, metric)
     agreement_truth = estimated_vs_real(
-        estimated[[tuple(s) in {tuple(as_tasks(p)) for p in pool} for s in estimated["subset"]]],
+        estimated[[tuple(s) in {tuple(as_names(p)) for p in pool} for s in estimated["subset"]]],
         validation, metric) if len(pool) >= 3 else None  # fmt: skip
     # selection by training would train every subset the estimates evaluated
     estimation_seconds = timings["gradients"] + timings["estimation + selection"]
@@ -373,6 +377,28 @@ def _check(family, family_args, tasks, est, chosen, sel, training_args, output_d
         },
         "higher_is_better": higher_is_better(selection_metric),
     }
+
+
+def _train(family, family_args, tasks, est, subsets, sel, training_args, output_dir):
+    """Real runs of ``subsets`` (source names, base included) with the family's trainer:
+    subsets of tasks with task sources, else the training rows of the sources (plus every
+    held-out row). Returns the target's table and the seconds of one run."""
+    from hf_tae.pipeline.stages import fresh_model, init_fingerprint, run_arguments
+    from hf_tae.selection.check import train_source_subsets, train_subsets
+
+    common = {"seeds": sel.train_seeds, "show_progress": not training_args.disable_tqdm,
+              "trainer_class": family.trainer_class,
+              "fingerprint": init_fingerprint(family, family_args, tasks, output_dir,
+                                              sel.train_init)}  # fmt: skip
+    model_init = fresh_model(family, family_args, tasks, output_dir, sel.train_init)
+    args = run_arguments(training_args)
+    if sel.sources == "tasks":
+        return train_subsets(model_init, tasks, sel.target, subsets, args,
+                             output_dir / "training", **common)  # fmt: skip
+    train = est.view.store.tensors("train")
+    rows = {"example_id": train["example_id"].numpy(), "task": train["task"].numpy()}
+    return train_source_subsets(model_init, tasks, est.sources, rows, sel.target, subsets, args,
+                                output_dir / "training" / "rows", **common)  # fmt: skip
 
 
 def _previous_timing(output_dir: Path, stage: str, default: float) -> float:

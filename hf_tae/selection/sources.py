@@ -161,6 +161,26 @@ def sources_from_column(
     return Sources(ids, names, "column", {"column": column})
 
 
+def with_target_rows(sources: Sources, store: GradientStore, target: str) -> Sources:
+    """``sources`` with the target task's training rows moved to a source of their own, named
+    ``<target>:train`` and numbered last.
+
+    Row sources (a column, clusters) mix the target's own rows into the candidates; as a
+    source of their own they can be the base of every subset, as the target task is with task
+    sources, so the estimates and the real check both train on them in every subset.
+    """
+    if target not in (store.task_names or []):
+        raise TaeError(f"target {target!r} is not a task of the gradient store at {store.path}.")
+    sources.check_store(store)
+    own = store.tensors("train")["task"].numpy() == store.task_names.index(target)
+    name = f"{target}:train"
+    if name in sources.names:
+        raise TaeError(f"a source is already named {name!r}; rename it to keep the target apart.")
+    ids = np.where(own, len(sources), sources.ids)
+    return Sources(ids, [*sources.names, name], sources.method,
+                   {**sources.details, "target_rows": name})  # fmt: skip
+
+
 def cluster_gradients(
     store: GradientStore,
     num_clusters: int,

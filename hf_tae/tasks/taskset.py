@@ -191,6 +191,30 @@ class TaskSet:
         view.task_ids = self.resolve(tasks)
         return view
 
+    def keep_train_examples(
+        self, example_ids: Sequence[int], tasks: Sequence[int] | None = None
+    ) -> TaskSet:
+        """A view whose ``train`` examples are only the given ones; validation and test unchanged.
+
+        ``example_ids`` are dataset rows; multi-label data also needs ``tasks`` (the global task
+        of each, an example being a (row, task) pair). Training examples not listed belong to
+        no split in the view, so a model can be trained on chosen rows of its tasks (e.g. data
+        sources that group rows) and still be scored on all of their held-out rows.
+        """
+        rows = np.asarray(example_ids, dtype=np.int64)
+        train = self._split == split_code("train")
+        keep = np.zeros_like(train)
+        if self.is_multilabel:
+            if tasks is None or len(tasks) != len(rows):
+                raise TaeError("multi-label data needs the task of every kept example (tasks=).")
+            keep[rows, np.asarray(tasks, dtype=np.int64)] = True
+        else:
+            keep[rows] = True
+        view = object.__new__(TaskSet)
+        view.__dict__.update(self.__dict__)
+        view._split = np.where(train & ~keep, np.int8(-1), self._split)  # -1: in no split
+        return view
+
     # ------------------------------------------------------------------ rows
     def _membership(self, split: str) -> np.ndarray:
         """Boolean ``[rows, num_selected_tasks]``: row r is an example of task t in ``split``."""

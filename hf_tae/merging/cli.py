@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_tae.errors import TaeError
+from hf_tae.merging.registry import canonical_params
 
 _TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "lora_rank", "output_dir"}
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -67,9 +68,7 @@ def merge_from_config(config: dict[str, Any], output_dir: str | None = None, **o
     stats = [s for _, _, s in entries]
     if any(s is not None for s in stats) and None in stats:
         raise TaeError("give 'statistics' for every model or for none.")
-    params = dict(config.get("parameters") or {})
-    if "lambda" in params:
-        params["lam"] = params.pop("lambda")
+    params = canonical_params(config.get("parameters") or {})
     dtype = config.get("dtype")
     if dtype is not None and dtype not in _DTYPES:
         raise TaeError(f"dtype={dtype!r}; choose one of {list(_DTYPES)}.")

@@ -33,7 +33,7 @@ import torch
 from hf_tae.errors import TaeError
 from hf_tae.estimation.schema import METRICS
 from hf_tae.merging.engine import MergeResult, merge
-from hf_tae.merging.registry import get_method
+from hf_tae.merging.registry import get_method, parse_method_choices
 from hf_tae.merging.resume import fingerprint, finished_fingerprint
 from hf_tae.merging.sources import TensorSource, open_source
 
@@ -184,21 +184,25 @@ def merge_and_score(
     max_examples: int = 1000,
     splits: Sequence[str] = ("test", "validation"),
 ) -> dict[str, dict[str, Any]]:
-    """Merge the group models by every method into ``output_dir/<method>/`` and score each
-    merged model per task on ``splits``.
+    """Merge the group models by every method into ``output_dir/<folder>/`` and score each
+    merged model per task on ``splits``. A method is a name or ``name:key=value,...``
+    (``--merge_methods``, :func:`~hf_tae.merging.registry.parse_method_choice`): its label
+    (``ties density=0.2 lambda=0.8``) keys the result, its folder is the label with ``_`` for
+    spaces (``average`` stays ``average/``).
 
     ``load_model(folder)`` loads a saved model (a group model for its statistics, a merged
     one for scoring). A merge whose output already records the same fingerprint (group models,
     base, method, options, statistics recipe) is kept, and its statistics are not recomputed.
-    Returns ``{method: {"path", "seconds", "skipped", "private", "scores": {split: rows}}}``.
+    Returns ``{label: {"method", "parameters", "path", "seconds", "skipped", "private",
+    "scores": {split: rows}}}``.
     """
     output_dir = Path(output_dir)
     run_args = _run_args(args, output_dir / ".scoring")
     stats_cache: dict[tuple[str, ...], list[MergeStatistics]] = {}
     out = {}
-    for method in methods:
-        spec = get_method(method)
-        params = spec.check_params({})
+    for choice in parse_method_choices(methods):
+        method, spec = choice.label, get_method(choice.method)
+        params = spec.check_params(choice.params)
         needed = spec.statistics(params)
         unsupported = sorted(set(needed) - _KINDS)
         if unsupported:
@@ -209,11 +213,11 @@ def merge_and_score(
         kinds = tuple(sorted(needed))
         if spec.needs_base(params) and base is None:
             raise TaeError(f"merge method {method!r} needs the group models' starting model.")
-        target = output_dir / method
+        target = output_dir / choice.folder
         recipe = {"kinds": kinds, "max_examples": max_examples, "fisher": "empirical, -loss",
                   "rows": "each group's training rows"}  # fmt: skip
         merge_base = base if spec.needs_base(params) else None
-        stamp = fingerprint(method, params, recipe, [list(map(int, g)) for g in groups],
+        stamp = fingerprint(choice.method, params, recipe, [list(map(int, g)) for g in groups],
                             list(private), tasks.num_all_tasks, [Path(m) for m in models],
                             None if merge_base is None else Path(merge_base))  # fmt: skip
         start = time.perf_counter()
@@ -227,13 +231,15 @@ def merge_and_score(
                 ]  # fmt: skip
             statistics = stats_cache[kinds]
         result = merge_group_models(
-            models, groups, method, target, num_tasks=tasks.num_all_tasks, private=private,
-            base=merge_base, statistics=statistics,
+            models, groups, choice.method, target, num_tasks=tasks.num_all_tasks,
+            private=private, base=merge_base, statistics=statistics, params=choice.params,
             merge_fingerprint=stamp,
         )  # fmt: skip
         seconds = time.perf_counter() - start
         scores = score_model(load_model(target), tasks, trainer_class, run_args, splits)
         out[method] = {
+            "method": choice.method,
+            "parameters": params,
             "path": str(target),
             "seconds": round(seconds, 2),
             "skipped": result.skipped,
@@ -246,7 +252,7 @@ def merge_and_score(
 def comparison_rows(merged: Mapping[str, Mapping[str, Any]], tasks: TaskSet,
                     split: str) -> list[dict[str, Any]]:  # fmt: skip
     """Rows of :func:`~hf_tae.compare_group_training`'s table for the merged models of
-    :func:`merge_and_score` on ``split``: strategy ``"merged (<method>)"``, one model for all
+    :func:`merge_and_score` on ``split``: strategy ``"merged (<label>)"``, one model for all
     tasks."""
     names = list(tasks.task_names)
     return [
@@ -272,3 +278,17 @@ def save_start_model(model_init: Callable[[], torch.nn.Module], seed: int,
         with atomic_folder(path) as folder:
             model_init().save_pretrained(str(folder))
     return path
+
+
+def check_mergeable(model: torch.nn.Module) -> None:
+    """Refuse group models the stage cannot merge, before any of them is trained: peft
+    adapters (the instructions family's LoRA) need the adapters' own base model as θ0 and
+    statistics hooked on the adapted layers, which the stage does not provide."""
+    if hasattr(model, "peft_config"):
+        raise TaeError(
+            "--merge_methods merges full group models, but this family trains peft adapters "
+            f"({type(model).__name__}); the merge stage does not merge adapters. Drop "
+            "--merge_methods, or merge saved adapters with hf_tae.merge(base=<the adapters' "
+            "base model>, models=[<adapter folders>], method) or `hf-tae merge` (README: "
+            "Merging fine-tuned models, peft adapters)."
+        )

@@ -10,7 +10,10 @@ merge is one independent call per tensor: ``fn(block, **params) -> (merged, info
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +74,9 @@ class MergeMethod:
     """A registered method: its function, its parameters' defaults, and (given the resolved
     parameters) whether it needs θ0 and which statistics it reads (``"fisher"``, ``"gram"``,
     ``"kfac"``, ``"fisher_block"``). ``prepare``, if set, runs once before the per-tensor pass
-    (e.g. TIES's global trimming thresholds) and its result lands in every ``Block.extra``."""
+    (e.g. TIES's global trimming thresholds) and its result lands in every ``Block.extra``.
+    ``types`` holds each parameter's annotated type (``float``, ``int | None``, ...): what a
+    parameter given as text (``--merge_methods ties:density=0.2``) is converted to."""
 
     name: str
     fn: MergeFn
@@ -79,6 +84,7 @@ class MergeMethod:
     statistics: Callable[[dict[str, Any]], tuple[str, ...]]
     defaults: dict[str, Any]
     prepare: Callable[..., dict[str, Any]] | None = None
+    types: dict[str, Any] = field(default_factory=dict)
 
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """``defaults`` updated by ``params``; unknown names raise :class:`TaeError`."""
@@ -89,6 +95,111 @@ class MergeMethod:
                 f"{sorted(self.defaults)}."
             )
         return {**self.defaults, **params}
+
+    def parse_value(self, name: str, text: str) -> Any:
+        """Parameter ``name`` given as ``text``, converted to its registered type (``none``
+        for an optional one); a bad value raises :class:`TaeError` naming both."""
+        self.check_params({name: None})
+        kind = self.types.get(name, str)
+        union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+        options = typing.get_args(kind) if union else (kind,)
+        if type(None) in options and text.strip().lower() == "none":
+            return None
+        for option in options:
+            try:
+                return _convert(text, option)
+            except (TypeError, ValueError):
+                continue
+        raise TaeError(
+            f"merge method {self.name!r}: {name}={text!r} is not a valid "
+            f"{getattr(kind, '__name__', kind)}; e.g. {name}={self.defaults[name]}."
+        )
+
+
+def _convert(text: str, kind: Any) -> Any:
+    """``text`` as ``kind`` (bool, int, float or str); raises ValueError when it is not one."""
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered not in ("true", "false"):
+            raise ValueError(text)
+        return lowered == "true"
+    if kind in (int, float, str):
+        return kind(text.strip())
+    raise ValueError(f"no conversion to {kind}")
+
+
+#: other spellings of parameter names, in YAML configs and ``--merge_methods``
+#: (``lambda`` is what mergekit calls ``lam``, a Python keyword)
+PARAM_ALIASES = {"lambda": "lam"}
+
+
+def canonical_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with alias names (:data:`PARAM_ALIASES`) replaced by the registered ones;
+    an alias given together with its registered name raises."""
+    out = dict(params)
+    for alias, name in PARAM_ALIASES.items():
+        if alias in out:
+            if name in out:
+                raise TaeError(f"both {alias!r} and {name!r} given; they are one parameter.")
+            out[name] = out.pop(alias)
+    return out
+
+
+@dataclass(frozen=True)
+class MethodChoice:
+    """One merge of the pipeline: a method and the parameters given to it (typed, canonical
+    names; the rest keep their defaults). ``label`` names it in tables, as written
+    (``ties density=0.2 lambda=0.8``); ``folder`` is the label made a safe folder name."""
+
+    method: str
+    params: dict[str, Any]
+    label: str
+
+    @property
+    def folder(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._=+-]", "_", self.label.replace(" ", "_"))
+
+
+def parse_method_choice(text: str) -> MethodChoice:
+    """``name`` or ``name:key=value,key=value`` (``--merge_methods``) as a
+    :class:`MethodChoice`, values converted to the method's parameter types. An unknown
+    method or parameter, a malformed item or a bad value raises :class:`TaeError` naming the
+    method, the parameter and the valid ones."""
+    name, _, rest = text.strip().partition(":")
+    spec = get_method(name.strip())
+    given: dict[str, str] = {}
+    for item in rest.split(",") if rest.strip() else ():
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or not key or not value:
+            raise TaeError(
+                f"merge method {spec.name!r}: option {item!r} is not key=value; write e.g. "
+                f"{spec.name}:{','.join(f'{k}={v}' for k, v in spec.defaults.items()) or '<none>'}"
+                f" (parameters: {sorted(spec.defaults)})."
+            )
+        if key in given:
+            raise TaeError(f"merge method {spec.name!r}: option {key!r} given twice in {text!r}.")
+        given[key] = value
+    typed = {key: spec.parse_value(PARAM_ALIASES.get(key, key), v) for key, v in given.items()}
+    params = canonical_params(typed)
+    spec.check_params(params)
+    label = " ".join([spec.name, *(f"{k}={v}" for k, v in typed.items())])
+    return MethodChoice(spec.name, params, label)
+
+
+def parse_method_choices(texts: Sequence[str]) -> list[MethodChoice]:
+    """:func:`parse_method_choice` of each; two that merge alike (the same method and
+    resolved parameters, e.g. ``ties`` and ``ties:density=0.2``) raise."""
+    choices = [parse_method_choice(t) for t in texts]
+    seen: dict[tuple[str, str], str] = {}
+    for choice in choices:
+        resolved = get_method(choice.method).check_params(choice.params)
+        key = (choice.method, repr(sorted(resolved.items())))
+        if key in seen:
+            raise TaeError(
+                f"merge methods {seen[key]!r} and {choice.label!r} are the same merge; give it once."
+            )
+        seen[key] = choice.label
+    return choices
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -112,7 +223,12 @@ def register_method(
         }
         base = needs_base if callable(needs_base) else lambda _params: needs_base
         stats = statistics if callable(statistics) else lambda _params: statistics
-        METHODS[name] = MergeMethod(name, fn, base, stats, defaults, prepare)
+        try:
+            hints = typing.get_type_hints(fn)
+        except NameError:  # an annotation this module cannot resolve: type by default value
+            hints = {}
+        kinds = {p: hints.get(p, type(default)) for p, default in defaults.items()}
+        METHODS[name] = MergeMethod(name, fn, base, stats, defaults, prepare, kinds)
         return fn
 
     return decorate

@@ -197,12 +197,23 @@ class GroupingArguments:
         default_factory=list,
         metadata={
             "help": "Also merge the group models (first --group_seeds seed) into one model per "
-            "method, e.g. 'average regmean fisher' (any of hf_tae.merging.method_names() with "
-            "its default parameters, except those needing fisher_block statistics), and add "
-            "each merged model to the group-training comparison as 'merged (<method>)'. Each "
-            "task keeps its own group model's head (task-private parameters); RegMean/Fisher "
-            "statistics come from each group model on its group's training rows. Outputs in "
-            "<output_dir>/merged/<method>/; a rerun keeps finished merges (README: Merging)."
+            "method, e.g. 'average regmean:alpha=0.9 ties:density=0.2,lambda=0.8' (any of "
+            "hf_tae.merging.method_names(), except those needing fisher_block statistics; "
+            "options as name:key=value,... typed by the method's parameters, the rest at their "
+            "defaults), and add each merged model to the group-training comparison and the "
+            "recommendation as 'merged (<method> <key=value> ...)'. Each task keeps its own "
+            "group model's head (task-private parameters); RegMean/Fisher statistics come from "
+            "each group model on its group's training rows. Full models only (not the "
+            "instructions family's LoRA adapters). Outputs in <output_dir>/merged/<method>[_"
+            "<key=value>...]/; a rerun keeps finished merges (README: Merging)."
+        },
+    )
+    recommend_merged: bool = field(
+        default=True,
+        metadata={
+            "help": "Let the recommendation choose a merged model (one model for all tasks) "
+            "when its validation score beats the groups, all tasks and single tasks; false: "
+            "report the merged models but recommend among the trained models only."
         },
     )
     merge_examples: int = field(
@@ -299,12 +310,16 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
     if not grouping.group_seeds:
         raise TaeError("--group_seeds is empty; give at least one seed.")
     if grouping.merge_methods:
-        from hf_tae.merging import get_method
+        from hf_tae.merging.registry import get_method, parse_method_choices
 
-        for name in grouping.merge_methods:
-            spec = get_method(name)  # unknown names raise, listing the known ones
-            if "fisher_block" in spec.statistics(spec.check_params({})):
-                raise TaeError(f"--merge_methods {name}: the pipeline computes no (IA)³ "
+        try:  # unknown methods or options raise, naming the valid ones
+            choices = parse_method_choices(grouping.merge_methods)
+        except TaeError as err:
+            raise TaeError(f"--merge_methods: {err}") from None
+        for choice in choices:
+            spec = get_method(choice.method)
+            if "fisher_block" in spec.statistics(spec.check_params(choice.params)):
+                raise TaeError(f"--merge_methods {choice.label}: the pipeline computes no (IA)³ "
                                "block-Fisher statistics; merge with hf_tae.merge(...).")  # fmt: skip
         if not grouping.train_groups:
             raise TaeError("--merge_methods merges the group models: keep --train_groups true.")

@@ -238,19 +238,20 @@ def render_report(results: Mapping[str, Any]) -> str:
                 for m, v in training["merged"].items()
             )  # fmt: skip
             out += [
-                "Rows `merged (<method>)`: the group models (first seed) merged into one model "
-                "by that method (`merged/<method>/`); shared parameters merged, each task's "
-                "private parameters (its head) taken from its own group's model, RegMean/Fisher "
+                "Rows `merged (<method> <options>)`: the group models (first seed) merged into "
+                "one model by that method (`merged/<method>[_<options>]/`); shared parameters "
+                "merged, each task's private parameters (its head) taken from its own group's "
+                "model, RegMean/Fisher "
                 f"statistics from each group model on its group's training rows. Merges: {costs}.",
                 "",
             ]
         rec = training.get("recommended")
         if rec:  # the estimate proposes, validation decides
             val = ", ".join(f"{s} {_num(v)}" for s, v in rec["validation"].items())
+            where = f" at `{rec['path']}`" if rec.get("path") else ""
             out += [
-                f"**Recommended: {rec['strategy']}** ({len(rec['groups'])} model(s)): the best "
-                f"validation {sel} among the estimate's groups, all tasks and single tasks "
-                f"({val}); its test {sel} is {_num(rec['test'])}.",
+                f"**Recommended: {rec['strategy']}** ({len(rec['groups'])} model(s){where}): "
+                f"the best validation {sel} of {val}; its test {sel} is {_num(rec['test'])}.",
                 "",
             ]
     truth = results.get("ground_truth")

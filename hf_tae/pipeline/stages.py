@@ -376,8 +376,10 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
     validation split (the same runs, scored twice): the estimate proposes, validation decides.
     ``fingerprint``: :func:`init_fingerprint` of ``model_init``, recorded with the runs.
     With ``--merge_methods``, the group models are also merged (:func:`merge_groups`) and each
-    merged model joins the comparison as strategy ``"merged (<method>)"`` (one model);
-    ``private_parameters(model)`` names the task-private parameters (the family's)."""
+    merged model joins the comparison as strategy ``"merged (<label>)"`` (one model for all
+    tasks, a deployment option of its own: the recommendation weighs it by the same validation
+    score unless ``--recommend_merged false``); ``private_parameters(model)`` names the
+    task-private parameters (the family's)."""
     from hf_tae.estimation.schema import higher_is_better
     from hf_tae.evaluation.group_training import compare_group_training, summarize_group_training
 
@@ -391,6 +393,10 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
             by_group.setdefault(int(g), []).append(name)
         strategies["planted groups"] = list(by_group.values())
     run_args = run_arguments(training_args, grouping_args.run_steps)
+    if grouping_args.merge_methods:  # before any group model is trained
+        from hf_tae.merging.groups import check_mergeable
+
+        check_mergeable(model_init())
 
     keep = groups if grouping_args.merge_methods else ()  # the merge stage reads them
 
@@ -415,15 +421,18 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
                           ignore_index=True)  # fmt: skip
     summary = summarize_group_training(table, reference="all tasks", metric=metric)
     wide = table.pivot(index="task_name", columns="strategy", values=metric).loc[names]
-    # the recommendation: the estimate's groups, all tasks or single tasks, whichever the
-    # trained models score best on validation rows (ties: the estimate's groups)
+    # the recommendation: the estimate's groups, all tasks, single tasks or a merged model,
+    # whichever scores best on validation rows (ties: the earlier one, the estimate's groups first)
     validation = summarize_group_training(compare("validation"), reference="all tasks",
                                           metric=metric)  # fmt: skip
     options = [s for s in ("grouped", "all tasks", "single task") if s in strategies]
-    sign = 1.0 if higher_is_better(metric) else -1.0
     scores = {s: float(validation.loc[s, metric]) for s in options}
-    best = max(options, key=lambda s: sign * scores[s])
-    columns = [*strategies, *(f"merged ({m})" for m in merged or {})]
+    merged_scores = merged_validation(merged or {}, metric)
+    if grouping_args.recommend_merged:
+        scores |= {f"merged ({m})": v for m, v in merged_scores.items()}
+    best = best_strategy(scores, higher_is_better(metric))
+    merged_labels = {f"merged ({m})": m for m in merged or {}}
+    columns = [*strategies, *merged_labels]
     info = {
         "init": "from scratch" if grouping_args.group_init == "scratch" else "from θ0",
         "seeds": len(grouping_args.group_seeds),
@@ -433,18 +442,36 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
         "per_task": {t: {s: float(wide.loc[t, s]) for s in columns} for t in names},
         "recommended": {
             "strategy": best,
-            "groups": [list(g) for g in strategies[best]],
+            "groups": [list(g) for g in strategies.get(best, [list(names)])],
             "validation": scores,
             "test": float(summary.loc[best, metric]),
         },
     }
-    if merged is not None:  # where each merged model is, its cost, and its validation score
+    if best in merged_labels:  # a merged model: where it is
+        info["recommended"]["path"] = merged[merged_labels[best]]["path"]
+    if merged is not None:  # where each merged model is, its options, cost and validation score
         info["merged"] = {
-            m: {k: v[k] for k in ("path", "seconds", "skipped", "private")}
-            | {"validation": float(np.mean([r[metric] for r in v["scores"]["validation"]]))}
+            m: {k: v[k] for k in ("method", "parameters", "path", "seconds", "skipped", "private")}
+            | {"validation": merged_scores[m]}
             for m, v in merged.items()
         }
     return info
+
+
+def merged_validation(merged: dict[str, Any], metric: str) -> dict[str, float]:
+    """Each merged model's ``metric`` on validation rows, averaged over the tasks as
+    ``summarize_group_training`` averages every other strategy's: ``{label: score}``."""
+    return {
+        m: float(np.mean([r[metric] for r in v["scores"]["validation"]]))
+        for m, v in merged.items()
+    }
+
+
+def best_strategy(scores: dict[str, float], higher_is_better: bool) -> str:
+    """The strategy of best validation score; on a tie the one listed first (the estimate's
+    groups before all tasks, single tasks and merged models)."""
+    sign = 1.0 if higher_is_better else -1.0
+    return max(scores, key=lambda s: sign * scores[s])
 
 
 def merge_groups(model_init, tasks: TaskSet, groups, run_args, grouping_args, output_dir: Path,
@@ -452,7 +479,7 @@ def merge_groups(model_init, tasks: TaskSet, groups, run_args, grouping_args, ou
                  private_parameters: Callable[[Any], list[str]] | None = None,
                  ) -> dict[str, Any]:  # fmt: skip
     """Stage 6b (``--merge_methods``): merge the group models (first group seed, kept by group
-    training under ``group_training/models/``) into ``merged/<method>/`` and score each merged
+    training under ``group_training/models/``) into ``merged/<folder>/`` and score each merged
     model per task on test and validation (:func:`hf_tae.merging.groups.merge_and_score`).
     Task-private parameters come from each task's own group model; data-aware methods use
     statistics of each group model on its group's training rows. Merges are atomic and a

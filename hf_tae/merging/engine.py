@@ -5,8 +5,9 @@ statistics for it), checks them, calls the method, and hands the result to a sha
 so memory stays near one tensor per input model plus its statistics (D.3). Methods with a
 global step (TIES with ``trim="global"``) get extra streaming passes first. Solves run in
 ``solve_dtype`` (float64 by default) and the output takes the base's dtype. Output folders
-appear whole or not at all, and record a fingerprint of what was merged so that a rerun can
-skip a finished merge (:mod:`hf_tae.merging.resume`).
+appear whole or not at all, a killed merge resumes after its last finished shard, and a
+finished one records a fingerprint of what was merged so that a rerun can skip it
+(:mod:`hf_tae.merging.resume`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 from hf_tae.errors import TaeError
 from hf_tae.merging.adapters import IA3Source, LoraSource, LoraWriter, OnesSource, write_ia3
 from hf_tae.merging.registry import Block, get_method
-from hf_tae.merging.resume import CONFIG_FILE, finished_fingerprint, partial_folder
+from hf_tae.merging.resume import CONFIG_FILE, ShardProgress, finished_fingerprint, partial_folder
 from hf_tae.merging.resume import fingerprint as inputs_fingerprint
 from hf_tae.merging.sources import TensorSource, open_source, resolve_model
 from hf_tae.merging.statistics import MergeStatistics, config_fingerprint
@@ -138,7 +139,10 @@ def merge(
     (``user/name[@revision]``) is downloaded first (safetensors and config files only).
 
     Restarts: the output is written to ``.{name}.partial`` and renamed into place at the end,
-    so an interrupted merge leaves nothing at ``output_dir`` and the next one starts afresh.
+    so an interrupted merge leaves nothing at ``output_dir``. After an exception the next merge
+    starts afresh; after a kill, the next merge of the same fingerprint, ``max_shard_bytes``
+    and ``device`` keeps the shards already finished and merges only the other tensors, giving
+    bitwise the output of an uninterrupted merge.
     ``merge_config.json`` records ``fingerprint`` (default: one of the inputs, method, options
     and statistics, :func:`~hf_tae.merging.resume.fingerprint`); with ``skip_if_finished``, an
     ``output_dir`` holding a finished merge with the same fingerprint is kept as it is and
@@ -214,9 +218,14 @@ def merge(
     with ExitStack() as stack:  # the output folder appears only when the merge succeeded
         folder = None
         if output_dir is not None:
-            folder = stack.enter_context(partial_folder(output_dir, overwrite=overwrite))
+            # the shard size and device change the bytes written, not what is merged
+            key = inputs_fingerprint(fingerprint, max_shard_bytes, str(device))
+            folder = stack.enter_context(partial_folder(output_dir, overwrite, fingerprint=key))
         writer = _writer(folder, srcs, lora_rank, ia3, max_shard_bytes)
-        for name in tqdm(names, desc=f"merge ({method})", unit="tensor"):
+        progress = writer.progress if isinstance(writer, ShardWriter) else None
+        done = _resume(progress, log, norms)
+        todo = [name for name in names if name not in done]
+        for name in tqdm(todo, desc=f"merge ({method})", unit="tensor"):
             if name in fixed:
                 tensor, info, stored = _fixed_tensor(name, fixed[name], ref)
             else:
@@ -225,6 +234,8 @@ def merge(
                                                      solve_dtype, device, norms)  # fmt: skip
             if info:
                 log[name] = info
+            if progress is not None:
+                progress.note(name, {"log": info, "norms": norms.tolist()})
             out_dtype = dtype or stored
             if isinstance(writer, LoraWriter):
                 writer.add(name, tensor - ref.get(name).to(tensor), out_dtype)
@@ -239,6 +250,18 @@ def merge(
     if output_dir is not None:
         return MergeResult(None, log, Path(output_dir))
     return MergeResult(merged, log)
+
+
+def _resume(progress: ShardProgress | None, log: dict, norms: torch.Tensor) -> set[str]:
+    """The tensors in the finished shards of a resumed merge; fills ``log`` with their entries
+    and ``norms`` with the running norms after the last of them, so that the merge goes on as
+    if it had merged them (floats survive JSON exactly)."""
+    finished = progress.finished() if progress is not None else {}
+    for name, state in finished.items():
+        if state["log"]:
+            log[name] = state["log"]
+        norms.copy_(torch.tensor(state["norms"], dtype=norms.dtype))
+    return set(finished)
 
 
 def _fingerprint_input(item: Any) -> Any:
@@ -351,7 +374,7 @@ def _writer(folder, srcs, lora_rank, ia3, max_shard_bytes):
         if not isinstance(srcs[0], LoraSource):
             raise TaeError("lora_rank applies to LoRA adapters only; drop it for full models.")
         return LoraWriter(folder, lora_rank, srcs[0])
-    return ShardWriter(folder, max_shard_bytes)
+    return ShardWriter(folder, max_shard_bytes, progress=ShardProgress.load(folder))
 
 
 def _finish(folder, writer, merged, srcs, ref, ia3, method, params, weights, stats, log,

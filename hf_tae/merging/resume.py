@@ -1,11 +1,13 @@
 """Restartable merges: output that appears whole or not at all, and fingerprints of finished ones.
 
 A merge writes into ``.{name}.partial`` next to its output folder and renames it into place
-only when every shard, config and log is written; an exception deletes it, and a merge killed
-outright (SIGKILL, power loss) leaves it behind for the next merge into the same folder to
-delete first, so a rerun restarts cleanly and never sees half an output. ``merge_config.json``
-records a fingerprint of the inputs, the method and its options, so that a rerun can tell a
-finished merge of the same inputs (skip it) from a stale one (merge again).
+only when every shard, config and log is written; an exception deletes it. A merge killed
+outright (SIGKILL, power loss) leaves it behind: the next merge into the same folder resumes it
+at shard level when its ``.progress.json`` records the same merge (:class:`ShardProgress`),
+keeping the finished shards and merging only the other tensors, and deletes it otherwise, so a
+rerun never sees half an output. ``merge_config.json`` records a fingerprint of the inputs, the
+method and its options, so that a rerun can tell a finished merge of the same inputs (skip it)
+from a stale one (merge again).
 
 Fingerprints are cheap: files count by resolved path, size and modification time (as make
 does: a model saved again counts as new), in-memory tensors by their bytes.
@@ -19,6 +21,7 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from hf_tae.errors import TaeError
 
 CONFIG_FILE = "merge_config.json"
 PARTIAL_SUFFIX = ".partial"
+PROGRESS_FILE = ".progress.json"
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -38,28 +42,104 @@ def partial_path(path: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def partial_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty ``.{name}.partial`` folder next to ``path``; on success it replaces
-    ``path``, on any error it is deleted and ``path`` (if any) is left as it was.
+def partial_folder(
+    path: str | os.PathLike, overwrite: bool = False, *, fingerprint: str
+) -> Iterator[Path]:
+    """Yield the ``.{name}.partial`` folder next to ``path``; on success it replaces ``path``
+    (without its ``.progress.json``), on any error it is deleted and ``path`` (if any) is left
+    as it was.
 
-    A partial folder already there is what a killed merge left: it is deleted first. Run one
-    merge per output folder at a time. Raises :class:`TaeError` if ``path`` exists and
-    ``overwrite`` is false.
+    A partial folder already there is what a killed merge left: if its progress records
+    ``fingerprint`` (the same merge), its finished shards are kept for the merge to resume
+    from and the rest of it is deleted; otherwise it is deleted whole and a new one records
+    ``fingerprint``. Run one merge per output folder at a time. Raises :class:`TaeError` if
+    ``path`` exists and ``overwrite`` is false.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise TaeError(f"{path} already exists; pass overwrite=True or choose another folder.")
     tmp = partial_path(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    _reuse_or_clear(tmp, fingerprint)
     try:
         yield tmp
+        (tmp / PROGRESS_FILE).unlink()
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _reuse_or_clear(tmp: Path, fingerprint: str) -> None:
+    """Keep only the finished shards (and progress) of a partial folder of this merge; any
+    other partial folder is replaced by an empty one whose progress records ``fingerprint``."""
+    progress = ShardProgress.load(tmp)
+    if progress is None or progress.fingerprint != fingerprint or not progress.intact():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        ShardProgress(tmp, fingerprint).save()
+        return
+    keep = {PROGRESS_FILE, *(shard["file"] for shard in progress.shards)}
+    for entry in tmp.iterdir():  # a shard cut short, config files written at the very end
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        elif entry.name not in keep:
+            entry.unlink()
+
+
+@dataclass
+class ShardProgress:
+    """The finished shards of a merge in a partial folder, kept in its ``.progress.json``.
+
+    Each shard entry holds its file, its bytes and, per tensor in it (in merge order), the
+    JSON state the engine needs to go on without merging it again (log entry, running norms).
+    The engine hands each tensor's state to :meth:`note` as it merges it; the writer calls
+    :meth:`add_shard` once a shard's file is whole on disk, which rewrites the file atomically,
+    so a merge killed at any moment leaves a progress that lists only whole shards.
+    """
+
+    folder: Path
+    fingerprint: str
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    _pending: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> ShardProgress | None:
+        """The progress recorded in ``folder``, or ``None`` if there is none (or unreadable)."""
+        try:
+            data = json.loads((Path(folder) / PROGRESS_FILE).read_text())
+            return cls(Path(folder), data["fingerprint"], data["shards"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def intact(self) -> bool:
+        """Whether every finished shard is still there (a merge killed while naming the final
+        shards has moved them)."""
+        return all((self.folder / shard["file"]).is_file() for shard in self.shards)
+
+    def finished(self) -> dict[str, Any]:
+        """The state of every tensor in a finished shard, in merge order."""
+        return {name: state for shard in self.shards for name, state in shard["tensors"].items()}
+
+    def note(self, name: str, state: Any) -> None:
+        """Remember the state after tensor ``name`` until the shard holding it is finished."""
+        self._pending[name] = state
+
+    def add_shard(self, file: str, nbytes: int, names: list[str]) -> None:
+        """Record the whole shard ``file`` (``nbytes`` of tensors ``names``) and save."""
+        tensors = {name: self._pending.pop(name) for name in names}
+        self.shards.append({"file": file, "bytes": nbytes, "tensors": tensors})
+        self.save()
+
+    def save(self) -> None:
+        """Write ``.progress.json`` atomically: a synced temporary file renamed into place."""
+        tmp = self.folder / f"{PROGRESS_FILE}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"fingerprint": self.fingerprint, "shards": self.shards}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.folder / PROGRESS_FILE)
 
 
 def finished_fingerprint(path: str | os.PathLike) -> str | None:

@@ -73,6 +73,7 @@ _LAZY_ATTRS: dict[str, str] = {
     "all_pairs": "hf_tae.estimation.subsets",
     "partition_payoffs": "hf_tae.estimation.partition",
     "choose_partition": "hf_tae.estimation.partition",
+    "best_nontrivial": "hf_tae.estimation.partition",
     "select_l2": "hf_tae.estimation.regularization",
     "SubsetFineTuner": "hf_tae.evaluation.ground_truth",
     "average_seeds": "hf_tae.evaluation.ground_truth",
@@ -190,7 +191,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
         corrected_spearman,
         self_agreement,
     )
-    from hf_tae.estimation.partition import choose_partition, partition_payoffs
+    from hf_tae.estimation.partition import best_nontrivial, choose_partition, partition_payoffs
     from hf_tae.estimation.regression import RegressionEstimator, apply_delta
     from hf_tae.estimation.regularization import select_l2
     from hf_tae.estimation.subsets import all_pairs, sample_subsets

@@ -11,7 +11,7 @@ from test_estimation import NUM_TASKS, TASKS, make_store
 from hf_tae.clustering import recommend_k, sweep_k
 from hf_tae.errors import TaeError
 from hf_tae.estimation import RegressionEstimator, choose_partition, partition_payoffs
-from hf_tae.estimation.partition import labels_to_groups
+from hf_tae.estimation.partition import best_nontrivial, labels_to_groups
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,27 @@ def test_choice_matches_brute_force(seed, higher):
     assert chosen == [_brute_force_choice(values, groups, structure, 1.0, higher)]
     best = max(names, key=lambda c: np.mean(values[c]) * (1 if higher else -1))
     assert summary.set_index("candidate").loc[best, "vs_best"] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_best_nontrivial_is_the_rule_without_the_trivial_candidates(seed):
+    """best_nontrivial = the brute-force rule on the candidates other than all / single, even
+    when a trivial candidate is far ahead; None when only trivial candidates exist."""
+    rng = np.random.default_rng(seed)
+    groups = {"all": 1, "k2": 2, "k3": 3, "single": 8}
+    values = {c: rng.normal(size=4) * 0.05 for c in groups}
+    values["all"] = values["all"] + 1.0  # the payoff rule's clear winner
+    structure = {"k2": float(rng.random() > 0.5), "k3": float(rng.random())}
+    payoffs = pd.DataFrame([{"candidate": c, "member": i, "num_groups": groups[c], "payoff": v}
+                            for c in groups for i, v in enumerate(values[c])])  # fmt: skip
+    trivial = ["all", "single"]
+    assert choose_partition(payoffs, "accuracy", structure).set_index("candidate")[
+        "chosen"].idxmax() == "all"  # fmt: skip
+    rest = {c: v for c, v in values.items() if c not in trivial}
+    expected = _brute_force_choice(rest, groups, structure, 1.0, higher=True)
+    assert best_nontrivial(payoffs, trivial, "accuracy", structure) == expected
+    only = payoffs[payoffs["candidate"].isin(trivial)]
+    assert best_nontrivial(only, trivial, "accuracy") is None
 
 
 def test_structure_breaks_ties_and_trivial_choices_win_without_it():

@@ -8,7 +8,7 @@ from hf_tae.estimation.adaptive import (
     sample_round,
 )
 from hf_tae.estimation.affinity import AffinityMatrix
-from hf_tae.estimation.partition import choose_partition, partition_payoffs
+from hf_tae.estimation.partition import best_nontrivial, choose_partition, partition_payoffs
 from hf_tae.estimation.regression import RegressionEstimator, apply_delta
 from hf_tae.estimation.regularization import select_l2
 from hf_tae.estimation.subsets import all_pairs, sample_subsets
@@ -19,6 +19,7 @@ __all__ = [
     "adaptive_sampling",
     "all_pairs",
     "apply_delta",
+    "best_nontrivial",
     "choose_partition",
     "pair_coverage",
     "partition_payoffs",

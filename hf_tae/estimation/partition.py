@@ -171,3 +171,25 @@ def choose_partition(
     )
     summary["chosen"] = summary["candidate"] == tied["candidate"].iloc[0]
     return summary
+
+
+def best_nontrivial(
+    payoffs: pd.DataFrame,
+    trivial: Sequence[str],
+    metric: str = "log_loss",
+    structure: Mapping[str, float] | None = None,
+    tolerance: float = 1.0,
+) -> str | None:
+    """The candidate :func:`choose_partition` picks when the ``trivial`` ones (all tasks,
+    single tasks) are left out, or None when no other candidate exists.
+
+    The job trains both trivial answers anyway as baselines; when the payoff rule picks one of
+    them, training this proposal as the groups instead lets validation decide between a real
+    grouping and the trivial answers rather than between a trivial answer and itself.
+    """
+    rest = payoffs[~payoffs["candidate"].isin(list(trivial))]
+    if rest.empty:
+        return None
+    kept = {c: v for c, v in (structure or {}).items() if c in set(rest["candidate"])}
+    table = choose_partition(rest, metric, kept, tolerance)
+    return str(table.loc[table["chosen"], "candidate"].iloc[0])

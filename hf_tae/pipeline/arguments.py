@@ -154,6 +154,14 @@ class GroupingArguments:
             "k whose SDP objective gains most over a shuffled null."
         },
     )
+    propose_groups: bool = field(
+        default=True,
+        metadata={
+            "help": "When the payoff rule picks all tasks or single tasks, train its best "
+            "non-trivial candidate as the groups instead: both trivial answers are trained as "
+            "baselines anyway, and validation picks the recommendation among the three."
+        },
+    )
     payoff_tolerance: float = field(
         default=1.0,
         metadata={

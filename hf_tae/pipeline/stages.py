@@ -233,7 +233,9 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
     (k = 1), the SDP grouping of every k of the sweep and single tasks (k = n) by their
     predicted payoff on every meta-initialization's store and picks by
     :func:`~hf_tae.choose_partition`, the SDP objective's significant gain over the null as
-    the structure score; ``density`` takes the k sweep's :func:`~hf_tae.recommend_k`.
+    the structure score; when that is a trivial answer, ``--propose_groups`` (default) returns
+    the best non-trivial candidate instead (:func:`~hf_tae.estimation.partition.best_nontrivial`).
+    ``density`` takes the k sweep's :func:`~hf_tae.recommend_k`.
     """
     from hf_tae.clustering import (
         partition_objective,
@@ -242,7 +244,12 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
         spectral_cluster,
         sweep_k,
     )
-    from hf_tae.estimation.partition import choose_partition, labels_to_groups, partition_payoffs
+    from hf_tae.estimation.partition import (
+        best_nontrivial,
+        choose_partition,
+        labels_to_groups,
+        partition_payoffs,
+    )
     from hf_tae.estimation.regression import RegressionEstimator
     from hf_tae.pipeline.arguments import fixed_l2
 
@@ -296,9 +303,17 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
             candidates = choose_partition(payoffs, est_args.affinity_metric, structure,
                                           tolerance=grouping_args.payoff_tolerance)  # fmt: skip
             chosen = candidates.loc[candidates["chosen"], "candidate"].iloc[0]
+            k_choice = f"predicted payoff: {chosen}"
+            trivial = ("all tasks (k=1)", "single tasks (k=n)")
+            proposal = best_nontrivial(payoffs, trivial, est_args.affinity_metric, structure,
+                                       grouping_args.payoff_tolerance)  # fmt: skip
+            if chosen in trivial and grouping_args.propose_groups and proposal is not None:
+                k_choice = (f"predicted payoff: {chosen}; trained instead: {proposal}, the best "
+                            "non-trivial candidate (validation decides)")  # fmt: skip
+                candidates["chosen"] = candidates["candidate"] == proposal
+                chosen = proposal
             labels = options[chosen]
             k = len(set(labels))
-            k_choice = f"predicted payoff: {chosen}"
         objective = partition_objective(T, np.asarray(labels))
     groups = [[names[t] for t in g] for g in labels_to_groups(labels)]
     info: dict[str, Any] = {

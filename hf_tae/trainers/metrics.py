@@ -11,6 +11,10 @@ so that training, estimation, ground truth, group training and the report share 
 
 ``evaluate.load("f1")`` fetches its metric script from the Hub, which many training machines
 cannot reach; scikit-learn computes the same numbers offline.
+
+Text tasks can add generation metrics (:class:`GenerationTaskMetrics`): ROUGE-L and exact match
+of greedily generated targets, ROUGE-L from the ``rouge-score`` package (offline; optional, the
+``text`` extra), as ``evaluate.load("rouge")`` would also need the Hub.
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 from transformers import EvalPrediction
 
+from hf_tae.errors import TaeError
 from hf_tae.estimation.schema import METRICS
+
+#: Per-task keys of :class:`GenerationTaskMetrics`.
+GENERATION_METRICS = ("rougeL", "generated_exact_match")
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -41,12 +49,13 @@ class _TaskMetrics:
         self.task_names = list(task_names)
         self.task_ids = None if task_ids is None else [int(t) for t in task_ids]
 
-    def _flatten(self, scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    def _flatten(self, scores: dict[str, dict[str, float]],
+                 keys: Sequence[str] = METRICS) -> dict[str, float]:  # fmt: skip
         metrics: dict[str, float] = {}
         for name, values in scores.items():
-            for key in METRICS:
+            for key in keys:
                 metrics[f"{name}_{key}"] = values[key]
-        for key in METRICS:
+        for key in keys:
             metrics[f"avg_{key}"] = (
                 float(np.mean([v[key] for v in scores.values()])) if scores else float("nan")
             )
@@ -157,3 +166,59 @@ class SingleLabelTaskMetrics(_TaskMetrics):
 
     def __call__(self, eval_pred: EvalPrediction) -> dict[str, float]:
         return self._flatten(self.per_task(*self._unpack(eval_pred, "task")))
+
+
+def rouge_l_scorer():
+    """A ``rouge_score`` ROUGE-L scorer without stemming (the package's default tokenizer:
+    lower-cased alphanumeric runs); a :class:`~hf_tae.errors.TaeError` naming the extra to
+    install when ``rouge-score`` is missing, since it is an optional dependency."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as err:
+        raise TaeError(
+            "ROUGE-L needs the rouge-score package: pip install hf-tae[text] "
+            "(or pip install rouge-score)."
+        ) from err
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+class GenerationTaskMetrics(_TaskMetrics):
+    """Per-task metrics of generated text against the targets: ``rougeL`` (the mean ROUGE-L
+    F-measure of :func:`rouge_l_scorer`) and ``generated_exact_match`` (the fraction of
+    generations equal to the target after stripping surrounding whitespace).
+
+    Keys are ``<task>_rougeL``, ``<task>_generated_exact_match`` and their ``avg_`` averages,
+    the layout of the other per-task metrics.
+
+    Args:
+        task_names: names of all tasks (``task`` ids index it).
+        task_ids: the tasks to report (default: every task present in the rows).
+    """
+
+    def __init__(self, task_names: Sequence[str], task_ids: Sequence[int] | None = None):
+        super().__init__(task_names, task_ids)
+        self.scorer = rouge_l_scorer()  # fails before any text is generated
+
+    def per_task(self, predictions: Sequence[str], targets: Sequence[str],
+                 task: np.ndarray) -> dict[str, dict[str, float]]:  # fmt: skip
+        """``{task_name: {"rougeL", "generated_exact_match", "support"}}``."""
+        task = np.asarray(task).astype(np.int64).reshape(-1)
+        pairs = list(zip(predictions, targets, strict=True))
+        rouge = np.array([self.scorer.score(t, p)["rougeL"].fmeasure for p, t in pairs])
+        exact = np.array([p.strip() == t.strip() for p, t in pairs])
+        tasks = self.task_ids if self.task_ids is not None else np.unique(task).tolist()
+        out: dict[str, dict[str, float]] = {}
+        for t in tasks:
+            rows = task == t
+            if rows.any():
+                out[self.task_names[t]] = {
+                    "rougeL": float(rouge[rows].mean()),
+                    "generated_exact_match": float(exact[rows].mean()),
+                    "support": float(rows.sum()),
+                }
+        return out
+
+    def __call__(self, predictions: Sequence[str], targets: Sequence[str],
+                 task: np.ndarray) -> dict[str, float]:  # fmt: skip
+        """The flat ``<task>_<metric>`` and ``avg_<metric>`` keys of :meth:`per_task`."""
+        return self._flatten(self.per_task(predictions, targets, task), GENERATION_METRICS)

@@ -13,20 +13,25 @@ per-task metrics from teacher-forced decoder logits (:class:`Seq2SeqTaskMetrics`
 
 Logits are reduced to (argmax, gold log-probability) per position before they are gathered,
 so evaluation memory does not grow with the vocabulary.
+
+``evaluate_tasks(split, generate=True)`` adds generation metrics (:func:`generation_metrics`):
+per-task ROUGE-L and exact match of greedily generated targets, which free-form targets need
+(a near miss scores 0 under exact match); optional because ROUGE-L needs ``rouge-score``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import EvalPrediction
 
+from hf_tae.errors import TaeError
 from hf_tae.tasks.taskset import TaskSet
 from hf_tae.trainers.arguments import MultitaskTrainingArguments
-from hf_tae.trainers.metrics import _TaskMetrics
+from hf_tae.trainers.metrics import GenerationTaskMetrics, _TaskMetrics
 from hf_tae.trainers.multitask import MultitaskTrainer
 
 IGNORE_INDEX = -100
@@ -81,6 +86,71 @@ def reduce_logits(logits: torch.Tensor | tuple, labels: Any) -> torch.Tensor:
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     gold_lp = log_probs.gather(-1, gold.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return torch.stack([logits.argmax(-1).to(log_probs.dtype), gold_lp], dim=-1)
+
+
+def until_eos(ids: Sequence[int], eos_token_id: int | None) -> list[int]:
+    """``ids`` up to (without) the first end-of-sequence token: what a generation or a target
+    says, before the padding that batching adds after it."""
+    ids = list(ids)
+    return ids[: ids.index(eos_token_id)] if eos_token_id in ids else ids
+
+
+#: ``generate_fn(model, rows, max_new_tokens, tokenizer)``: the generated ids of each row.
+GenerateFn = Callable[[Any, list[dict[str, Any]], int, Any], list[list[int]]]
+
+
+def greedy_targets(model, rows: list[dict[str, Any]], max_new_tokens: int,
+                   tokenizer) -> list[list[int]]:  # fmt: skip
+    """Greedy decoding of a seq2seq LM on the rows' ``input_ids`` (one batch): the generated
+    ids without the decoder start token."""
+    batch = Seq2SeqCollator(tokenizer.pad_token_id)(rows)
+    device = model.device
+    out = model.generate(input_ids=batch["input_ids"].to(device),
+                         attention_mask=batch["attention_mask"].to(device),
+                         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                         pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    return out[:, 1:].tolist()
+
+
+def generation_metrics(trainer, split: str, generate_fn: GenerateFn) -> dict[str, float]:
+    """Per-task ``rougeL`` and ``generated_exact_match`` (:class:`GenerationTaskMetrics`) of
+    the trainer's model on the task set's ``split``, keys ``<prefix>_<task>_<metric>`` with the
+    prefix of ``evaluate_tasks``.
+
+    Rows are generated in batches of ``per_device_eval_batch_size`` with ``generate_fn``, at
+    most as many new tokens as the longest target of the split (``</s>`` included); the
+    generations and the targets (the ``labels`` tokens) are cut at ``</s>`` and decoded with the
+    task set's tokenizer, so both sides go through the same decoder.
+    """
+    task_set = trainer.task_set
+    if task_set is None:
+        raise TaeError("evaluate_tasks needs the trainer to be built with task_set=...")
+    scorer = GenerationTaskMetrics(task_set.all_task_names, task_set.task_ids)
+    rows = task_set.trainer_dataset(split).with_format(None).to_list()
+    if not {"input_ids", "labels"} <= set(rows[0]):
+        raise TaeError(
+            "generate=True needs tokenized rows (input_ids and labels, e.g. from "
+            f"tokenize_text_tasks or tokenize_prompt_completion); the rows have {sorted(rows[0])}."
+        )
+    tokenizer = getattr(task_set.source, "tokenizer", None) or trainer.processing_class
+    eos = tokenizer.eos_token_id
+    targets = [[t for t in r["labels"] if t != IGNORE_INDEX] for r in rows]
+    max_new_tokens = max(len(t) for t in targets)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.eval()
+    size = trainer.args.per_device_eval_batch_size
+    generated: list[list[int]] = []
+    with torch.no_grad():
+        for start in range(0, len(rows), size):
+            generated += generate_fn(model, rows[start : start + size], max_new_tokens, tokenizer)
+    predictions = tokenizer.batch_decode([until_eos(g, eos) for g in generated],
+                                         skip_special_tokens=True)  # fmt: skip
+    references = tokenizer.batch_decode([until_eos(t, eos) for t in targets],
+                                        skip_special_tokens=True)  # fmt: skip
+    scores = scorer(predictions, references, [r[task_set.task_column] for r in rows])
+    prefix = "eval" if split == "validation" else split
+    return {f"{prefix}_{key}": value for key, value in scores.items()}
 
 
 class Seq2SeqTaskMetrics(_TaskMetrics):
@@ -153,3 +223,12 @@ class Seq2SeqMultitaskTrainer(MultitaskTrainer):
         """The model's own loss on the model inputs (the task id stays out of ``forward``)."""
         inputs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
         return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def evaluate_tasks(self, split: str = "test", generate: bool = False) -> dict[str, float]:
+        """The teacher-forced per-task metrics of :meth:`MultitaskTrainer.evaluate_tasks`; with
+        ``generate=True`` also ``<prefix>_<task>_rougeL`` and ``<prefix>_<task>_generated_exact_match``
+        of greedy decoding (:func:`generation_metrics`; needs ``pip install hf-tae[text]``)."""
+        metrics = super().evaluate_tasks(split)
+        if generate:
+            metrics.update(generation_metrics(self, split, greedy_targets))
+        return metrics

@@ -14,8 +14,9 @@ pipeline needs:
   match (``accuracy``), token accuracy (``f1``) and completion loss (``log_loss``), all under
   teacher forcing on the completion tokens, computed from the fused head's per-token outputs
   (no ``[batch, T, vocab]`` logits, no second forward pass);
-* the :class:`~hf_tae.MultitaskTrainer` interface the pipeline calls: ``evaluate_tasks``,
-  ``collect_gradients``, task-balanced sampling and the hf_tae model card.
+* the :class:`~hf_tae.MultitaskTrainer` interface the pipeline calls: ``evaluate_tasks``
+  (``generate=True`` adds per-task ROUGE-L and exact match of greedy completions, as the
+  seq2seq trainer does), ``collect_gradients``, task-balanced sampling and the hf_tae model card.
 
 The pipeline hands every family's Trainer a :class:`~hf_tae.MultitaskTrainingArguments`; TRL
 needs an ``SFTConfig``. :class:`SFTMultitaskConfig` is both, and :func:`as_sft_config`
@@ -41,7 +42,13 @@ from hf_tae.errors import TaeError
 from hf_tae.tasks.taskset import TaskSet
 from hf_tae.trainers.arguments import MultitaskTrainingArguments
 from hf_tae.trainers.multitask import MultitaskTrainer
-from hf_tae.trainers.seq2seq import IGNORE_INDEX, NON_MODEL_KEYS, Seq2SeqTaskMetrics, _pad
+from hf_tae.trainers.seq2seq import (
+    IGNORE_INDEX,
+    NON_MODEL_KEYS,
+    Seq2SeqTaskMetrics,
+    _pad,
+    generation_metrics,
+)
 
 
 @dataclass
@@ -122,6 +129,28 @@ class CompletionCollator:
         return batch
 
 
+def greedy_completions(model, rows: list[dict[str, Any]], max_new_tokens: int,
+                       tokenizer) -> list[list[int]]:  # fmt: skip
+    """Greedy completions of a causal LM after each row's prompt (the ``input_ids`` before the
+    first label, one batch): prompts left-padded so generation continues every row at once,
+    the returned ids the new tokens only."""
+    prompts = [r["input_ids"][: _prompt_length(r["labels"])] for r in rows]
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    device = model.device
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                         do_sample=False, num_beams=1, pad_token_id=pad,
+                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    return out[:, width:].tolist()
+
+
+def _prompt_length(labels: Sequence[int]) -> int:
+    """Tokens before the first completion label (-100 marks the prompt)."""
+    return next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+
+
 class SFTMultitaskTrainer(SFTTrainer):
     """TRL's ``SFTTrainer`` on a :class:`~hf_tae.TaskSet` of prompt–completion rows, with
     per-task metrics; a family's ``trainer_class`` for causal LMs.
@@ -179,9 +208,18 @@ class SFTMultitaskTrainer(SFTTrainer):
                 args.label_names = ["labels", task_set.task_column]
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
 
-    evaluate_tasks = MultitaskTrainer.evaluate_tasks
     collect_gradients = MultitaskTrainer.collect_gradients
     create_model_card = MultitaskTrainer.create_model_card
+
+    def evaluate_tasks(self, split: str = "test", generate: bool = False) -> dict[str, float]:
+        """The teacher-forced per-task metrics of :meth:`MultitaskTrainer.evaluate_tasks`; with
+        ``generate=True`` also ``<prefix>_<task>_rougeL`` and ``<prefix>_<task>_generated_exact_match``
+        of greedy completions (:func:`greedy_completions`, stopped at ``</s>``; tokenized rows
+        only; needs ``pip install hf-tae[text]``)."""
+        metrics = MultitaskTrainer.evaluate_tasks(self, split)
+        if generate:
+            metrics.update(generation_metrics(self, split, greedy_completions))
+        return metrics
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.task_balanced_sampling and self.task_set is not None:

@@ -61,6 +61,21 @@ class _TaskMetrics:
             )
         return metrics
 
+    def _task_means(self, task: np.ndarray,
+                    per_row: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:  # fmt: skip
+        """``{task_name: {metric: mean over the task's rows, "support": rows}}`` for the reported
+        tasks present in ``task`` (one task id per row), from per-row values ``per_row``."""
+        tasks = self.task_ids if self.task_ids is not None else np.unique(task).tolist()
+        out: dict[str, dict[str, float]] = {}
+        for t in tasks:
+            rows = task == t
+            if rows.any():
+                out[self.task_names[t]] = {
+                    **{k: float(v[rows].mean()) for k, v in per_row.items()},
+                    "support": float(rows.sum()),
+                }
+        return out
+
     @staticmethod
     def _unpack(eval_pred: EvalPrediction, second: str) -> tuple[np.ndarray, ...]:
         logits = eval_pred.predictions
@@ -206,17 +221,7 @@ class GenerationTaskMetrics(_TaskMetrics):
         pairs = list(zip(predictions, targets, strict=True))
         rouge = np.array([self.scorer.score(t, p)["rougeL"].fmeasure for p, t in pairs])
         exact = np.array([p.strip() == t.strip() for p, t in pairs])
-        tasks = self.task_ids if self.task_ids is not None else np.unique(task).tolist()
-        out: dict[str, dict[str, float]] = {}
-        for t in tasks:
-            rows = task == t
-            if rows.any():
-                out[self.task_names[t]] = {
-                    "rougeL": float(rouge[rows].mean()),
-                    "generated_exact_match": float(exact[rows].mean()),
-                    "support": float(rows.sum()),
-                }
-        return out
+        return self._task_means(task, {"rougeL": rouge, "generated_exact_match": exact})
 
     def __call__(self, predictions: Sequence[str], targets: Sequence[str],
                  task: np.ndarray) -> dict[str, float]:  # fmt: skip

@@ -177,18 +177,7 @@ class Seq2SeqTaskMetrics(_TaskMetrics):
         exact = (correct | ~valid).all(1) & valid.any(1)
         token_acc = correct.sum(1) / counts
         loss = -np.where(valid, predictions[..., 1], 0.0).sum(1) / counts
-        tasks = self.task_ids if self.task_ids is not None else np.unique(task).tolist()
-        out: dict[str, dict[str, float]] = {}
-        for t in tasks:
-            rows = task == t
-            if rows.any():
-                out[self.task_names[t]] = {
-                    "f1": float(token_acc[rows].mean()),
-                    "accuracy": float(exact[rows].mean()),
-                    "log_loss": float(loss[rows].mean()),
-                    "support": float(rows.sum()),
-                }
-        return out
+        return self._task_means(task, {"f1": token_acc, "accuracy": exact, "log_loss": loss})
 
     def __call__(self, eval_pred: EvalPrediction) -> dict[str, float]:
         return self._flatten(self.per_task(*self._unpack(eval_pred, "task")))

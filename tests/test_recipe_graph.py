@@ -266,6 +266,8 @@ def test_meta_init_fingerprint_changes_with_what_changes_the_weights(tiny_graph,
     other = type(tiny_graph)(**{**tiny_graph.__dict__, "x": tiny_graph.x + 1})
     assert fingerprint(graph=other) != base
     assert fingerprint(family_args=GraphArguments(hidden_size=16)) != base
+    # where the same graph was read from does not change the weights: a moved run resumes
+    assert fingerprint(family_args=GraphArguments(dataset=str(tmp_path / "copy"))) == base
 
 
 def test_cli_run_rejects_bad_options_before_training(tmp_path):
@@ -329,3 +331,30 @@ def test_generator_settings_are_flags_of_the_graph_job():
     for field in ("x", "edge_index", "labels", "split"):
         assert np.array_equal(getattr(graph, field), getattr(expected, field)), field
     assert graph.info["params"] == expected.info["params"]
+
+
+def test_meta_init_below_the_label_frequency_baseline_is_flagged(tiny_graph, tmp_path):
+    """A θ0 that scores no better than predicting label frequencies learned no task: the stage
+    says so (its gradients carry no task structure) instead of estimating in silence."""
+    from hf_tae import MultitaskTrainingArguments
+    from hf_tae.families.graph.family import GraphArguments, GraphFamily
+    from hf_tae.pipeline.arguments import PipelineArguments
+    from hf_tae.pipeline.stages import train_meta_init
+
+    class Baseline(GraphFamily):
+        level = -1.0  # below any F1
+
+        def baseline(self, tasks, split="test"):
+            return {name: self.level for name in tasks.task_names}
+
+    family, tasks = Baseline(), tiny_graph.task_set(3)
+    args = MultitaskTrainingArguments(output_dir=str(tmp_path), num_train_epochs=1,
+                                      disable_tqdm=True, report_to=[])  # fmt: skip
+    _, info = train_meta_init(family, GraphArguments(), tasks, PipelineArguments(), args,
+                              tmp_path, save_data=False)  # fmt: skip
+    assert info["below_baseline"] is None
+    family.level = 1.0  # an F1 no model reaches
+    _, info = train_meta_init(family, GraphArguments(), tasks, PipelineArguments(), args,
+                              tmp_path, save_data=False)  # fmt: skip
+    assert f"test f1 {info['test_avg']:.3f}" in info["below_baseline"]
+    assert "label-frequency baseline's 1.000" in info["below_baseline"]

@@ -157,12 +157,7 @@ class RegressionEstimator:
             raise TaeError("one_class=True is a logistic-regression trick; use loss='logistic'.")
         if not store.finished:
             raise TaeError(f"{store!r} is unfinished; call finalize() on it first.")
-        if label_kind is None:
-            score_name = (store.metadata.get("score_function") or {}).get("name")
-            label_kind = "gold" if score_name in GOLD_SCORES else "binary"
-        if label_kind not in LABEL_KINDS:
-            raise TaeError(f"label_kind={label_kind!r}; use one of {list(LABEL_KINDS)}.")
-        self.label_kind = label_kind
+        self.label_kind = label_kind = store_label_kind(store, label_kind)
         if "train" not in store.splits:
             raise TaeError(f"{store!r} has no train rows; the regression is fitted on them.")
         self.store = store
@@ -586,6 +581,17 @@ class RegressionEstimator:
             self._projector = GradientProjector.from_metadata(meta)
         w = torch.as_tensor(w)
         return self._projector.lift(w.detach().cpu().to(torch.float32))
+
+
+def store_label_kind(store: GradientStore, label_kind: str | None = None) -> str:
+    """``label_kind`` checked, or the store's own: ``"gold"`` when its score function is a gold
+    log-odds (every target +1), else ``"binary"`` (a label > 0 is the positive class)."""
+    if label_kind is None:
+        score_name = (store.metadata.get("score_function") or {}).get("name")
+        label_kind = "gold" if score_name in GOLD_SCORES else "binary"
+    if label_kind not in LABEL_KINDS:
+        raise TaeError(f"label_kind={label_kind!r}; use one of {list(LABEL_KINDS)}.")
+    return label_kind
 
 
 class _TaskRows:

@@ -134,6 +134,16 @@ class EstimationArguments:
             "family's, log_loss for the built-in families)."
         },
     )
+    affinity_kind: str = field(
+        default="higher-order",
+        metadata={
+            "help": "The affinity that is clustered: 'higher-order' (Grad-TAE: each task's "
+            "estimated --affinity_metric over the sampled subsets) or 'gradient-cosine' (the "
+            "cosine between one task's training-loss gradient and another's validation-loss "
+            "gradient at θ0; first order, no subsets). Subsets are estimated either way: they "
+            "score the candidate partitions (README: Scenarios)."
+        },
+    )
 
 
 @dataclass
@@ -281,6 +291,7 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
         "--group_init": (grouping.group_init, ("scratch", "meta")),
         "--partition_choice": (grouping.partition_choice, ("payoff", "density")),
         "--sampling": (est.sampling, ("uniform", "adaptive")),
+        "--affinity_kind": (est.affinity_kind, ("higher-order", "gradient-cosine")),
     }
     for flag, (value, allowed) in choices.items():
         if value not in allowed:

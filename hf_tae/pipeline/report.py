@@ -105,6 +105,8 @@ def render_report(results: Mapping[str, Any]) -> str:
             "(sklearn `DummyClassifier`)"
         )
     out += ["## Meta-initialization (all tasks)", "", line + ".", ""]
+    if meta.get("below_baseline"):
+        out += [f"**Warning:** {meta['below_baseline']}", ""]
     if results.get("ensemble"):
         scores = ", ".join(f"{_num(m['test_avg'])} (seed {m['seed']})" for m in results["ensemble"])
         out += [f"Other meta-initializations of the ensemble: test average {sel} {scores}.", ""]
@@ -129,6 +131,14 @@ def render_report(results: Mapping[str, Any]) -> str:
             "![affinity](affinity_by_group.png)",
             "",
         ]
+        if est.get("affinity_kind") == "gradient-cosine":
+            out += [
+                "Clustered: the gradient-cosine affinity (`--affinity_kind gradient-cosine`: "
+                "cosine between one task's training-loss gradient and another's "
+                f"{est['scoring_split']}-loss gradient at each meta-initialization, averaged); "
+                "the subsets' estimates score the candidate partitions.",
+                "",
+            ]
         out += _sampling_lines(est)
         if est.get("l2_selection"):  # --estimator_l2 auto
             out += [
@@ -149,6 +159,12 @@ def render_report(results: Mapping[str, Any]) -> str:
                 f"{_num(a['mean_spearman'], '+.2f')} on average, so the {a['num_repeats']}-member "
                 f"mean has a reliability of {_num(a['reliability'], '.2f')} (Spearman–Brown); raise "
                 "`--num_meta_inits` if it is low.",
+                "",
+            ]
+        if "higher_order_self_agreement" in est:
+            out += [
+                "Their higher-order (subset) affinities agree at Spearman "
+                f"{_num(est['higher_order_self_agreement']['mean_spearman'], '+.2f')}.",
                 "",
             ]
         if _finite(est.get("planted_gap")):  # only for data with planted groups

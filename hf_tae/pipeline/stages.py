@@ -97,15 +97,26 @@ def train_meta_init(
         if save_data:
             family.save_data(tasks, output_dir / "data")
     selection = family.metrics.selection
+    test_avg = test[f"test_avg_{selection}"]
+    baseline_avg = None if not baseline else float(np.mean(list(baseline.values())))
+    below = None
+    if baseline_avg is not None and test_avg <= baseline_avg:
+        below = (f"the meta-initialization (seed {training_args.seed}) scores test {selection} "
+                 f"{test_avg:.3f}, no better than the label-frequency baseline's "
+                 f"{baseline_avg:.3f}: it learned no task, so its gradients carry no task "
+                 "structure and the estimated affinity is noise. Give it more capacity or "
+                 "training (the family's model options, --num_train_epochs, --learning_rate).")  # fmt: skip
+        logger.warning(below)
     return trainer, {
         "reused": bool(reuse),
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "validation": validation,
         "test": test,
         "test_per_task": {t: test[f"test_{t}_{selection}"] for t in tasks.task_names},
-        "test_avg": test[f"test_avg_{selection}"],
+        "test_avg": test_avg,
         "baseline_per_task": baseline,
-        "baseline_avg": None if not baseline else float(np.mean(list(baseline.values()))),
+        "baseline_avg": baseline_avg,
+        "below_baseline": below,
     }
 
 
@@ -196,6 +207,14 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
                                         zero_diagonal=True, provenance=provenance)
         )  # fmt: skip
     affinity = AffinityMatrix.average(members)
+    higher_order = members
+    if est_args.affinity_kind == "gradient-cosine":  # clustered; the subsets still score payoffs
+        from hf_tae.estimation.gradient_cosine import gradient_cosine_affinity
+
+        members = [gradient_cosine_affinity(store, target_split=est_args.scoring_split,
+                                            provenance=provenance) for store in stores]  # fmt: skip
+        affinity, estimates = AffinityMatrix.average(members), affinity.results
+        affinity.results = estimates
     seconds = time.perf_counter() - start
     info: dict[str, Any] = {
         "num_subsets": num_subsets,
@@ -212,12 +231,15 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
         "subsets_per_second": len(stores) * (num_subsets + (0 if selection is None else len(
             selection.table) * min(num_subsets, L2_SELECTION_SUBSETS))) / max(seconds, 1e-9),
     }
+    info["affinity_kind"] = est_args.affinity_kind
     info["sampling"] = est_args.sampling
     info["pair_coverage"] = pair_coverage(subsets, n)  # share of T's entries observed
     if adaptive is not None:
         info["adaptive"] = adaptive.info
     if len(members) > 1:  # how much one meta-initialization's estimate says about another's
         info["self_agreement"] = self_agreement(members)
+        if higher_order is not members:
+            info["higher_order_self_agreement"] = self_agreement(higher_order)
     if planted is not None:
         info["planted_gap"] = planted_gap(affinity.to_numpy(), planted)
         info["planted_gap_per_meta_init"] = [planted_gap(m.to_numpy(), planted) for m in members]

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from hf_tae.tasks.taskset import TaskSet
 
 
+#: Arguments that say where the graph is read from, not what it is (its arrays are hashed).
+_DATA_LOCATIONS = ("dataset", "snap_dir")
+
+
 @dataclass
 class GraphArguments:
     """Where the graph comes from (first match wins: dataset, snap_dir, generator) and the SIGN
@@ -191,12 +195,14 @@ class GraphFamily(TaskFamily):
         return [rf"^{re.escape(name)}\."]
 
     def fingerprint(self, args: GraphArguments, tasks: TaskSet) -> str:
-        """The graph's arrays (features, labels, splits, edges) and the arguments."""
+        """The graph's arrays (features, labels, splits, edges) and the arguments, less where
+        the graph was read from (its arrays are hashed): a copied or moved run resumes."""
         graph = tasks.source
         digest = hashlib.sha256()
         for array in (graph.x, graph.labels, graph.split, graph.edge_index):
             digest.update(np.ascontiguousarray(array).tobytes())
-        digest.update(json.dumps(asdict(args), sort_keys=True, default=str).encode())
+        settings = {k: v for k, v in asdict(args).items() if k not in _DATA_LOCATIONS}
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
         return digest.hexdigest()
 
     def describe(self, tasks: TaskSet) -> str:

@@ -44,10 +44,10 @@ COLUMNS = RESULT_COLUMNS
 
 def _excluded(names: Sequence[str], exclude: str | Sequence[str] | None) -> set[str]:
     """Names matching any ``exclude`` pattern (substring or regex, as parameter selection)."""
-    from hf_tae.gradients.capture import _matches, _patterns
+    from hf_tae.utils.patterns import compile_patterns, matches_any
 
-    patterns = _patterns("exclude", exclude)
-    return {n for n in names if patterns and _matches(n, patterns)}
+    patterns = compile_patterns("exclude", exclude)
+    return {n for n in names if patterns and matches_any(n, patterns)}
 
 
 def _metrics(logits: np.ndarray, labels: np.ndarray, gold: bool = False) -> dict[str, float]:

@@ -59,7 +59,6 @@ embeddings, batch norm in training mode) use the example's own statistics.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +71,7 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_tae.errors import TaeError
 from hf_tae.gradients.projection import DEFAULT_CACHE_BYTES, GradientProjector, apply_factor
+from hf_tae.utils.patterns import compile_patterns, matches_any
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -126,27 +126,6 @@ class _Call:
     edge: Any = None  # gradient edge of an unbatched output (per-example loop)
 
 
-def _patterns(label: str, patterns: str | Sequence[str] | None) -> list[tuple[str, re.Pattern]]:
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    compiled = []
-    for pattern in patterns:
-        try:
-            compiled.append((pattern, re.compile(pattern)))
-        except re.error as err:
-            raise TaeError(
-                f"{label} pattern {pattern!r} is not a valid regular expression ({err}); escape it "
-                "with re.escape or pass a plain substring."
-            ) from err
-    return compiled
-
-
-def _matches(name: str, patterns: list[tuple[str, re.Pattern]]) -> bool:
-    return any(text in name or regex.search(name) for text, regex in patterns)
-
-
 def select_parameters(
     model: nn.Module,
     include: str | Sequence[str] | None = None,
@@ -163,9 +142,9 @@ def select_parameters(
             "the model has no parameter with requires_grad=True; unfreeze the parameters to "
             "differentiate (a peft model trains its adapters)."
         )
-    keep, drop = _patterns("include", include), _patterns("exclude", exclude)
+    keep, drop = compile_patterns("include", include), compile_patterns("exclude", exclude)
     selected = [
-        (n, p) for n, p in trainable if (not keep or _matches(n, keep)) and not _matches(n, drop)
+        (n, p) for n, p in trainable if (not keep or matches_any(n, keep)) and not matches_any(n, drop)
     ]
     if not selected:
         raise TaeError(

@@ -27,8 +27,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hf_tae.errors import TaeError
-from hf_tae.gradients.capture import _matches, _patterns
 from hf_tae.merging.statistics import FORMAT, MergeStatistics, checksum, config_fingerprint
+from hf_tae.utils.patterns import compile_patterns, matches_any
 from hf_tae.utils.progress import tqdm
 
 KINDS = ("gram", "kfac", "fisher", "fisher_block")
@@ -216,11 +216,11 @@ def compute_statistics(
             f"fisher={fisher!r}, reduction={reduction!r}: use fisher 'empirical' or 'true' and "
             "reduction 'mean' (MaTS) or 'sum'."
         )
-    keep, drop = _patterns("include", include), _patterns("exclude", exclude)
+    keep, drop = compile_patterns("include", include), compile_patterns("exclude", exclude)
     canonical = _canonical_names(model)
 
     def selected(name: str) -> bool:
-        return (not keep or _matches(name, keep)) and not _matches(name, drop)
+        return (not keep or matches_any(name, keep)) and not matches_any(name, drop)
 
     param_names = {id(p): canonical(n) for n, p in model.named_parameters()}
     device = next(model.parameters()).device
@@ -252,14 +252,14 @@ def compute_statistics(
     trainable = {
         canonical(n): p for n, p in model.named_parameters() if p.requires_grad and selected(n)
     }
-    block_patterns = _patterns("fisher_block", fisher_block)
+    block_patterns = compile_patterns("fisher_block", fisher_block)
     trackers: list[FisherTracker] = []
     if "fisher" in statistics:
         trackers.append(FisherTracker(trainable, block=False))
     if "fisher_block" in statistics:
         if not block_patterns:
             raise TaeError("statistics 'fisher_block' needs fisher_block=<parameter patterns>.")
-        chosen = {n: p for n, p in trainable.items() if _matches(n, block_patterns)}
+        chosen = {n: p for n, p in trainable.items() if matches_any(n, block_patterns)}
         trackers.append(FisherTracker(chosen, block=True))
     for tracker in trackers:
         for n, p in tracker.params.items():

@@ -38,7 +38,7 @@ from hf_tae.utils.io import (
 if TYPE_CHECKING:
     import pandas as pd
 
-KINDS = ("estimated", "fine-tuned", "pairwise", "higher-order", "gradient-cosine")
+KINDS = ("estimated", "fine-tuned", "pairwise", "higher-order", "gradient-cosine", "fisher")
 CONFIGS = ("affinity", "subsets")
 METADATA_FILE = "metadata.json"
 HEATMAP_FILE = "heatmap.png"

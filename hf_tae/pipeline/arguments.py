@@ -138,10 +138,11 @@ class EstimationArguments:
         default="higher-order",
         metadata={
             "help": "The affinity that is clustered: 'higher-order' (Grad-TAE: each task's "
-            "estimated --affinity_metric over the sampled subsets) or 'gradient-cosine' (the "
-            "cosine between one task's training-loss gradient and another's validation-loss "
-            "gradient at θ0; first order, no subsets). Subsets are estimated either way: they "
-            "score the candidate partitions (README: Scenarios)."
+            "estimated --affinity_metric over the sampled subsets), 'fisher' (overlap of the "
+            "tasks' empirical Fisher matrices of the projected gradients at θ0) or "
+            "'gradient-cosine' (cosine between one task's training-loss gradient and another's "
+            "validation-loss gradient at θ0). Subsets are estimated either way: they score the "
+            "candidate partitions (README: Scenarios)."
         },
     )
 
@@ -291,7 +292,7 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
         "--group_init": (grouping.group_init, ("scratch", "meta")),
         "--partition_choice": (grouping.partition_choice, ("payoff", "density")),
         "--sampling": (est.sampling, ("uniform", "adaptive")),
-        "--affinity_kind": (est.affinity_kind, ("higher-order", "gradient-cosine")),
+        "--affinity_kind": (est.affinity_kind, ("higher-order", "fisher", "gradient-cosine")),
     }
     for flag, (value, allowed) in choices.items():
         if value not in allowed:

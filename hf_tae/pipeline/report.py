@@ -131,6 +131,14 @@ def render_report(results: Mapping[str, Any]) -> str:
             "![affinity](affinity_by_group.png)",
             "",
         ]
+        if est.get("affinity_kind") == "fisher":
+            out += [
+                "Clustered: the Fisher-overlap affinity (`--affinity_kind fisher`: normalized "
+                "Frobenius inner product of the tasks' empirical Fisher matrices of the projected "
+                "gradients at each meta-initialization, averaged); the subsets' estimates score "
+                "the candidate partitions.",
+                "",
+            ]
         if est.get("affinity_kind") == "gradient-cosine":
             out += [
                 "Clustered: the gradient-cosine affinity (`--affinity_kind gradient-cosine`: "

@@ -208,11 +208,14 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
         )  # fmt: skip
     affinity = AffinityMatrix.average(members)
     higher_order = members
-    if est_args.affinity_kind == "gradient-cosine":  # clustered; the subsets still score payoffs
-        from hf_tae.estimation.gradient_cosine import gradient_cosine_affinity
+    if est_args.affinity_kind != "higher-order":  # clustered; the subsets still score payoffs
+        from hf_tae.estimation.gradient_affinity import fisher_affinity, gradient_cosine_affinity
 
-        members = [gradient_cosine_affinity(store, target_split=est_args.scoring_split,
-                                            provenance=provenance) for store in stores]  # fmt: skip
+        if est_args.affinity_kind == "fisher":
+            members = [fisher_affinity(store, provenance=provenance) for store in stores]
+        else:
+            members = [gradient_cosine_affinity(store, target_split=est_args.scoring_split,
+                                                provenance=provenance) for store in stores]  # fmt: skip
         affinity, estimates = AffinityMatrix.average(members), affinity.results
         affinity.results = estimates
     seconds = time.perf_counter() - start

@@ -3,10 +3,11 @@
 For every λ and subset size it refits the stores of all meta-initializations of ``--run_dir``
 (no training), builds the averaged affinity per estimable metric and reports, against the run's
 planted groups, the within − cross gap, the meta-initializations' agreement (mean Spearman) and
-the adjusted Rand index of the SDP groups at the planted k; a last row does the same for the
-first-order gradient-cosine affinity (``--affinity_kind gradient-cosine``). It shows whether a
-default tuned on one family carries over to another (on the image default, the graphs'
-λ = 1000 flattens it, and the cosine finds little: ARI 0.34 against 1.00 at λ = 100).
+the adjusted Rand index of the SDP groups at the planted k; two last rows do the same for the
+affinities read off the gradients without subsets (``--affinity_kind fisher`` and
+``gradient-cosine``). It shows whether a default tuned on one family carries over to another
+(on the image default, the graphs' λ = 1000 flattens the estimate, the cosine finds little,
+ARI 0.34, and the Fisher overlap finds the views, ARI 1.00).
 
     hf-tae run images --output_dir runs/images
     python benchmarks/estimator_settings.py --run_dir runs/images --family images
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         AffinityMatrix,
         GradientStore,
         RegressionEstimator,
+        fisher_affinity,
         get_family,
         gradient_cosine_affinity,
         sample_subsets,
@@ -73,13 +75,14 @@ def main(argv: list[str] | None = None) -> None:
                 agree = self_agreement(mats)["mean_spearman"] if len(mats) > 1 else float("nan")
                 print(f"{size:>4} {l2:>8g} {metric:>9} {planted_gap(mean, planted):>+7.3f} "
                       f"{agree:>+6.2f} {ari:>6.2f}", flush=True)  # fmt: skip
-    # the first-order affinity (--affinity_kind gradient-cosine): no subsets, no λ
-    mats = [gradient_cosine_affinity(store) for store in stores]
-    mean = AffinityMatrix.average(mats).to_numpy()
-    ari = adjusted_rand_score(planted, sdp_cluster(mean, k).labels)
-    agree = self_agreement(mats)["mean_spearman"] if len(mats) > 1 else float("nan")
-    print(f"{'-':>4} {'-':>8} {'cosine':>9} {planted_gap(mean, planted):>+7.3f} {agree:>+6.2f} "
-          f"{ari:>6.2f}   (gradient-cosine affinity)", flush=True)  # fmt: skip
+    # the affinities read off the gradients (--affinity_kind fisher / gradient-cosine): no λ
+    for name, build in (("fisher", fisher_affinity), ("cosine", gradient_cosine_affinity)):
+        mats = [build(store) for store in stores]
+        mean = AffinityMatrix.average(mats).to_numpy()
+        ari = adjusted_rand_score(planted, sdp_cluster(mean, k).labels)
+        agree = self_agreement(mats)["mean_spearman"] if len(mats) > 1 else float("nan")
+        print(f"{'-':>4} {'-':>8} {name:>9} {planted_gap(mean, planted):>+7.3f} {agree:>+6.2f} "
+              f"{ari:>6.2f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

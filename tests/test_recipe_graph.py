@@ -111,8 +111,11 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     cli = Path(sys.executable).with_name("hf-tae")
     # --num_task_groups 0 (after SMALL's 2): k chosen by the sweep over k = 1 … 4
     # --estimator_l2 auto: λ from the default grid by the members' agreement
+    # --affinity_kind higher-order: the subsets' affinity is the clustered one (the default,
+    # fisher, is checked against its reference in test_gradient_affinity.py)
     cmd = [str(cli), "run", "--output_dir", str(out), *SMALL, "--ground_truth", "3",
-           "--num_task_groups", "0", "--estimator_l2", "auto"]  # fmt: skip
+           "--num_task_groups", "0", "--estimator_l2", "auto",
+           "--affinity_kind", "higher-order"]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

@@ -135,11 +135,11 @@ class EstimationArguments:
         },
     )
     affinity_kind: str = field(
-        default="higher-order",
+        default="fisher",
         metadata={
-            "help": "The affinity that is clustered: 'higher-order' (Grad-TAE: each task's "
-            "estimated --affinity_metric over the sampled subsets), 'fisher' (overlap of the "
-            "tasks' empirical Fisher matrices of the projected gradients at θ0) or "
+            "help": "The affinity that is clustered: 'fisher' (overlap of the tasks' empirical "
+            "Fisher matrices of the projected gradients at θ0), 'higher-order' (Grad-TAE: each "
+            "task's estimated --affinity_metric over the sampled subsets) or "
             "'gradient-cosine' (cosine between one task's training-loss gradient and another's "
             "validation-loss gradient at θ0). Subsets are estimated either way: they score the "
             "candidate partitions (README: Scenarios)."

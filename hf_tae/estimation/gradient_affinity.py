@@ -39,11 +39,8 @@ if TYPE_CHECKING:
     from hf_tae.gradients.store import GradientStore
 
 
-def task_loss_gradients(
-    store: GradientStore, split: str, label_kind: str | None = None
-) -> tuple[np.ndarray, list[int]]:
-    """Per task, the summed negative logistic-loss gradient ``Σ y σ(−y s) z`` of its ``split``
-    rows in the store's projected space (``[num_tasks, d]``), and the row count per task."""
+def _task_blocks(store: GradientStore, split: str, label_kind: str | None) -> _TaskRows:
+    """The store's ``split`` rows per task as float64 ``(Z_t, y_t ∈ ±1, s_t)`` on the CPU."""
     if split not in store.splits:
         raise TaeError(
             f"the gradient store at {store.path} has no {split!r} rows (it holds {store.splits}); "
@@ -52,9 +49,31 @@ def task_loss_gradients(
     names = store.task_names
     rows = store.tensors(split)
     num_tasks = len(names) if names is not None else int(rows["task"].max()) + 1
-    blocks = _TaskRows(rows, num_tasks, torch.device("cpu"), torch.float64,
-                       store_label_kind(store, label_kind))  # fmt: skip
-    gradients = np.zeros((num_tasks, store.dim))
+    return _TaskRows(rows, num_tasks, torch.device("cpu"), torch.float64,
+                     store_label_kind(store, label_kind))  # fmt: skip
+
+
+def _unit_rows(vectors: np.ndarray, counts: list[int], names: list[str], split: str,
+               what: str, store: GradientStore) -> np.ndarray:  # fmt: skip
+    """``vectors`` (one per task) scaled to unit norm; a task without ``split`` rows or with a
+    zero vector has no direction, and that is an error naming it."""
+    norms = np.linalg.norm(vectors, axis=1)
+    bad = [names[t] for t in range(len(names)) if counts[t] == 0 or norms[t] == 0]
+    if bad:
+        raise TaeError(
+            f"tasks {bad[:5]} have no {split} rows or a zero {what} in the store at "
+            f"{store.path}; collect their {split} rows, or drop them from the task set."
+        )
+    return vectors / norms[:, None]
+
+
+def task_loss_gradients(
+    store: GradientStore, split: str, label_kind: str | None = None
+) -> tuple[np.ndarray, list[int]]:
+    """Per task, the summed negative logistic-loss gradient ``Σ y σ(−y s) z`` of its ``split``
+    rows in the store's projected space (``[num_tasks, d]``), and the row count per task."""
+    blocks = _task_blocks(store, split, label_kind)
+    gradients = np.zeros((len(blocks.blocks), store.dim))
     for t, (z, y, s) in enumerate(blocks.blocks):
         if len(y):
             gradients[t] = ((y * torch.sigmoid(-y * s))[:, None] * z).sum(0).numpy()
@@ -81,17 +100,9 @@ def gradient_cosine_affinity(
     source, source_counts = task_loss_gradients(store, source_split, label_kind)
     target, target_counts = task_loss_gradients(store, target_split, label_kind)
     names = store.task_names or [str(t) for t in range(len(source))]
-    for split, grads, counts in ((source_split, source, source_counts),
-                                 (target_split, target, target_counts)):  # fmt: skip
-        norms = np.linalg.norm(grads, axis=1)
-        bad = [names[t] for t in range(len(names)) if counts[t] == 0 or norms[t] == 0]
-        if bad:
-            raise TaeError(
-                f"tasks {bad[:5]} have no {split} rows or a zero loss gradient in the store at "
-                f"{store.path}; collect their {split} rows, or drop them from the task set."
-            )
-    unit = lambda g: g / np.linalg.norm(g, axis=1, keepdims=True)  # noqa: E731
-    values = unit(target) @ unit(source).T
+    source = _unit_rows(source, source_counts, names, source_split, "loss gradient", store)
+    target = _unit_rows(target, target_counts, names, target_split, "loss gradient", store)
+    values = target @ source.T
     if symmetrize:
         values = (values + values.T) / 2
     if zero_diagonal:
@@ -108,17 +119,8 @@ def task_fishers(
     """Per task, the empirical Fisher ``(1/n_t) Σ σ(−y s)² z zᵀ`` of its ``split`` rows in the
     store's projected space (``[num_tasks, d, d]``; zeros for a task without rows) and the row
     count per task."""
-    if split not in store.splits:
-        raise TaeError(
-            f"the gradient store at {store.path} has no {split!r} rows (it holds {store.splits}); "
-            "collect gradients for that split or pass another one."
-        )
-    names = store.task_names
-    rows = store.tensors(split)
-    num_tasks = len(names) if names is not None else int(rows["task"].max()) + 1
-    blocks = _TaskRows(rows, num_tasks, torch.device("cpu"), torch.float64,
-                       store_label_kind(store, label_kind))  # fmt: skip
-    fishers = np.zeros((num_tasks, store.dim, store.dim))
+    blocks = _task_blocks(store, split, label_kind)
+    fishers = np.zeros((len(blocks.blocks), store.dim, store.dim))
     for t, (z, y, s) in enumerate(blocks.blocks):
         if len(y):
             weight = torch.sigmoid(-y * s) ** 2  # (∂ loss / ∂ score)²
@@ -143,15 +145,7 @@ def fisher_affinity(
     """
     fishers, counts = task_fishers(store, split, label_kind)
     names = store.task_names or [str(t) for t in range(len(fishers))]
-    flat = fishers.reshape(len(fishers), -1)
-    norms = np.linalg.norm(flat, axis=1)
-    bad = [names[t] for t in range(len(names)) if counts[t] == 0 or norms[t] == 0]
-    if bad:
-        raise TaeError(
-            f"tasks {bad[:5]} have no {split} rows or a zero Fisher in the store at "
-            f"{store.path}; collect their {split} rows, or drop them from the task set."
-        )
-    unit = flat / norms[:, None]
+    unit = _unit_rows(fishers.reshape(len(fishers), -1), counts, names, split, "Fisher", store)
     values = unit @ unit.T
     if zero_diagonal:
         np.fill_diagonal(values, 0.0)

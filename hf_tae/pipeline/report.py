@@ -80,6 +80,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+#: How the report names an affinity read off the gradients (``{split}``: the scoring split).
+_GRADIENT_AFFINITIES = {
+    "fisher": "Fisher-overlap affinity (normalized Frobenius inner product of the tasks' "
+    "empirical Fisher matrices of the projected gradients)",
+    "gradient-cosine": "gradient-cosine affinity (cosine between one task's training-loss "
+    "gradient and another's {split}-loss gradient)",
+}
+
+
 def render_report(results: Mapping[str, Any]) -> str:
     """``report.md`` text: what ran, timings per stage, groups, and the per-task comparison."""
     metrics = results["metrics"]
@@ -131,20 +140,12 @@ def render_report(results: Mapping[str, Any]) -> str:
             "![affinity](affinity_by_group.png)",
             "",
         ]
-        if est.get("affinity_kind") == "fisher":
+        kind = est.get("affinity_kind", "higher-order")
+        if kind in _GRADIENT_AFFINITIES:
             out += [
-                "Clustered: the Fisher-overlap affinity (`--affinity_kind fisher`: normalized "
-                "Frobenius inner product of the tasks' empirical Fisher matrices of the projected "
-                "gradients at each meta-initialization, averaged); the subsets' estimates score "
-                "the candidate partitions.",
-                "",
-            ]
-        if est.get("affinity_kind") == "gradient-cosine":
-            out += [
-                "Clustered: the gradient-cosine affinity (`--affinity_kind gradient-cosine`: "
-                "cosine between one task's training-loss gradient and another's "
-                f"{est['scoring_split']}-loss gradient at each meta-initialization, averaged); "
-                "the subsets' estimates score the candidate partitions.",
+                f"Clustered: the {_GRADIENT_AFFINITIES[kind].format(split=est['scoring_split'])} "
+                f"(`--affinity_kind {kind}`, at each meta-initialization, averaged); the subsets' "
+                "estimates score the candidate partitions.",
                 "",
             ]
         out += _sampling_lines(est)

@@ -216,8 +216,9 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
         else:
             members = [gradient_cosine_affinity(store, target_split=est_args.scoring_split,
                                                 provenance=provenance) for store in stores]  # fmt: skip
-        affinity, estimates = AffinityMatrix.average(members), affinity.results
-        affinity.results = estimates
+        subset_results = affinity.results
+        affinity = AffinityMatrix.average(members)
+        affinity.results = subset_results
     seconds = time.perf_counter() - start
     info: dict[str, Any] = {
         "num_subsets": num_subsets,

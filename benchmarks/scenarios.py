@@ -686,7 +686,8 @@ def summarize(built: Built, results: dict[str, Any], run_dir: Path, seconds: flo
 
 
 def run_scenario(name: str, output_dir: Path, seeds: Sequence[int], ground_truth: int,
-                 extra: Sequence[str], verbose: bool = False) -> dict[str, Any]:  # fmt: skip
+                 extra: Sequence[str], verbose: bool = False,
+                 data_seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """Build scenario ``name`` under ``output_dir/name`` and run the job on it; one row."""
     from hf_tae.pipeline.run import run
 
@@ -705,7 +706,7 @@ def run_scenario(name: str, output_dir: Path, seeds: Sequence[int], ground_truth
             root.addHandler(handler)
             root.setLevel(logging.INFO)
             stack.callback(root.removeHandler, handler)
-        built = SCENARIOS[name](scenario_dir / "data")
+        built = SCENARIOS[name](scenario_dir / "data", seed=data_seed)
         argv = job_argv(built, run_dir, seeds, ground_truth, extra)
         print(f"\n$ hf-tae run graph {shlex.join(argv)}", flush=True)
         results = run(argv, family="graph")
@@ -715,7 +716,7 @@ def run_scenario(name: str, output_dir: Path, seeds: Sequence[int], ground_truth
     return row
 
 
-def report_scenario(name: str, output_dir: Path) -> dict[str, Any]:
+def report_scenario(name: str, output_dir: Path, data_seed: int = 0) -> dict[str, Any]:
     """The row of a finished scenario run (``--report_only``): its data rebuilt (cheap, seeded),
     its results read back; the time is the one the run recorded."""
     scenario_dir = Path(output_dir) / name
@@ -725,7 +726,7 @@ def report_scenario(name: str, output_dir: Path) -> dict[str, Any]:
     previous = json.loads((scenario_dir / "row.json").read_text()) if (
         scenario_dir / "row.json").is_file() else {}  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        built = SCENARIOS[name](scenario_dir / "data")
+        built = SCENARIOS[name](scenario_dir / "data", seed=data_seed)
     results = json.loads((run_dir / "results.json").read_text())
     row = summarize(built, results, run_dir, float(previous.get("seconds", float("nan"))))
     row["command"] = previous.get("command")
@@ -810,6 +811,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         choices=list(SCENARIOS), help="Scenarios to run, in this order.")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
                         help="Group-training and ground-truth seeds.")  # fmt: skip
+    parser.add_argument("--data_seed", type=int, default=0,
+                        help="Seed of the scenarios' data: another value builds fresh instances "
+                        "of the same processes (a held-out check of settings chosen on seed 0).")  # fmt: skip
     parser.add_argument("--ground_truth", type=int, default=12,
                         help="Sampled subsets fine-tuned for real per scenario (0: skip).")  # fmt: skip
     parser.add_argument("--output_dir", default="/tmp/scenarios",
@@ -840,10 +844,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
               f"{output_dir / name / 'job.log'})", flush=True)  # fmt: skip
         try:
             if args.report_only:
-                row = report_scenario(name, output_dir)
+                row = report_scenario(name, output_dir, args.data_seed)
             else:
                 row = run_scenario(name, output_dir, args.seeds, args.ground_truth, args.extra,
-                                   args.verbose)  # fmt: skip
+                                   args.verbose, args.data_seed)  # fmt: skip
         except Exception as err:  # one broken scenario must not cost the others
             traceback.print_exc()
             row = {"scenario": name, "error": f"{type(err).__name__}: {err}"[:200]}

@@ -98,6 +98,7 @@ _LAZY_ATTRS: dict[str, str] = {
     "exhaustive_cluster": "hf_tae.clustering",
     "sweep_k": "hf_tae.clustering",
     "recommend_k": "hf_tae.clustering",
+    "affinity_silhouette": "hf_tae.clustering",
     # pipeline
     "run_pipeline": "hf_tae.pipeline.run",
     "PipelineArguments": "hf_tae.pipeline.arguments",
@@ -168,6 +169,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from hf_tae.clustering import (
         Grouping,
         SdpSolution,
+        affinity_silhouette,
         exhaustive_cluster,
         kmeans_cluster,
         kmeans_rounding,

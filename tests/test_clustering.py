@@ -12,6 +12,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from hf_tae.clustering import (
     Grouping,
+    affinity_silhouette,
     exhaustive_cluster,
     kmeans_cluster,
     kmeans_rounding,
@@ -260,6 +261,57 @@ def test_sweep_other_methods_and_null():
         sweep_k(T, method="louvain")
     with pytest.raises(TaeError, match="pass the DataFrame sweep_k returns"):
         recommend_k(pd.DataFrame())
+
+
+def test_affinity_silhouette_matches_sklearn_on_its_distance():
+    """Mean silhouette equals scikit-learn's on D = max W − W (W symmetrized, off-diagonal max),
+    for asymmetric matrices, shuffled labels and lone tasks (which score 0)."""
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(0)
+    for n, groups in [(6, 2), (9, 3), (12, 5), (7, 6)]:
+        T = rng.normal(size=(n, n))  # asymmetric, as the estimated affinities are
+        labels = rng.permutation(np.arange(n) % groups)
+        W = (T + T.T) / 2
+        off = ~np.eye(n, dtype=bool)
+        D = np.where(off, W[off].max() - W, 0.0)
+        expected = silhouette_score(D, labels, metric="precomputed")
+        assert affinity_silhouette(T, labels) == pytest.approx(expected, abs=1e-12)
+
+
+def test_affinity_silhouette_closed_forms():
+    """Blocks of constant within-affinity a above a constant between b: every task's own group
+    sits at distance 0 and the others at a − b, so the silhouette is 1, whatever the shift and
+    positive scale of T; undefined (NaN) for one group or one task per group."""
+    labels = np.array([0, 0, 1, 1, 1, 2, 2])
+    same = labels[:, None] == labels[None, :]
+    T = np.where(same, 0.9, 0.2)
+    assert affinity_silhouette(T, labels) == pytest.approx(1.0)
+    assert affinity_silhouette(5.0 * T - 3.0, labels) == pytest.approx(1.0)
+    # two lone tasks (5, 6) score 0 and the others keep 1: mean 5/7
+    lone = np.array([0, 0, 1, 1, 1, 2, 3])
+    assert affinity_silhouette(T, lone) == pytest.approx(5 / 7)
+    assert np.isnan(affinity_silhouette(T, np.zeros(7)))
+    assert np.isnan(affinity_silhouette(T, np.arange(7)))
+    with pytest.raises(TaeError, match="one group id per task"):
+        affinity_silhouette(T, [0, 1])
+
+
+@pytest.mark.parametrize(("sizes", "seed"), [([4, 5, 6], 0), ([3, 4, 5, 6], 1), ([2, 2, 6], 3)])
+def test_sweep_silhouette_recommends_planted_k(sizes, seed):
+    T, truth = planted(sizes, seed)
+    sweep = sweep_k(T, ks=range(1, 8), null_draws=2)
+    k = recommend_k(sweep, by="silhouette")
+    assert k == len(sizes)
+    labels = sweep.set_index("k").loc[k, "labels"]
+    assert adjusted_rand_score(truth, labels) == pytest.approx(1.0)
+    assert np.isnan(sweep.loc[0, "silhouette"])  # k = 1: undefined
+    with pytest.raises(TaeError, match="by='median'"):
+        recommend_k(sweep, by="median")
+    with pytest.raises(TaeError, match="silhouette"):
+        recommend_k(sweep.drop(columns="silhouette"), by="silhouette")
+    # no k with a defined silhouette (only k = 1 tried): one group
+    assert recommend_k(sweep_k(T, ks=[1], null_draws=2), by="silhouette") == 1
 
 
 # ---------------------------------------------------------------- bad inputs

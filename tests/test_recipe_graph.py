@@ -158,22 +158,37 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     sweep = {row["k"]: row for row in grouping["sweep"]}
     assert sorted(sweep) == [1, 2, 3, 4]
     assert grouping["k"] == len(grouping["groups"])
-    # the partition is chosen by predicted payoff (--partition_choice payoff, the default):
-    # exactly one candidate is chosen, it is tied with the best (within one paired SE of the
-    # largest mean payoff, log-loss: lower is better) and it is the partition that was trained
-    # (when the rule picks all tasks or single tasks, --propose_groups trains the best other
-    # candidate instead, and says so)
+    # the partition (--partition_choice silhouette, the default): the sweep's grouping with the
+    # best mean silhouette under D = max W − W (scikit-learn's silhouette_score), scored by
+    # predicted payoff against all tasks and single tasks; exactly one candidate is chosen, it
+    # is tied with the best (within one paired SE of the best mean payoff, log-loss: lower is
+    # better) and it is the partition that was trained (when the rule picks all tasks or single
+    # tasks, --propose_groups trains the grouping instead, and says so)
+    from sklearn.metrics import silhouette_score
+
+    W = np.nan_to_num(affinity.to_numpy())
+    W = (W + W.T) / 2
+    D = np.where(off, W[off].max() - W, 0.0)
+    silhouettes = {k: silhouette_score(D, row["labels"], metric="precomputed")
+                   for k, row in sweep.items() if 1 < len(set(row["labels"])) < len(tasks)}  # fmt: skip
+    best_k = max(silhouettes, key=silhouettes.get)
+    for k, value in silhouettes.items():
+        assert sweep[k]["silhouette"] == pytest.approx(value, abs=1e-9)  # JSON: 10 digits
     candidates = grouping["candidates"]
+    assert [c["candidate"] for c in candidates] == [
+        "all tasks (k=1)", f"SDP k={best_k}", "single tasks (k=n)"]  # fmt: skip
     chosen = [c for c in candidates if c["chosen"]]
     assert len(chosen) == 1 and chosen[0]["num_groups"] == grouping["k"]
     trivial = ("all tasks (k=1)", "single tasks (k=n)")
+    prefix = f"best silhouette k={best_k} ({silhouettes[best_k]:.2f}); predicted payoff: "
+    assert grouping["k_choice"].startswith(prefix)
     if "trained instead" in grouping["k_choice"]:
-        assert grouping["k_choice"].startswith(tuple(f"predicted payoff: {t};" for t in trivial))
-        assert chosen[0]["candidate"] not in trivial  # the rule itself: tests/test_partition.py
+        assert grouping["k_choice"].startswith(tuple(f"{prefix}{t};" for t in trivial))
+        assert chosen[0]["candidate"] == f"SDP k={best_k}"
     else:
         best = min(c["payoff"] for c in candidates)
         assert chosen[0]["payoff"] - best <= chosen[0]["vs_best_se"] + 1e-12
-        assert grouping["k_choice"] == f"predicted payoff: {chosen[0]['candidate']}"
+        assert grouping["k_choice"] == prefix + chosen[0]["candidate"]
     assert {c["candidate"] for c in candidates} >= {"all tasks (k=1)", "single tasks (k=n)"}
     T = np.nan_to_num(affinity.to_numpy())
     ids = [[tasks.index(t) for t in g] for g in grouping["groups"]]
@@ -188,7 +203,9 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     assert training["summary"]["single task"]["num_models"] == 4
     # shared runs: single-task and 2-task groups are trained once each, however many
     # strategies use them (4 singles + 1 all-tasks + at most 4 distinct pairs)
-    runs = [json.loads(x) for x in (out / "group_training" / "results.jsonl").read_text().splitlines()]
+    runs = [
+        json.loads(x) for x in (out / "group_training" / "results.jsonl").read_text().splitlines()
+    ]
     assert len(runs) <= 2 * 9 and {r["split"] for r in runs} == {"test", "validation"}
     # the recommendation: the best validation F1 (mean over tasks of each task's score under
     # its group's model, seeds averaged) among grouped / all tasks / single task
@@ -201,8 +218,9 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     partitions = {"grouped": grouping["groups"], "all tasks": [tasks],
                   "single task": [[t] for t in tasks]}  # fmt: skip
     expected = {
-        name: np.mean([np.mean(val[(tuple(sorted(index[x] for x in g)), t)]) for g in groups
-                       for t in g])  # fmt: skip
+        name: np.mean(
+            [np.mean(val[(tuple(sorted(index[x] for x in g)), t)]) for g in groups for t in g]
+        )  # fmt: skip
         for name, groups in partitions.items()
     }
     rec = training["recommended"]
@@ -239,7 +257,9 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     ):
         assert heading in report
     assert "Both sides are noisy: 2 fine-tuning seeds agree" in report
-    assert "`--estimator_l2 auto`" in report and "Candidate partitions by predicted payoff" in report
+    assert (
+        "`--estimator_l2 auto`" in report and "Candidate partitions by predicted payoff" in report
+    )
     assert f"**Recommended: {rec['strategy']}**" in report
 
     # a rerun reuses the finished meta-initializations and comparison runs: same answers

@@ -4,7 +4,8 @@ numpy in, numpy out. :func:`sdp_cluster` solves the SDP relaxation of the averag
 objective (:func:`partition_objective`) with SCS and rounds it (k-means, always exactly k
 groups, or the reference threshold-and-scan); :func:`spectral_cluster`,
 :func:`kmeans_cluster` and :func:`exhaustive_cluster` (exact, n ≤ 10) are baselines;
-:func:`sweep_k` / :func:`recommend_k` choose k against a shuffled-T null.
+:func:`sweep_k` / :func:`recommend_k` choose k against a shuffled-T null or by
+:func:`affinity_silhouette`.
 """
 
 from hf_tae.clustering.baselines import exhaustive_cluster, kmeans_cluster, spectral_cluster
@@ -15,11 +16,17 @@ from hf_tae.clustering.rounding import (
     threshold_rounding,
 )
 from hf_tae.clustering.sdp import SdpSolution, sdp_cluster, sdp_relaxation
-from hf_tae.clustering.selection import recommend_k, shuffled_null, sweep_k
+from hf_tae.clustering.selection import (
+    affinity_silhouette,
+    recommend_k,
+    shuffled_null,
+    sweep_k,
+)
 
 __all__ = [
     "Grouping",
     "SdpSolution",
+    "affinity_silhouette",
     "exhaustive_cluster",
     "kmeans_cluster",
     "kmeans_rounding",

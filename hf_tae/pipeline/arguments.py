@@ -156,13 +156,15 @@ class GroupingArguments:
     )
     max_task_groups: int = field(default=8, metadata={"help": "Largest k the sweep tries."})
     partition_choice: str = field(
-        default="payoff",
+        default="silhouette",
         metadata={
-            "help": "How k and the groups are chosen when --num_task_groups is 0: 'payoff' "
-            "scores all tasks, the grouping of every k and single tasks by their estimated "
-            "validation metric and keeps, among those tied with the best, the one with the most "
-            "significant group structure (README: choosing the partition); 'density' takes the "
-            "k whose SDP objective gains most over a shuffled null."
+            "help": "How k and the groups are chosen when --num_task_groups is 0: "
+            "'silhouette' takes the SDP grouping with the best mean silhouette on the affinity "
+            "and scores it against all tasks and single tasks by their estimated validation "
+            "metric; 'payoff' scores the grouping of every k that way and keeps, among those "
+            "tied with the best, the one with the most significant group structure (README: "
+            "choosing the partition); 'density' takes the k whose SDP objective gains most over "
+            "a shuffled null."
         },
     )
     propose_groups: bool = field(
@@ -290,7 +292,7 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
         "--scoring_split": (est.scoring_split, ("train", "validation")),
         "--clustering": (grouping.clustering, ("sdp", "spectral")),
         "--group_init": (grouping.group_init, ("scratch", "meta")),
-        "--partition_choice": (grouping.partition_choice, ("payoff", "density")),
+        "--partition_choice": (grouping.partition_choice, ("silhouette", "payoff", "density")),
         "--sampling": (est.sampling, ("uniform", "adaptive")),
         "--affinity_kind": (est.affinity_kind, ("higher-order", "fisher", "gradient-cosine")),
     }

@@ -199,13 +199,14 @@ def render_report(results: Mapping[str, Any]) -> str:
                 f"{_num(groups['adjusted_rand_vs_planted'])} (1 = recovered exactly).",
                 "",
             ]
-        if groups.get("candidates"):  # --partition_choice payoff
+        if groups.get("candidates"):  # --partition_choice silhouette or payoff
             out += [
                 "Candidate partitions by predicted payoff (the estimated validation metric of "
                 "each task under its own group's estimated model, mean over tasks; ± over the "
                 "meta-initializations). Tied: within `--payoff_tolerance` paired standard "
-                "errors of the best; among those the most significant structure, then the "
-                "fewest groups, is chosen.",
+                "errors of the best; among those the most structure (the grouping's silhouette, "
+                "or its significant gain over the null with `--partition_choice payoff`), then "
+                "the fewest groups, is chosen.",
                 "",
                 _table(["candidate", "groups", "payoff", "vs best", "tied", "structure", "chosen"],
                        [[c["candidate"], c["num_groups"],
@@ -216,8 +217,16 @@ def render_report(results: Mapping[str, Any]) -> str:
                 "",
             ]  # fmt: skip
         if groups.get("sweep"):
-            keys = ["k", "objective", "null_objective", "gain", "significant", "recommended"]
-            out += [_table(keys, [[row.get(k) for k in keys] for row in groups["sweep"]]), ""]
+            keys = ["k", "objective", "null_objective", "gain", "significant", "silhouette"]
+            out += [
+                "The k sweep: the SDP objective against the shuffled null's, and the mean "
+                "silhouette of each k's grouping on the affinity (n/a where undefined).",
+                "",
+                _table(keys, [[_num(row.get(k), ".4f") if k in ("objective", "null_objective",
+                                                                 "gain", "silhouette")
+                               else row.get(k) for k in keys] for row in groups["sweep"]]),
+                "",
+            ]  # fmt: skip
     training = results.get("group_training")
     if training:
         strategies = list(training["summary"])

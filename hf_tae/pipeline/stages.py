@@ -255,13 +255,16 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
                   ) -> dict[str, Any]:  # fmt: skip
     """Stage 5: the task groups, with k given or chosen.
 
-    ``--partition_choice payoff`` (default; needs ``stores`` and ``est_args``) scores all tasks
-    (k = 1), the SDP grouping of every k of the sweep and single tasks (k = n) by their
-    predicted payoff on every meta-initialization's store and picks by
-    :func:`~hf_tae.choose_partition`, the SDP objective's significant gain over the null as
-    the structure score; when that is a trivial answer, ``--propose_groups`` (default) returns
-    the best non-trivial candidate instead (:func:`~hf_tae.estimation.partition.best_nontrivial`).
-    ``density`` takes the k sweep's :func:`~hf_tae.recommend_k`.
+    ``--partition_choice silhouette`` (default) takes the SDP grouping of the k with the best
+    :func:`~hf_tae.affinity_silhouette` on the affinity, and ``payoff`` considers the SDP
+    grouping of every k of the sweep; either way, all tasks (k = 1), those groupings and single
+    tasks (k = n) are scored by their predicted payoff on every meta-initialization's store
+    (needs ``stores`` and ``est_args``) and picked by :func:`~hf_tae.choose_partition`, with
+    the grouping's silhouette (``silhouette``) or its SDP objective's significant gain over the
+    null (``payoff``) as the structure score. When that is a trivial answer,
+    ``--propose_groups`` (default) returns the best non-trivial candidate instead
+    (:func:`~hf_tae.estimation.partition.best_nontrivial`). ``density`` takes the k sweep's
+    :func:`~hf_tae.recommend_k` by gain, without the payoff.
     """
     from hf_tae.clustering import (
         partition_objective,
@@ -303,15 +306,22 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
             k_choice = "largest significant gain of the k sweep over the null"
         else:
             if not stores or est_args is None:
-                raise TaeError("--partition_choice payoff needs the gradient stores; "
-                               "use --partition_choice density without them.")  # fmt: skip
+                raise TaeError(f"--partition_choice {grouping_args.partition_choice} needs the "
+                               "gradient stores; use --partition_choice density without "
+                               "them.")  # fmt: skip
+            by_silhouette = grouping_args.partition_choice == "silhouette"
+            best_k = recommend_k(sweep, by="silhouette") if by_silhouette else None
             options = {"all tasks (k=1)": [0] * n}
             structure = {}
             for row in sweep.itertuples():
                 name = f"SDP k={row.k}" if method == "sdp" else f"{method} k={row.k}"
+                if by_silhouette and row.k != best_k:
+                    continue
                 if 1 < row.n_groups < n and list(row.labels) not in options.values():
                     options[name] = list(row.labels)
-                    structure[name] = float(row.gain) if row.significant else 0.0
+                    score = row.silhouette if by_silhouette else (row.gain if row.significant
+                                                                   else 0.0)  # fmt: skip
+                    structure[name] = float(score)
             options["single tasks (k=n)"] = list(range(n))
             l2 = fixed_l2(est_args)
             if l2 is None:
@@ -334,10 +344,13 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
             proposal = best_nontrivial(payoffs, trivial, est_args.affinity_metric, structure,
                                        grouping_args.payoff_tolerance)  # fmt: skip
             if chosen in trivial and grouping_args.propose_groups and proposal is not None:
-                k_choice = (f"predicted payoff: {chosen}; trained instead: {proposal}, the best "
-                            "non-trivial candidate (validation decides)")  # fmt: skip
+                k_choice += (f"; trained instead: {proposal}, the best non-trivial candidate "
+                             "(validation decides)")  # fmt: skip
                 candidates["chosen"] = candidates["candidate"] == proposal
                 chosen = proposal
+            if by_silhouette:
+                best = sweep.set_index("k").loc[best_k, "silhouette"]
+                k_choice = f"best silhouette k={best_k} ({best:.2f}); {k_choice}"
             labels = options[chosen]
             k = len(set(labels))
         objective = partition_objective(T, np.asarray(labels))
@@ -350,8 +363,9 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
         "groups": groups,
         "labels": [int(x) for x in labels],
         "sweep": None if sweep is None else json.loads(sweep.to_json(orient="records")),
-        "candidates": None if candidates is None else json.loads(
-            candidates.to_json(orient="records")),
+        "candidates": None
+        if candidates is None
+        else json.loads(candidates.to_json(orient="records")),
     }
     if planted is not None:
         from sklearn.metrics import adjusted_rand_score
@@ -503,8 +517,7 @@ def merged_validation(merged: dict[str, Any], metric: str) -> dict[str, float]:
     """Each merged model's ``metric`` on validation rows, averaged over the tasks as
     ``summarize_group_training`` averages every other strategy's: ``{label: score}``."""
     return {
-        m: float(np.mean([r[metric] for r in v["scores"]["validation"]]))
-        for m, v in merged.items()
+        m: float(np.mean([r[metric] for r in v["scores"]["validation"]])) for m, v in merged.items()
     }
 
 

@@ -277,6 +277,11 @@ def test_affinity_silhouette_matches_sklearn_on_its_distance():
         D = np.where(off, W[off].max() - W, 0.0)
         expected = silhouette_score(D, labels, metric="precomputed")
         assert affinity_silhouette(T, labels) == pytest.approx(expected, abs=1e-12)
+        # cosine-type affinities: the ceiling 1 gives the cosine distance 1 − W
+        C = np.tanh(T) * 0.9
+        cosine = silhouette_score(np.where(off, 1 - (C + C.T) / 2, 0.0), labels,
+                                  metric="precomputed")  # fmt: skip
+        assert affinity_silhouette(C, labels, ceiling=1.0) == pytest.approx(cosine, abs=1e-12)
 
 
 def test_affinity_silhouette_closed_forms():
@@ -295,6 +300,8 @@ def test_affinity_silhouette_closed_forms():
     assert np.isnan(affinity_silhouette(T, np.arange(7)))
     with pytest.raises(TaeError, match="one group id per task"):
         affinity_silhouette(T, [0, 1])
+    with pytest.raises(TaeError, match=r"ceiling=0.5 is below the largest affinity 0.9"):
+        affinity_silhouette(T, labels, ceiling=0.5)
 
 
 @pytest.mark.parametrize(("sizes", "seed"), [([4, 5, 6], 0), ([3, 4, 5, 6], 1), ([2, 2, 6], 3)])
@@ -306,6 +313,8 @@ def test_sweep_silhouette_recommends_planted_k(sizes, seed):
     labels = sweep.set_index("k").loc[k, "labels"]
     assert adjusted_rand_score(truth, labels) == pytest.approx(1.0)
     assert np.isnan(sweep.loc[0, "silhouette"])  # k = 1: undefined
+    ceiling = sweep_k(T, ks=[k], null_draws=2, silhouette_ceiling=2.0)
+    assert ceiling.loc[0, "silhouette"] == pytest.approx(affinity_silhouette(T, labels, 2.0))
     with pytest.raises(TaeError, match="by='median'"):
         recommend_k(sweep, by="median")
     with pytest.raises(TaeError, match="silhouette"):

@@ -181,7 +181,7 @@ def test_graph_job_clusters_the_chosen_affinity(tmp_path, kind):
     out = tmp_path / "run"
     cli = Path(sys.executable).with_name("hf-tae")
     cmd = [str(cli), "run", "--output_dir", str(out), *SMALL, "--affinity_kind", kind,
-           "--train_groups", "false"]  # fmt: skip
+           "--train_groups", "false", "--num_task_groups", "0"]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     affinity = AffinityMatrix.load(out / "affinity")
@@ -194,3 +194,15 @@ def test_graph_job_clusters_the_chosen_affinity(tmp_path, kind):
     assert len(affinity.results) == 2 * results["estimation"]["num_subsets"] * 2  # 2 members
     assert "higher_order_self_agreement" in results["estimation"]
     assert f"--affinity_kind {kind}" in (out / "report.md").read_text()
+    # k by silhouette on the cosine distance 1 − W (these kinds are cosines), as scikit-learn
+    # computes it
+    from sklearn.metrics import silhouette_score
+
+    W = affinity.to_numpy()
+    D = 1 - (W + W.T) / 2
+    np.fill_diagonal(D, 0.0)
+    for row in results["grouping"]["sweep"]:
+        if 1 < len(set(row["labels"])) < len(W):
+            expected = silhouette_score(D, row["labels"], metric="precomputed")
+            assert row["silhouette"] == pytest.approx(expected, abs=1e-9)
+    assert results["grouping"]["k_choice"].startswith("best silhouette k=")

@@ -18,13 +18,15 @@ is picked only when T has more group structure than chance; for a planted k-bloc
 objective stops growing at the planted k while the null keeps growing, so the gain peaks there.
 
 Second rule (``recommend_k(sweep, by="silhouette")``): the k whose grouping has the largest
-mean silhouette (Rousseeuw, 1987) under the distance D_ij = max W − W_ij, W = (T + Tᵀ)/2 off
-the diagonal (:func:`affinity_silhouette`). A task's silhouette compares its mean distance to
-its own group with that to the nearest other group, so it rewards groups that are both tight
-and apart, and it does not grow with k the way the objective does. The distance puts the most
-similar pair at 0 and is unchanged when T is shifted by a constant or scaled by a positive
-number, so one rule serves every affinity kind. Measured on the scenario suite (README:
-Scenarios), it recovers the planted k where the density rule and the payoff over-split.
+mean silhouette (Rousseeuw, 1987) on the affinity (:func:`affinity_silhouette`). A task's
+silhouette compares its mean distance to its own group with that to the nearest other group,
+so it rewards groups that are both tight and apart, and it does not grow with k the way the
+objective does. Distances: D_ij = c − W_ij, W = (T + Tᵀ)/2, with c the affinity of a task with an
+identical copy of itself where the kind has one (1 for cosine-type affinities: the Fisher
+overlap and the gradient cosine, where D is the cosine distance) and otherwise the largest
+off-diagonal W (the most similar pair at distance 0; unchanged by shifting or positively
+scaling T). Measured on the scenario suite (README: Scenarios), it recovers the planted k
+where the density rule and the payoff over-split.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def sweep_k(
     null_draws: int = 5,
     seed: int = 0,
     min_z: float = 2.0,
+    silhouette_ceiling: float | None = None,
     **kw: Any,
 ) -> pd.DataFrame:
     """Cluster T for every k in ``ks`` and score each k against the shuffled null.
@@ -83,7 +86,8 @@ def sweep_k(
     1 … min(n, 10). Returns one row per k with ``k``, ``objective``, ``null_objective``
     (mean over draws), ``null_std``, ``gain`` (objective − null_objective), ``significant``
     (gain > ``min_z`` · null_std), ``n_groups``, ``solve_time``, ``labels`` (the grouping: one
-    group id per task), ``silhouette`` (:func:`affinity_silhouette` of the grouping) and
+    group id per task), ``silhouette`` (:func:`affinity_silhouette` of the grouping, with
+    ``silhouette_ceiling`` as its ``ceiling``) and
     ``recommended`` (True on the :func:`recommend_k` row, by gain).
     """
     if method not in _METHODS:
@@ -125,7 +129,7 @@ def sweep_k(
                 "n_groups": grouping.n_groups,
                 "solve_time": grouping.solve_time,
                 "labels": grouping.labels.tolist(),
-                "silhouette": affinity_silhouette(T, grouping.labels),
+                "silhouette": affinity_silhouette(T, grouping.labels, silhouette_ceiling),
             }
         )
     sweep = pd.DataFrame(rows)
@@ -133,13 +137,16 @@ def sweep_k(
     return sweep
 
 
-def affinity_silhouette(T: np.ndarray, labels: Sequence[int]) -> float:
+def affinity_silhouette(
+    T: np.ndarray, labels: Sequence[int], ceiling: float | None = None
+) -> float:
     """Mean silhouette of a grouping of the tasks of affinity ``T`` (higher is better, ≤ 1).
 
-    Distances: D_ij = max W − W_ij with W = (T + Tᵀ)/2 and the max over i ≠ j; the diagonal
-    is ignored. A task alone in its group scores 0 (Rousseeuw's convention, as scikit-learn's
-    ``silhouette_score``). NaN when the grouping has one group or one task per group, where the
-    silhouette is undefined.
+    Distances: D_ij = c − W_ij with W = (T + Tᵀ)/2 and c = ``ceiling``, the affinity of a task
+    with an identical copy of itself (1 for cosine-type affinities); by default the largest
+    off-diagonal W. The diagonal is ignored. A task alone in its group scores 0 (Rousseeuw's
+    convention, as scikit-learn's ``silhouette_score``). NaN when the grouping has one group
+    or one task per group, where the silhouette is undefined.
     """
     T = check_affinity(T)
     labels = np.asarray(labels)
@@ -151,7 +158,15 @@ def affinity_silhouette(T: np.ndarray, labels: Sequence[int]) -> float:
         return float("nan")
     W = (T + T.T) / 2
     off = ~np.eye(n, dtype=bool)
-    D = np.where(off, W[off].max() - W, 0.0)
+    top = float(W[off].max())
+    if ceiling is None:
+        ceiling = top
+    elif not ceiling >= top - 1e-12:
+        raise TaeError(
+            f"ceiling={ceiling} is below the largest affinity {top:.6g}; pass the affinity of "
+            "identical tasks (1 for cosines) or None for the largest one."
+        )
+    D = np.where(off, ceiling - W, 0.0)
     member = np.eye(len(groups))[index]  # n × groups one-hot
     sizes = member.sum(0)
     mean_to = D @ member  # sum of distances from each task to each group

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 KINDS = ("estimated", "fine-tuned", "pairwise", "higher-order", "gradient-cosine", "fisher")
+#: Kinds whose entries are cosines: an identical copy of a task has affinity 1 with it.
+COSINE_KINDS = ("gradient-cosine", "fisher")
 CONFIGS = ("affinity", "subsets")
 METADATA_FILE = "metadata.json"
 HEATMAP_FILE = "heatmap.png"

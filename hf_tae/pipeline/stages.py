@@ -273,6 +273,7 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
         spectral_cluster,
         sweep_k,
     )
+    from hf_tae.estimation.affinity import COSINE_KINDS
     from hf_tae.estimation.partition import (
         best_nontrivial,
         choose_partition,
@@ -296,8 +297,9 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
         objective = grouping.objective
     else:
         ks = range(1, min(grouping_args.max_task_groups, n) + 1)  # gain 0 at k = 1 and k = n
+        ceiling = 1.0 if affinity.kind in COSINE_KINDS else None  # cosine distance 1 − T
         sweep = sweep_k(T, ks, method=grouping_args.clustering, null_draws=10,
-                        min_z=grouping_args.null_min_z)  # fmt: skip
+                        min_z=grouping_args.null_min_z, silhouette_ceiling=ceiling)  # fmt: skip
         method = grouping_args.clustering
         if grouping_args.partition_choice == "density":
             k = recommend_k(sweep)

@@ -14,8 +14,10 @@ processes).
         --extra --train_groups false
     python benchmarks/k_choice.py /tmp/heldout/*/run --results_name k_choice_heldout
 
-Runs without planted groups print k only. A run of the text families takes its planted
-partition from the task names' prefix (``max_0`` … ``even_2``: the underlying skill).
+Runs without planted groups print k only; ``--not_planted NAME ...`` treats the named runs so
+even when their data record groups that are not a right answer (the suite's ``interfere``
+stores its conflicting pairs). A run of the text families takes its planted partition from the
+task names' prefix (``max_0`` … ``even_2``: the underlying skill).
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ def planted_partition(run: Path, names: list[str]):
     return np.asarray([sorted(set(skills)).index(s) for s in skills])
 
 
-def choose(run: Path, rule: str) -> dict:
-    """Stage 5 of ``run`` under ``rule``: the grouping it would train."""
+def choose(run: Path, rule: str, planted) -> dict:
+    """Stage 5 of ``run`` under ``rule``: the grouping it would train (with its ARI against
+    ``planted`` when that is not None)."""
     from hf_tae import AffinityMatrix, GradientStore
     from hf_tae.pipeline import stages
     from hf_tae.pipeline.arguments import EstimationArguments, GroupingArguments
@@ -65,10 +68,7 @@ def choose(run: Path, rule: str) -> dict:
     )
     kmax = max(row["k"] for row in results["grouping"]["sweep"])
     grouping = GroupingArguments(max_task_groups=kmax, partition_choice=rule)
-    names = results["tasks"]
-    return stages.choose_groups(
-        affinity, grouping, planted_partition(run, names), stores, est
-    ) | {"names": names}
+    return stages.choose_groups(affinity, grouping, planted, stores, est)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("runs", nargs="+", help="hf-tae run folders (with results.json).")
     parser.add_argument("--results_dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--results_name", default="k_choice")
+    parser.add_argument("--not_planted", nargs="*", default=[],
+                        help="Run names (folder, or its parent for .../run) scored without "
+                        "their recorded groups.")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
@@ -88,11 +91,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for path in args.runs:
         run = Path(path)
         name = run.parent.name if run.name == "run" else run.name
-        row = {"run": name}
+        names = json.loads((run / "results.json").read_text())["tasks"]
+        planted = None if name in args.not_planted else planted_partition(run, names)
+        row = {"run": name, "planted k": None if planted is None else len(set(planted.tolist()))}
         for rule in RULES:
-            info = choose(run, rule)
-            planted = planted_partition(run, info["names"])
-            row["planted k"] = None if planted is None else len(set(planted.tolist()))
+            info = choose(run, rule, planted)
             row[f"{rule} k"] = info["k"]
             row[f"{rule} ARI"] = info.get("adjusted_rand_vs_planted")
         rows.append(row)

@@ -351,8 +351,9 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
                 candidates["chosen"] = candidates["candidate"] == proposal
                 chosen = proposal
             if by_silhouette:
-                best = sweep.set_index("k").loc[best_k, "silhouette"]
-                k_choice = f"best silhouette k={best_k} ({best:.2f}); {k_choice}"
+                best = float(sweep.set_index("k").loc[best_k, "silhouette"])
+                k_choice = (f"best silhouette k={best_k} ({best:.2f}); {k_choice}" if np.isfinite(best)
+                            else f"no grouping of 1 < k < n to score; {k_choice}")  # fmt: skip
             labels = options[chosen]
             k = len(set(labels))
         objective = partition_objective(T, np.asarray(labels))

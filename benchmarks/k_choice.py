@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     text = (
         "\n".join(lines)
         + f"\n\nPlanted runs: {summary}.\n\nTotal: {(time.perf_counter() - start) / 60:.1f} min."
-        + f"\n\nCommand: `python benchmarks/k_choice.py {' '.join(args.runs)}`\n"
+        + f"\n\nCommand: `python benchmarks/k_choice.py {shlex.join(sys.argv[1:] if argv is None else argv)}`\n"
     )
     print("\n" + text)
     out = Path(args.results_dir)

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, Trainer
 
 from hf_tae.errors import TaeError
 from hf_tae.tasks.taskset import TaskSet
+from hf_tae.tasks.tensor_rows import in_memory_rows
 from hf_tae.trainers.arguments import MultitaskTrainingArguments
 from hf_tae.trainers.metrics import MultiLabelTaskMetrics, SingleLabelTaskMetrics
 
@@ -68,9 +69,11 @@ class MultitaskTrainer(Trainer):
                     f"{task_set.num_all_tasks} tasks; build the model with the task set's "
                     f"task_names ({task_set.num_all_tasks} tasks)."
                 )
-            kwargs.setdefault("train_dataset", task_set.trainer_dataset("train"))
+            kwargs.setdefault("train_dataset", in_memory_rows(task_set.trainer_dataset("train")))
             if args.eval_strategy != "no":
-                kwargs.setdefault("eval_dataset", task_set.trainer_dataset("validation"))
+                kwargs.setdefault(
+                    "eval_dataset", in_memory_rows(task_set.trainer_dataset("validation"))
+                )
             if task_set.is_multilabel:
                 metrics = MultiLabelTaskMetrics(
                     task_set.all_task_names,
@@ -169,4 +172,5 @@ class MultitaskTrainer(Trainer):
         if self.task_set is None:
             raise TaeError("evaluate_tasks needs the trainer to be built with task_set=...")
         prefix = "eval" if split == "validation" else split
-        return self.evaluate(self.task_set.trainer_dataset(split), metric_key_prefix=prefix)
+        rows = in_memory_rows(self.task_set.trainer_dataset(split))
+        return self.evaluate(rows, metric_key_prefix=prefix)

@@ -13,15 +13,18 @@ tasks together), the SDP roundings of the affinity for k = 2 … and single task
 1. the candidates whose payoff is within ``tolerance`` paired standard errors of the best
    one are *tied* with it: the data cannot tell them apart;
 2. among the tied candidates, the one with the most group structure wins: the largest
-   ``structure`` score (e.g. the SDP objective's gain over a shuffled null, 0 unless
-   significant, from :func:`~hf_tae.clustering.sweep_k`); with no structure among them, the
-   one with the fewest groups (fewer models, and the one-standard-error rule's choice of the
-   simplest model among equals).
+   ``structure`` score (the job passes the grouping's mean silhouette on the affinity, or,
+   with ``--partition_choice payoff``, the SDP objective's gain over a shuffled null, 0 unless
+   significant; both from :func:`~hf_tae.clustering.sweep_k`); with no structure among them,
+   the one with the fewest groups (fewer models, and the one-standard-error rule's choice of
+   the simplest model among equals).
 
 Why not the best payoff alone: the linearized estimate of a small group fits that group's own
 rows in few directions, which favours small groups by an amount that does not come from
 transfer, and payoffs of neighbouring k differ by less than their noise (measured on the
-default graph and image jobs, README "Choosing the partition").
+default graph and image jobs, README "Choosing the partition"). The job therefore takes k from
+the affinity's silhouette and asks the payoff only whether that grouping beats the trivial
+answers.
 """
 
 from __future__ import annotations

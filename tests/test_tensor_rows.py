@@ -40,6 +40,9 @@ def test_batches_equal_the_datasets_path():
 def test_falls_back_where_rows_do_not_stack_or_do_not_fit():
     ragged = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5]], "label": [0, 1]})
     assert isinstance(in_memory_rows(ragged.with_format("torch")), Dataset)
+    # a list column without a declared length stays, even when its rows happen to match
+    undeclared = Dataset.from_dict({"input_ids": [[1, 2], [4, 5]], "label": [0, 1]})
+    assert isinstance(in_memory_rows(undeclared.with_format("torch")), Dataset)
     images = _images().with_format("torch")
     assert isinstance(in_memory_rows(images, max_bytes=100), Dataset)
     assert isinstance(in_memory_rows(_images()), Dataset)  # not torch-formatted: left alone

@@ -44,12 +44,25 @@ class TensorRows(torch.utils.data.Dataset):
         return [{name: value[i] for name, value in batch.items()} for i in range(len(indices))]
 
 
+def _fixed_shape(feature: Any) -> bool:
+    """Whether every row of a column with this ``datasets`` feature has the same shape."""
+    from datasets import Array2D, Array3D, Array4D, Array5D, ClassLabel, List, Value
+
+    if isinstance(feature, (Value, ClassLabel, Array2D, Array3D, Array4D, Array5D)):
+        return True
+    if isinstance(feature, List):
+        return feature.length != -1 and _fixed_shape(feature.feature)
+    return False
+
+
 def in_memory_rows(dataset: Dataset, max_bytes: int = IN_MEMORY_MAX_BYTES) -> Dataset | TensorRows:
-    """``dataset`` as :class:`TensorRows` when every column converts to one tensor (fixed
-    shapes: graph features, image pixels, masks, labels) and its rows take at most
-    ``max_bytes``; otherwise ``dataset`` unchanged (ragged token lists, custom transforms,
-    large data)."""
+    """``dataset`` as :class:`TensorRows` when every column has a fixed shape declared in its
+    features (``Value``, ``ClassLabel``, ``ArrayND``, fixed-length ``List``: graph features,
+    image pixels, masks, labels) and its rows take at most ``max_bytes``; otherwise
+    ``dataset`` unchanged (ragged token lists, large data)."""
     if dataset.format.get("type") != "torch" or len(dataset) == 0:
+        return dataset
+    if not all(_fixed_shape(feature) for feature in dataset.features.values()):
         return dataset
     table = dataset.data
     if table.num_rows and table.nbytes * len(dataset) / table.num_rows > max_bytes:

@@ -53,24 +53,35 @@ def planted_partition(run: Path, names: list[str]):
     return np.asarray([sorted(set(skills)).index(s) for s in skills])
 
 
-def choose(run: Path, rule: str, planted) -> dict:
-    """Stage 5 of ``run`` under ``rule``: the grouping it would train (with its ARI against
-    ``planted`` when that is not None)."""
+def load_run(run: Path) -> dict:
+    """What stage 5 needs from a finished run, read once: its results, saved affinity,
+    every meta-initialization's gradient store and the estimation arguments it used."""
     from hf_tae import AffinityMatrix, GradientStore
-    from hf_tae.pipeline import stages
-    from hf_tae.pipeline.arguments import EstimationArguments, GroupingArguments
+    from hf_tae.pipeline.arguments import EstimationArguments
 
     results = json.loads((run / "results.json").read_text())
-    affinity = AffinityMatrix.load(run / "affinity")
     paths = [run / "gradients", *sorted(run.glob("ensemble/member_*/gradients"))]
-    stores = [GradientStore.load(p) for p in paths]
-    est = EstimationArguments(
-        estimator_l2=str(results["estimation"]["estimator_l2"]),
-        affinity_metric=results["metrics"]["affinity"],
-    )
-    kmax = max(row["k"] for row in results["grouping"]["sweep"])
+    return {
+        "results": results,
+        "affinity": AffinityMatrix.load(run / "affinity"),
+        "stores": [GradientStore.load(p) for p in paths],
+        "est": EstimationArguments(
+            estimator_l2=str(results["estimation"]["estimator_l2"]),
+            affinity_metric=results["metrics"]["affinity"],
+        ),
+    }
+
+
+def choose(loaded: dict, rule: str, planted) -> dict:
+    """Stage 5 of a loaded run under ``rule``: the grouping it would train (with its ARI
+    against ``planted`` when that is not None)."""
+    from hf_tae.pipeline import stages
+    from hf_tae.pipeline.arguments import GroupingArguments
+
+    kmax = max(row["k"] for row in loaded["results"]["grouping"]["sweep"])
     grouping = GroupingArguments(max_task_groups=kmax, partition_choice=rule)
-    return stages.choose_groups(affinity, grouping, planted, stores, est)
+    return stages.choose_groups(loaded["affinity"], grouping, planted, loaded["stores"],
+                                loaded["est"])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -93,11 +104,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for path in args.runs:
         run = Path(path)
         name = run.parent.name if run.name == "run" else run.name
-        names = json.loads((run / "results.json").read_text())["tasks"]
+        loaded = load_run(run)
+        names = loaded["results"]["tasks"]
         planted = None if name in args.not_planted else planted_partition(run, names)
         row = {"run": name, "planted k": None if planted is None else len(set(planted.tolist()))}
         for rule in RULES:
-            info = choose(run, rule, planted)
+            info = choose(loaded, rule, planted)
             row[f"{rule} k"] = info["k"]
             row[f"{rule} ARI"] = info.get("adjusted_rand_vs_planted")
         rows.append(row)

@@ -313,12 +313,11 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
                                "them.")  # fmt: skip
             by_silhouette = grouping_args.partition_choice == "silhouette"
             best_k = recommend_k(sweep, by="silhouette") if by_silhouette else None
+            rows = sweep[sweep["k"] == best_k] if by_silhouette else sweep
             options = {"all tasks (k=1)": [0] * n}
             structure = {}
-            for row in sweep.itertuples():
+            for row in rows.itertuples():
                 name = f"SDP k={row.k}" if method == "sdp" else f"{method} k={row.k}"
-                if by_silhouette and row.k != best_k:
-                    continue
                 if 1 < row.n_groups < n and list(row.labels) not in options.values():
                     options[name] = list(row.labels)
                     score = row.silhouette if by_silhouette else (row.gain if row.significant
@@ -366,9 +365,8 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
         "groups": groups,
         "labels": [int(x) for x in labels],
         "sweep": None if sweep is None else json.loads(sweep.to_json(orient="records")),
-        "candidates": None
-        if candidates is None
-        else json.loads(candidates.to_json(orient="records")),
+        "candidates": None if candidates is None else json.loads(
+            candidates.to_json(orient="records")),
     }
     if planted is not None:
         from sklearn.metrics import adjusted_rand_score
@@ -520,7 +518,8 @@ def merged_validation(merged: dict[str, Any], metric: str) -> dict[str, float]:
     """Each merged model's ``metric`` on validation rows, averaged over the tasks as
     ``summarize_group_training`` averages every other strategy's: ``{label: score}``."""
     return {
-        m: float(np.mean([r[metric] for r in v["scores"]["validation"]])) for m, v in merged.items()
+        m: float(np.mean([r[metric] for r in v["scores"]["validation"]]))
+        for m, v in merged.items()
     }
 
 

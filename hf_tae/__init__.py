@@ -114,6 +114,7 @@ _LAZY_ATTRS: dict[str, str] = {
     "sources_from_column": "hf_tae.selection.sources",
     "cluster_gradients": "hf_tae.selection.sources",
     "SourceEstimator": "hf_tae.selection.estimate",
+    "SourceEstimatorEnsemble": "hf_tae.selection.estimate",
     "SourceView": "hf_tae.selection.estimate",
     "ensemble_scores": "hf_tae.selection.select",
     "choose_top": "hf_tae.selection.select",
@@ -259,7 +260,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     )
     from hf_tae.pipeline.run import run_pipeline
     from hf_tae.selection.arguments import SelectionArguments
-    from hf_tae.selection.estimate import SourceEstimator, SourceView
+    from hf_tae.selection.estimate import SourceEstimator, SourceEstimatorEnsemble, SourceView
     from hf_tae.selection.planted import make_selection_domains
     from hf_tae.selection.run import run_selection
     from hf_tae.selection.select import (

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hf_tae.errors import TaeError
-from hf_tae.selection.estimate import SourceEstimator
+from hf_tae.selection.estimate import SourceEstimator, SourceEstimatorEnsemble
 from hf_tae.selection.select import (
     choose_top,
     ensemble_scores,
@@ -163,6 +163,26 @@ def test_estimates_with_a_base_source_and_a_fixed_step(linear):
     assert table["subset"].tolist() == [[0, 1], [0, 4, 5]]
     np.testing.assert_allclose(table["step_norm"], 0.5)
     assert table["train_rows"].tolist() == [80, 120]
+
+
+def test_ensemble_of_meta_inits_averages_the_brute_force_estimates(tmp_path):
+    stores = [_linear_store(tmp_path / f"s{seed}", seed=seed) for seed in (0, 1, 2)]
+    members = [SourceEstimator(s, sources_from_tasks(s), "target", base=["h0"], loss="squared",
+                               l2=1.0, device="cpu") for s in stores]  # fmt: skip
+    ens = SourceEstimatorEnsemble(members)
+    assert len(ens) == 3 and ens.candidates == [1, 2, 3, 4, 5] and ens.base == [0]
+    subsets = [["h1"], ["n2", "x5"], [1, 2, 3, 4, 5]]
+    truth = [np.mean([_brute_force_log_loss(s, {0, *ids}, 1.0) for s in stores])
+             for ids in ([1], [2, 5], [1, 2, 3, 4, 5])]  # fmt: skip
+    np.testing.assert_allclose(ens.estimate(subsets)["log_loss"], truth, rtol=1e-9)
+    at_zero = np.mean([m.theta0_score()["log_loss"] for m in members])
+    assert ens.theta0_score()["log_loss"] == pytest.approx(math.log(2)) == pytest.approx(at_zero)
+    other = _linear_store(tmp_path / "short", n_per_source=30)
+    with pytest.raises(TaeError, match="member 1 .* does not serve the same"):
+        SourceEstimatorEnsemble([members[0], SourceEstimator(other, sources_from_tasks(other),
+                                                             "target", base=["h0"])])  # fmt: skip
+    with pytest.raises(TaeError, match="at least one"):
+        SourceEstimatorEnsemble([])
 
 
 # ---------------------------------------------------------------- baselines

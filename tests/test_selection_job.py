@@ -15,6 +15,7 @@ TINY = [
     "4", "--max_steps", "3", "--per_device_train_batch_size", "16", "--eval_strategy", "no",
     "--save_strategy", "no", "--load_best_model_at_end", "false", "--projection_dim", "16",
     "--num_subsets", "20", "--truth_subsets", "3", "--random_baselines", "1",
+    "--num_meta_inits", "2",
     "--check_each_source", "false",
     "--first_order_examples", "16", "--disable_tqdm", "true", "--logging_strategy", "no",
     "--report_to", "none",
@@ -76,6 +77,12 @@ def test_selection_job_writes_report_results_and_plots(planted, tmp_path):
         votes = [s for c in by_l2.values() for s in c[method]]
         assert sorted(methods[method]) == sorted({s for s in votes if votes.count(s) >= 3})
     assert "## Choices by λ" in (out / "report.md").read_text()
+    # --num_meta_inits 2: a second θ0 (seed + 1) under ensemble/, each θ0's own choice trained
+    assert (out / "ensemble" / "member_1" / "meta_init").is_dir()
+    assert [m["seed"] for m in results["by_meta_init"]] == [42, 43]
+    assert [r["sources"] for r in training["by_meta_init"]] == [
+        m["ensemble (ours)"] for m in results["by_meta_init"]]  # fmt: skip
+    assert "## Choices by meta-initialization" in (out / "report.md").read_text()
     # resumable: a rerun trains nothing new
     runs = (out / "training" / "results.jsonl").read_text()
     assert main(["images", "--dataset", str(planted), "--output_dir", str(out), *TINY]) == 0
@@ -96,6 +103,8 @@ def test_selection_command_rejects_bad_input(planted, tmp_path, capsys):
     assert "'vote'" in capsys.readouterr().err
     assert main([*base, "--target", "target", "--estimator_l2_grid", "10", "0"]) == 2
     assert "--estimator_l2_grid" in capsys.readouterr().err
+    assert main([*base, "--target", "target", "--num_meta_inits", "0"]) == 2
+    assert "--num_meta_inits must be >= 1" in capsys.readouterr().err
 
 
 def test_representation_similarity_against_a_hand_computation():

@@ -3,7 +3,7 @@ estimate fine-tuning on any subset of sources from gradients at θ0, score it on
 task, choose sources (random ensemble, forward selection, similarity baselines) and check the
 choice by real training (``hf-tae select <family> --target TASK``)."""
 
-from hf_tae.selection.estimate import SourceEstimator, SourceView
+from hf_tae.selection.estimate import SourceEstimator, SourceEstimatorEnsemble, SourceView
 from hf_tae.selection.planted import make_selection_domains
 from hf_tae.selection.select import (
     best_prefix,
@@ -24,6 +24,7 @@ from hf_tae.selection.sources import (
 
 __all__ = [
     "SourceEstimator",
+    "SourceEstimatorEnsemble",
     "SourceView",
     "Sources",
     "best_prefix",

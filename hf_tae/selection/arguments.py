@@ -69,6 +69,13 @@ class SelectionArguments:
     step_fraction: float | None = field(
         default=None, metadata={"help": "Or rescale every Δθ to this fraction of ‖θ0‖."}
     )
+    num_meta_inits: int = field(
+        default=4,
+        metadata={
+            "help": "Meta-initializations (training seeds seed, seed+1, …) whose estimates are "
+            "averaged for every subset; the similarity baselines average over them too."
+        },
+    )
     num_subsets: int = field(
         default=1000, metadata={"help": "Random subsets of sources for the ensemble scores."}
     )
@@ -139,7 +146,8 @@ class SelectionArguments:
         if not (0 < self.subset_fraction < 1):
             raise TaeError(f"--subset_fraction must be in (0, 1), got {self.subset_fraction}.")
         self.l2_values()  # raises on a bad --estimator_l2 or grid
-        for flag, value, low in (("--num_subsets", self.num_subsets, 1),
+        for flag, value, low in (("--num_meta_inits", self.num_meta_inits, 1),
+                                 ("--num_subsets", self.num_subsets, 1),
                                  ("--num_clusters", self.num_clusters, 2),
                                  ("--truth_subsets", self.truth_subsets, 0),
                                  ("--random_baselines", self.random_baselines, 0)):  # fmt: skip

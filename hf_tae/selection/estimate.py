@@ -236,3 +236,57 @@ class SourceEstimator:
             self.canonical(one), torch.zeros(1, d), split=split, targets=[len(self.sources)]
         )
         return {m: float(table[m].iloc[0]) for m in METRICS}
+
+
+class SourceEstimatorEnsemble:
+    """:class:`SourceEstimator` s of several meta-initializations, their estimates averaged.
+
+    One θ0 is one draw: on the planted benchmarks two θ0s that differ only in floating-point
+    order chose different sources (README: data selection). Averaging the estimated target
+    metrics of every subset over θ0s (as Grad-TAE averages affinities over meta-initializations)
+    steadies the ranking. Every member must serve the same sources, base and target over the
+    same training rows. ``fit``, ``view`` and ``estimator`` are the first member's (the A.7
+    check and the similarity tables look at one model).
+    """
+
+    def __init__(self, members: Sequence[SourceEstimator]) -> None:
+        members = list(members)
+        if not members:
+            raise TaeError("an ensemble needs at least one SourceEstimator.")
+        first = members[0]
+        ids = first.view.store.tensors("train")["example_id"]
+        for i, m in enumerate(members[1:], start=1):
+            same = (m.sources.names == first.sources.names and m.base == first.base
+                    and m.target_name == first.target_name
+                    and torch.equal(m.view.store.tensors("train")["example_id"], ids))  # fmt: skip
+            if not same:
+                raise TaeError(
+                    f"ensemble member {i} (store {m.view.store.path}) does not serve the same "
+                    "sources, base, target and training rows as member 0 "
+                    f"({first.view.store.path}); build every member from one task set."
+                )
+        self.members = members
+        self.sources, self.base, self.candidates = first.sources, first.base, first.candidates
+        self.view, self.estimator = first.view, first.estimator
+        self.target, self.target_name = first.target, first.target_name
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def fit(self, subsets: Sequence[Sequence[int | str]]) -> torch.Tensor:
+        """The first member's ``w`` (one θ0 is what a weight vector can be lifted onto)."""
+        return self.members[0].fit(subsets)
+
+    def estimate(self, subsets: Sequence[Sequence[int | str]],
+                 split: str = "validation") -> pd.DataFrame:  # fmt: skip
+        """Every member's :meth:`SourceEstimator.estimate`, metrics and step norms averaged."""
+        tables = [m.estimate(subsets, split) for m in self.members]
+        out = tables[0].copy()
+        for column in (*METRICS, "step_norm"):
+            out[column] = np.mean([t[column].to_numpy() for t in tables], axis=0)
+        return out
+
+    def theta0_score(self, split: str = "validation") -> dict[str, float]:
+        """The target's metrics at the θ0s (``w = 0``), averaged."""
+        scores = [m.theta0_score(split) for m in self.members]
+        return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}

@@ -87,6 +87,18 @@ def write_selection_report(results: dict[str, Any], output_dir: Path) -> Path:
                   for l2, c in by_l2.items()]  # fmt: skip
         lines.append(f"| **vote** | {', '.join(results['methods']['ensemble (ours)']) or '(none)'}"
                      f" | {', '.join(results['methods']['forward stepwise']) or '(none)'} |")  # fmt: skip
+    members = results.get("by_meta_init", [])
+    if members:
+        real = results.get("training", {}).get("by_meta_init", [])
+        lines += ["", "## Choices by meta-initialization", "", f"Estimates are averaged over "
+                  f"{len(members)} meta-initializations; each one's own choice (voted across "
+                  "λ) shows how much a single θ0 would have decided by chance.", "",
+                  "| θ0 seed | ensemble (ours) | forward pass (GradEx code) | real test |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for i, m in enumerate(members):
+            test = f"{real[i]['test']:.4f}" if i < len(real) else "–"
+            lines.append(f"| {m['seed']} | {', '.join(m['ensemble (ours)']) or '(none)'} | "
+                         f"{', '.join(m['forward pass (GradEx code)']) or '(none)'} | {test} |")  # fmt: skip
     lines += ["", "## Source scores", "", "| source | score | 95% CI | subsets | gradient cosine "
               "| representation cosine |", "|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['name']} | {r['score']:.4f} | [{r['ci_low']:.4f}, {r['ci_high']:.4f}] | "

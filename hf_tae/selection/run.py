@@ -101,10 +101,10 @@ def select_sources(est, sel: SelectionArguments, metric: str) -> dict[str, Any]:
     above_mean = choose_top(ensemble, threshold=float(values.mean()), candidates=cand)
     passed, pass_trajectory = forward_pass(score, cand, base_score, est.base)
     stepwise, step_trajectory = forward_stepwise(score, cand, base_score, est.base)
-    store = est.view.store
-    train = store.tensors("train")
-    target_rows = est.view.tensors("validation")["grad"].numpy()
-    sims = gradient_similarity(train["grad"].numpy(), est.sources.ids, len(names), target_rows)
+    sims = np.mean([gradient_similarity(m.view.store.tensors("train")["grad"].numpy(),
+                                        est.sources.ids, len(names),
+                                        m.view.tensors("validation")["grad"].numpy())
+                    for m in getattr(est, "members", [est])], axis=0)  # fmt: skip
     methods = {
         "ensemble (ours)": ours,
         "ensemble above mean": above_mean,
@@ -140,8 +140,7 @@ def run_selection(
     import torch
 
     from hf_tae.families import get_family
-    from hf_tae.pipeline import stages
-    from hf_tae.selection.estimate import SourceEstimator
+    from hf_tae.selection.estimate import SourceEstimator, SourceEstimatorEnsemble
 
     family = get_family(family)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -156,47 +155,36 @@ def run_selection(
                                "metric": metric, "settings": dataclasses.asdict(sel),
                                "timings": timings}  # fmt: skip
 
-    start = time.perf_counter()
-    trainer, meta = stages.train_meta_init(family, family_args, tasks, pipeline_args,
-                                           training_args, output_dir)  # fmt: skip
-    timings["meta-initialization"] = time.perf_counter() - start
-    if meta["reused"]:  # keep the time of the run that trained it, for the compute ratio
-        timings["meta-initialization"] = _previous_timing(output_dir, "meta-initialization",
-                                                          timings["meta-initialization"])  # fmt: skip
+    members = _meta_inits(family, family_args, tasks, pipeline_args, grad_args, sel,
+                          training_args, output_dir, timings)  # fmt: skip
+    model, store, meta = members[0]["model"], members[0]["store"], members[0]["meta"]
     results["meta_init"] = {"test_target": meta["test"].get(
         f"test_{sel.target}_{family.metrics.selection}"), "reused": meta["reused"]}  # fmt: skip
-    exclude = list(grad_args.gradient_exclude)
-    if grad_args.exclude_task_heads:
-        exclude += family.private_parameters(trainer.model)
-    start = time.perf_counter()
-    store = trainer.collect_gradients(
-        output_dir / "gradients", score_fn=family.score_function(family_args),
-        collate_fn=family.collate_fn(family_args), dim=grad_args.projection_dim,
-        kind=grad_args.projection_kind, seed=grad_args.projection_seed,
-        batch_size=grad_args.gradient_batch_size, exclude=exclude or None, overwrite=True,
-    )  # fmt: skip
-    timings["gradients"] = time.perf_counter() - start
+    if len(members) > 1:
+        results["ensemble"] = [{"seed": m["seed"], "test_target": m["meta"]["test"].get(
+            f"test_{sel.target}_{family.metrics.selection}")} for m in members[1:]]  # fmt: skip
+    exclude = members[0]["exclude"]
 
     start = time.perf_counter()
     sources = build_sources(store, tasks, sel)
     sources.save(output_dir / "sources.json")
     base = base_sources(sources, sel)
-    model = trainer.model.eval()
-    projected = {n for n, _ in store.metadata.get("projector", {}).get("parameters", [])}
-    theta0_norm = math.sqrt(sum(float((p.detach().double() ** 2).sum())
-                                for n, p in model.named_parameters() if n in projected))  # fmt: skip
     by_l2, estimators = {}, {}
     for l2 in sel.l2_values():
-        estimators[l2] = SourceEstimator(
-            store, sources, sel.target, base=base, step_norm=sel.step_norm,
-            step_fraction=sel.step_fraction, theta0_norm=theta0_norm, l2=l2,
+        estimators[l2] = SourceEstimatorEnsemble([SourceEstimator(
+            m["store"], sources, sel.target, base=base, step_norm=sel.step_norm,
+            step_fraction=sel.step_fraction, theta0_norm=m["theta0_norm"], l2=l2,
             mode=sel.estimator_mode,
-        )  # fmt: skip
+        ) for m in members])  # fmt: skip
         by_l2[l2] = select_sources(estimators[l2], sel, metric)
     l2s = sorted(by_l2)
     est = estimators[l2s[len(l2s) // 2]]  # the middle λ: tables, plots, the real check's estimates
     chosen = vote_across_l2(by_l2, est.candidates, sel) if len(l2s) > 1 else by_l2[l2s[0]]
-    rep = _representation_similarity(family, family_args, model, tasks, est, sel)
+    # each θ0 alone: how much the choice depends on the meta-initialization drawn
+    per_member = zip(*(e.members for e in estimators.values()), strict=True)
+    by_member = [_choose(e, sel, metric) for e in per_member] if len(members) > 1 else []
+    rep = _representation_similarity(family, family_args, [m["model"] for m in members], tasks,
+                                     est, sel)  # fmt: skip
     if rep is not None:
         from hf_tae.selection.select import top_k
 
@@ -208,6 +196,9 @@ def run_selection(
     results["sources"] = {"method": sources.method, "details": sources.details, "names": names,
                           "counts": sources.counts().tolist(), "base": [names[b] for b in est.base]}  # fmt: skip
     results["methods"] = {m: [names[s] for s in c] for m, c in chosen["methods"].items()}
+    results["by_meta_init"] = [{"seed": m["seed"], **{k: [names[s] for s in c[k]]
+                                                      for k in ESTIMATED_METHODS}}
+                               for m, c in zip(members, by_member, strict=True)] if by_member else []  # fmt: skip
     results["ensemble"] = chosen["ensemble"].to_dict(orient="records")
     results["forward_pass"] = chosen["forward_pass"].to_dict(orient="records")
     results["forward_stepwise"] = chosen["forward_stepwise"].to_dict(orient="records")
@@ -231,7 +222,8 @@ def run_selection(
 
     if sel.check_by_training:
         results["training"] = _check(family, family_args, tasks, est, chosen, sel, training_args,
-                                     output_dir, metric, timings)  # fmt: skip
+                                     output_dir, metric, timings,
+                                     [c["ensemble (ours)"] for c in by_member])  # fmt: skip
     _save(results, output_dir)
     from hf_tae.selection.report import plot_selection, write_selection_report
 
@@ -240,23 +232,66 @@ def run_selection(
     return results
 
 
-def _representation_similarity(family, family_args, model, tasks, est, sel):
-    """Cosine of mean representations (the input of the output head), or None when the model
-    has no module named by ``--representation_module`` or a known head."""
+def _meta_inits(family, family_args, tasks, pipeline_args, grad_args, sel, training_args,
+                output_dir: Path, timings: dict[str, float]) -> list[dict[str, Any]]:  # fmt: skip
+    """``--num_meta_inits`` θ0s (training seeds seed, seed+1, …) and their gradient stores, as
+    the pipeline's ensemble: member 0 in ``output_dir`` (``meta_init/``, ``gradients/``), the
+    others under ``ensemble/member_<i>/``. Returns per member its model, store, stage info,
+    seed, ``‖θ0‖`` over the projected parameters and the excluded parameters."""
+    from hf_tae.pipeline import stages
+
+    members = []
+    timings["meta-initialization"] = timings["gradients"] = 0.0
+    for member in range(sel.num_meta_inits):
+        run_dir = output_dir if member == 0 else output_dir / "ensemble" / f"member_{member}"
+        args = training_args if member == 0 else dataclasses.replace(
+            training_args, seed=training_args.seed + member, push_to_hub=False)  # fmt: skip
+        start = time.perf_counter()
+        trainer, meta = stages.train_meta_init(family, family_args, tasks, pipeline_args, args,
+                                               run_dir, save_data=member == 0)  # fmt: skip
+        timings["meta-initialization"] += time.perf_counter() - start
+        exclude = list(grad_args.gradient_exclude)
+        if grad_args.exclude_task_heads:
+            exclude += family.private_parameters(trainer.model)
+        start = time.perf_counter()
+        store = trainer.collect_gradients(
+            run_dir / "gradients", score_fn=family.score_function(family_args),
+            collate_fn=family.collate_fn(family_args), dim=grad_args.projection_dim,
+            kind=grad_args.projection_kind, seed=grad_args.projection_seed + member,
+            batch_size=grad_args.gradient_batch_size, exclude=exclude or None, overwrite=True,
+        )  # fmt: skip
+        timings["gradients"] += time.perf_counter() - start
+        model = trainer.model.eval()
+        projected = {n for n, _ in store.metadata.get("projector", {}).get("parameters", [])}
+        norm = math.sqrt(sum(float((p.detach().double() ** 2).sum())
+                             for n, p in model.named_parameters() if n in projected))  # fmt: skip
+        members.append({"model": model, "store": store, "meta": meta, "seed": args.seed,
+                        "theta0_norm": norm, "exclude": exclude})  # fmt: skip
+    if all(m["meta"]["reused"] for m in members):  # the time of the runs that trained them
+        timings["meta-initialization"] = _previous_timing(output_dir, "meta-initialization",
+                                                          timings["meta-initialization"])  # fmt: skip
+    return members
+
+
+def _representation_similarity(family, family_args, models, tasks, est, sel):
+    """Cosine of mean representations (the input of the output head), averaged over the
+    meta-initializations' ``models``, or None when the model has no module named by
+    ``--representation_module`` or a known head."""
     from hf_tae.selection.check import representation_similarity
 
     module = sel.representation_module
     if module is None:
-        names = dict(model.named_modules())
+        names = dict(models[0].named_modules())
         module = next((m for m in ("classifier", "head", "heads.0") if m in names), None)
     if module is None or module == "none":
         return None
     store = est.view.store
     target = est.view.tensors("validation")["example_id"].numpy()
     example_ids = store.tensors("train")["example_id"].numpy()
-    return representation_similarity(model, tasks, module, example_ids, est.sources.ids,
-                                     len(est.sources), target,
-                                     collate_fn=family.collate_fn(family_args))  # fmt: skip
+    return np.mean([representation_similarity(model, tasks, module, example_ids, est.sources.ids,
+                                              len(est.sources), target,
+                                              collate_fn=family.collate_fn(family_args))
+                    for model in models], axis=0)  # fmt: skip
 
 
 def _with_baselines(methods: dict[str, list[int]], sims: np.ndarray, cand: list[int],
@@ -271,6 +306,16 @@ def _with_baselines(methods: dict[str, list[int]], sims: np.ndarray, cand: list[
     for i, draw in enumerate(random_subsets(cand, k, sel.random_baselines, seed=sel.subset_seed)):
         out[f"random {k} #{i}"] = draw
     return out
+
+
+def _choose(members_by_l2, sel: SelectionArguments, metric: str) -> dict[str, list[int]]:
+    """One θ0's own choice per estimated method: its estimator at every λ (in
+    ``sel.l2_values()`` order), voted across λ as the job votes."""
+    by_l2 = {l2: select_sources(e, sel, metric) for l2, e in zip(sel.l2_values(), members_by_l2,
+                                                                 strict=True)}  # fmt: skip
+    chosen = vote_across_l2(by_l2, members_by_l2[0].candidates, sel) if len(by_l2) > 1 else (
+        next(iter(by_l2.values())))  # fmt: skip
+    return {k: chosen["methods"][k] for k in ESTIMATED_METHODS}
 
 
 def vote_across_l2(by_l2: dict[float, dict[str, Any]], cand: list[int],
@@ -306,8 +351,9 @@ def _first_order(family, family_args, model, est, w, tasks, exclude, sel) -> dic
 
 
 def _check(family, family_args, tasks, est, chosen, sel, training_args, output_dir, metric,
-           timings) -> dict[str, Any]:  # fmt: skip
-    """Real training of every method's choice and of ``--truth_subsets`` random subsets."""
+           timings, member_choices=()) -> dict[str, Any]:  # fmt: skip
+    """Real training of every method's choice, of each meta-initialization's own choice
+    (``member_choices``) and of ``--truth_subsets`` random subsets."""
     from hf_tae.estimation.subsets import sample_subsets
     from hf_tae.selection.check import estimated_vs_real
 
@@ -326,7 +372,7 @@ def _check(family, family_args, tasks, est, chosen, sel, training_args, output_d
                           seed=sel.subset_seed + 1) if sel.truth_subsets else []  # fmt: skip
     # the target with each source alone: does the source really help or hurt?
     singles = [[c] for c in cand] if sel.check_each_source else []
-    every = [as_names(s) for s in [*methods.values(), *singles, *pool]]
+    every = [as_names(s) for s in [*methods.values(), *member_choices, *singles, *pool]]
     unique = list({tuple(s): s for s in every}.values())
     start = time.perf_counter()
     real, per_run = _train(family, family_args, tasks, est, unique, sel, training_args, output_dir)
@@ -344,6 +390,9 @@ def _check(family, family_args, tasks, est, chosen, sel, training_args, output_d
                      "validation": real_value(as_names(c), "validation", selection_metric),
                      "test_" + metric: real_value(as_names(c), "test", metric)}
                  for m, c in methods.items()}  # fmt: skip
+    by_meta_init = [{"sources": [names[s] for s in c],
+                     "test": real_value(as_names(c), "test", selection_metric)}
+                    for c in member_choices]  # fmt: skip
     alone = by_method["base only"]["test"]
     effects = {names[c[0]]: real_value(as_names(c), "test", selection_metric) - alone
                for c in singles}  # fmt: skip
@@ -357,6 +406,7 @@ def _check(family, family_args, tasks, est, chosen, sel, training_args, output_d
     return {
         "metric": selection_metric,
         "by_method": by_method,
+        "by_meta_init": by_meta_init,
         "source_effects": effects,
         "estimated_vs_real": agreement,
         "estimated_vs_real_random": agreement_truth,

@@ -25,7 +25,7 @@ What it measures
 How to run
     ``python benchmarks/selection.py [--variant lookalikes]`` (resumable: rerun the same
     command), output in ``runs/benchmark_selection[_lookalikes]`` and the printed summary in
-    ``benchmarks/results/selection[_lookalikes].txt``. Extra flags go to ``hf-tae select``.
+    ``benchmarks/results/selection[_lookalikes].txt`` (with the job's PNGs next to it). Extra flags go to ``hf-tae select``.
     Cost: about 70 real runs (≈ 34 subsets × 2 seeds) plus the planted answer, 12 s each on one
     thread of the 2-core machine (session 11; 27–48 s under a load of 4–8 in session 7), and
     20 s per θ0: about 17 minutes from scratch.
@@ -39,6 +39,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
             + by_l2(results, roles))  # fmt: skip
     print(text)
     RESULTS.with_name(f"selection{suffix}.txt").write_text(text + "\n")
+    for plot in ("source_scores", "forward_selection", "estimated_vs_real"):
+        shutil.copyfile(output / f"{plot}.png", RESULTS.with_name(f"selection{suffix}_{plot}.png"))
     (output / "summary.json").write_text(json.dumps(results["training"], indent=2, default=str))
     return results
 

@@ -27,14 +27,17 @@ def plot_selection(results: dict[str, Any], output_dir: Path) -> list[Path]:
     ]
     chosen = set(results["methods"]["ensemble (ours)"])
     colors = ["tab:green" if r["name"] in chosen else "tab:gray" for r in ensemble]
-    ax.bar(x, scores, yerr=err, color=colors, capsize=3)
+    # points, not bars: the scores are often negative (−loss), where bars hang from the top
+    for i, (score, color) in enumerate(zip(scores, colors, strict=True)):
+        ax.errorbar([i], [score], yerr=[[err[0][i]], [err[1][i]]], fmt="o", color=color,
+                    capsize=3, markersize=6)  # fmt: skip
     ax.set_xticks(list(x), [r["name"] for r in ensemble], rotation=60, ha="right", fontsize=8)
     sign = "" if higher_is_better(metric) else "−"
     ax.set_ylabel(f"ensemble score ({sign}{metric})")
     lo, hi = min(r["ci_low"] for r in ensemble), max(r["ci_high"] for r in ensemble)
     pad = 0.1 * (hi - lo) if hi > lo else 1e-3
     ax.set_ylim(lo - pad, hi + pad)
-    ax.set_title("source scores (green: chosen; bars: 95% CI)")
+    ax.set_title("source scores (green: chosen; whiskers: 95% CI)")
     out.append(save_figure(fig, output_dir / "source_scores.png"))
 
     fig, ax = plt.subplots(figsize=(6, 3.6))

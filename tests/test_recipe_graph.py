@@ -301,6 +301,7 @@ def test_cli_run_rejects_bad_options_before_training(tmp_path):
         ("--estimator_l2", "big", "--estimator_l2 'big' is neither a number nor 'auto'"),
         ("--estimator_l2", "-1", "--estimator_l2 must be a number > 0 or 'auto'"),
         ("--run_steps", "0", "--run_steps must be >= 1"),
+        ("--generation_metrics", "true", "needs a family whose trainer generates text"),
     ):
         cmd = [str(cli), "run", "--output_dir", str(tmp_path / "x"), flag, value]
         proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)

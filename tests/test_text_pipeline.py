@@ -27,7 +27,7 @@ def test_instructions_recipe_runs_the_pipeline_and_its_meta_init_reloads(tmp_pat
             "--lora_r", "2", "--base_model_dir", str(tmp_path / "base"), "--max_steps", "6",
             "--eval_steps", "4", "--num_meta_inits", "1", "--estimator_l2", "100", "--num_subsets", "20",
             "--max_task_groups", "3", "--projection_dim", "16", "--compare_single_tasks", "false",
-            "--disable_tqdm", "true"]  # fmt: skip
+            "--generation_metrics", "true", "--disable_tqdm", "true"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, str(RECIPE), *args], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
@@ -39,6 +39,10 @@ def test_instructions_recipe_runs_the_pipeline_and_its_meta_init_reloads(tmp_pat
     assert results["estimation"]["targets"] == "gold"
     assert "adjusted_rand_vs_planted" in results["grouping"]
     assert set(results["group_training"]["summary"]) == {"grouped", "all tasks", "planted groups"}
+    # --generation_metrics: every strategy's generated ROUGE-L and exact match, in the report too
+    for summary in results["group_training"]["summary"].values():
+        assert 0 <= summary["rougeL"] <= 1 and 0 <= summary["generated_exact_match"] <= 1
+    assert "avg ROUGE-L (generated)" in (out / "report.md").read_text()
     assert set(results["timings"]) >= {"data", "meta-initialization", "gradients", "group training"}
     for name in ("report.md", "affinity_by_group.png", "test_accuracy_per_task.png"):
         assert (out / name).stat().st_size > 500, name

@@ -177,3 +177,63 @@ def test_missing_rouge_score_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_rouge)
     with pytest.raises(TaeError, match=r"pip install hf-tae\[text\]"):
         GenerationTaskMetrics(["a"])
+
+
+def test_group_training_scores_generated_targets_of_each_group_model(tmp_path):
+    """``compare_group_training(..., generate_splits=("test",))`` (the job's
+    ``--generation_metrics``): each task's ROUGE-L and generated exact match equal a one-row
+    ``model.generate`` loop over its own group's kept model, scored by ``rouge_score``."""
+    from hf_tae.evaluation.group_training import compare_group_training, summarize_group_training
+    from hf_tae.hub import load_meta_init
+
+    family = get_family("instructions")
+    args = family.arguments_class(skills=["max", "zero"], train_per_template=6, eval_per_template=3,
+                                  d_model=32, d_ff=64, num_heads=2, lora_r=2,
+                                  base_model_dir=str(tmp_path / "base"))  # fmt: skip
+    tasks = family.load_tasks(args)
+    names = tasks.task_names
+    groups = [names[:3], names[3:]]
+    out = tmp_path / "groups"
+    table = compare_group_training(
+        lambda: family.model_init(args, tasks), tasks, {"grouped": groups},
+        _args(tmp_path, max_steps=30, learning_rate=3e-2), out, seeds=(0,),
+        show_progress=False, trainer_class=family.trainer_class, keep_models=groups,
+        generate_splits=("test",),
+    )  # fmt: skip
+    assert {"rougeL", "generated_exact_match"} <= set(table.columns)
+    tokenizer = tasks.source.tokenizer
+    for group in groups:
+        model = load_meta_init(next((out / "models").glob(
+            "-".join(str(names.index(t)) for t in group) + "_seed0")))  # fmt: skip
+        model.eval()
+
+        def generate_one(row, max_new_tokens, model=model):
+            ids = model.generate(input_ids=torch.tensor([row["input_ids"]]),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+            return ids[0, 1:].tolist()
+
+        reference = _reference(tasks.select(group), "test", generate_one)
+        for name, (rouge, exact) in reference.items():
+            row = table[table["task_name"] == name].iloc[0]
+            assert row["rougeL"] == pytest.approx(rouge)
+            assert row["generated_exact_match"] == pytest.approx(exact)
+    summary = summarize_group_training(table)
+    assert summary.loc["grouped", "rougeL"] == pytest.approx(table["rougeL"].mean())
+    # validation rows were not generated: a second call scores them without generation columns
+    validation = compare_group_training(
+        lambda: family.model_init(args, tasks), tasks, {"grouped": groups},
+        _args(tmp_path, max_steps=30, learning_rate=3e-2), out, seeds=(0,), split="validation",
+        show_progress=False, trainer_class=family.trainer_class, generate_splits=("test",),
+    )  # fmt: skip
+    assert "rougeL" not in validation.columns
+
+
+def test_generation_needs_a_trainer_that_generates(tmp_path):
+    from hf_tae.evaluation.ground_truth import SubsetFineTuner, trainer_generates
+    from hf_tae.trainers import MultitaskTrainer
+
+    assert trainer_generates(get_family("instructions").trainer_class)
+    assert not trainer_generates(MultitaskTrainer) and not trainer_generates(None)
+    with pytest.raises(TaeError, match="needs a trainer that generates"):
+        SubsetFineTuner(lambda: None, None, _args(tmp_path), tmp_path, generate_splits=["test"])

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from hf_tae.errors import TaeError
 from hf_tae.estimation.schema import METRICS, RESULT_COLUMNS
+from hf_tae.trainers.metrics import GENERATION_METRICS
 from hf_tae.utils.distributed import process_state
 from hf_tae.utils.io import atomic_folder, atomic_write_text
 
@@ -97,6 +98,9 @@ class SubsetFineTuner:
             a family's ``trainer_class``, e.g. the seq2seq trainer of text tasks).
         fingerprint: what else determines the runs and is not in ``args``, e.g. the
             fingerprint of the meta-initialization that ``model_init`` copies.
+        generate_splits: splits also scored by greedy generation (the text trainers'
+            ``evaluate_tasks(split, generate=True)``): their rows gain ``rougeL`` and
+            ``generated_exact_match`` (:data:`~hf_tae.trainers.metrics.GENERATION_METRICS`).
     """
 
     def __init__(
@@ -108,9 +112,16 @@ class SubsetFineTuner:
         seeds: Sequence[int] = (0,),
         trainer_class: type | None = None,
         fingerprint: str | None = None,
+        generate_splits: Sequence[str] = (),
     ) -> None:
         if not seeds:
             raise TaeError("seeds is empty; give at least one seed, e.g. seeds=(0,).")
+        if generate_splits and not trainer_generates(trainer_class):
+            raise TaeError(
+                f"generate_splits={list(generate_splits)} needs a trainer that generates (the "
+                f"text families' seq2seq or SFT trainer); {trainer_class} does not. Drop the "
+                "generation metrics for this family."
+            )
         self.model_init = model_init
         self.task_set = task_set
         self.args = args
@@ -118,6 +129,7 @@ class SubsetFineTuner:
         self.seeds = [int(s) for s in seeds]
         self.trainer_class = trainer_class
         self.fingerprint = fingerprint
+        self.generate_splits = sorted(set(generate_splits))
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -131,7 +143,7 @@ class SubsetFineTuner:
             "task_names": list(self.task_set.all_task_names),
             "trainer": f"{trainer.__module__}.{trainer.__qualname__}",
             "fingerprint": self.fingerprint,
-        }
+        } | ({"generate_splits": self.generate_splits} if self.generate_splits else {})
 
     def check_settings(self) -> None:
         """Refuse an ``output_dir`` whose finished runs were trained with other settings (the
@@ -211,7 +223,8 @@ class SubsetFineTuner:
         ``RegressionEstimator.evaluate`` — ``subset_id`` (position in ``subsets``), ``subset``
         (sorted global task ids), ``task``, ``task_name``, ``num_rows`` (examples of the task in
         ``split``), ``f1``, ``accuracy``, ``log_loss`` (the trainer's per-task metrics, :mod:`hf_tae.estimation.schema`) — plus
-        ``seed``. ``AffinityMatrix.from_results`` accepts it as is (each seed then counts as a
+        ``seed`` (and ``rougeL``, ``generated_exact_match`` where ``split`` is one of the
+        ``generate_splits``). ``AffinityMatrix.from_results`` accepts it as is (each seed then counts as a
         sample of ``m_i(S)``); :func:`average_seeds` gives one row per (subset, task) first.
 
         Under ``torchrun``/``accelerate launch`` every process calls ``run`` with the same
@@ -276,7 +289,8 @@ class SubsetFineTuner:
             for seed in self.seeds
             for row in done[(s, seed, split)]["rows"]
         ]
-        return pd.DataFrame(rows, columns=[*COLUMNS, "seed"])
+        generated = [m for m in GENERATION_METRICS if rows and all(m in r for r in rows)]
+        return pd.DataFrame(rows, columns=[*COLUMNS, *generated, "seed"])
 
     def _merge_ranks(self, distributed: bool) -> None:
         """Fold any ``results.rank{r}.jsonl`` into ``results.jsonl`` (atomically, then delete
@@ -362,19 +376,32 @@ class SubsetFineTuner:
                 trainer.save_model(str(folder))
         out = {}
         for split in splits:
-            metrics = trainer.evaluate_tasks(split)
+            generate = split in self.generate_splits
+            metrics = (trainer.evaluate_tasks(split, generate=True) if generate
+                       else trainer.evaluate_tasks(split))  # fmt: skip
             prefix = "eval" if split == "validation" else split
             counts = task_set.task_counts(split)
+            names = (*METRICS, *GENERATION_METRICS) if generate else METRICS
             out[split] = [
                 {
                     "task": t,
                     "task_name": name,
                     "num_rows": int(counts[name]),
-                    **{m: float(metrics[f"{prefix}_{name}_{m}"]) for m in METRICS},
+                    **{m: float(metrics[f"{prefix}_{name}_{m}"]) for m in names},
                 }
                 for t, name in zip(subset, task_set.task_names, strict=True)
             ]
         return out
+
+
+def trainer_generates(trainer_class: type | None) -> bool:
+    """Whether ``trainer_class.evaluate_tasks`` can score greedily generated targets (the text
+    trainers' ``generate=True``); None is :class:`~hf_tae.MultitaskTrainer`, which cannot."""
+    import inspect
+
+    if trainer_class is None:
+        return False
+    return "generate" in inspect.signature(trainer_class.evaluate_tasks).parameters
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:

@@ -62,6 +62,7 @@ def compare_group_training(
     trainer_class: type | None = None,
     fingerprint: str | None = None,
     keep_models: Sequence[Sequence[int | str]] = (),
+    generate_splits: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Train every group of every strategy and score each task with its own group's model.
 
@@ -83,11 +84,13 @@ def compare_group_training(
             :class:`~hf_tae.SubsetFineTuner`: a rerun with other settings raises).
         keep_models: groups whose model (first seed) is kept under ``output_dir/models/``
             (:meth:`~hf_tae.SubsetFineTuner.model_path`), e.g. to merge them afterwards.
+        generate_splits: splits also scored by greedy generation (text trainers): the rows
+            of ``split`` then carry ``rougeL`` and ``generated_exact_match`` too.
 
     Returns:
         One row per (strategy, task): ``strategy``, ``task``, ``task_name``, ``group`` (the
         task names trained together), ``group_size`` and the mean ``f1``, ``accuracy`` and
-        ``log_loss`` over seeds.
+        ``log_loss`` (and the generation metrics) over seeds.
     """
     import pandas as pd
 
@@ -101,13 +104,14 @@ def compare_group_training(
     )
     tuner = SubsetFineTuner(
         model_init, task_set, args, output_dir, seeds=seeds, trainer_class=trainer_class,
-        fingerprint=fingerprint,
+        fingerprint=fingerprint, generate_splits=generate_splits,
     )
     table = tuner.run(subsets, split=split, show_progress=show_progress, extra_splits=extra_splits,
                       keep_models=keep_models)  # fmt: skip
+    scored = _scored_metrics(table)
     means = (
         table.assign(subset=[tuple(s) for s in table["subset"]])
-        .groupby(["subset", "task", "task_name"], sort=False)[list(METRICS)]
+        .groupby(["subset", "task", "task_name"], sort=False)[scored]
         .mean()
     )
     names = task_set.all_task_names
@@ -123,7 +127,7 @@ def compare_group_training(
                         "task_name": names[task],
                         "group": [names[t] for t in group],
                         "group_size": len(group),
-                        **{m: float(scores[m]) for m in METRICS},
+                        **{m: float(scores[m]) for m in scored},
                     }
                 )
     return pd.DataFrame(rows).sort_values(["strategy", "task"], ignore_index=True)
@@ -141,7 +145,7 @@ def summarize_group_training(
     from hf_tae.estimation.schema import check_metric
 
     check_metric(metric)
-    summary = table.groupby("strategy", sort=False)[list(METRICS)].mean()
+    summary = table.groupby("strategy", sort=False)[_scored_metrics(table)].mean()
     summary["num_models"] = table.groupby("strategy", sort=False)["group"].apply(
         lambda g: len({tuple(x) for x in g})
     )
@@ -158,3 +162,10 @@ def summarize_group_training(
             int((sign * (wide[s] - wide[reference]) > 0).sum()) for s in summary.index
         ]
     return summary
+
+
+def _scored_metrics(table: pd.DataFrame) -> list[str]:
+    """The per-task metrics of a run table: :data:`METRICS` and any generation metrics."""
+    from hf_tae.trainers.metrics import GENERATION_METRICS
+
+    return [*METRICS, *(m for m in GENERATION_METRICS if m in table.columns)]

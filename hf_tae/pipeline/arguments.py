@@ -198,6 +198,14 @@ class GroupingArguments:
     compare_single_tasks: bool = field(
         default=True, metadata={"help": "Also train one model per task for the comparison."}
     )
+    generation_metrics: bool = field(
+        default=False,
+        metadata={
+            "help": "Also score the group-training comparison's test split by greedily generated "
+            "targets: per-task ROUGE-L and generated exact match (text families only; needs "
+            "pip install hf-tae[text])."
+        },
+    )
     group_init: str = field(
         default="scratch",
         metadata={"help": "Group models start from 'scratch' or from the 'meta' initialization."},

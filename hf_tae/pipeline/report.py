@@ -80,6 +80,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+#: Column names of the generation metrics (``--generation_metrics``) in the report.
+GENERATED_LABELS = {"rougeL": "ROUGE-L (generated)", "generated_exact_match": "exact match (generated)"}
+
 #: How the report names an affinity read off the gradients (``{split}``: the scoring split).
 _GRADIENT_AFFINITIES = {
     "fisher": "Fisher-overlap affinity (normalized Frobenius inner product of the tasks' "
@@ -230,6 +233,8 @@ def render_report(results: Mapping[str, Any]) -> str:
     training = results.get("group_training")
     if training:
         strategies = list(training["summary"])
+        generated = [m for m in GENERATED_LABELS  # --generation_metrics (text families)
+                     if any(m in v for v in training["summary"].values())]  # fmt: skip
         out += [
             "## Group training",
             "",
@@ -238,7 +243,7 @@ def render_report(results: Mapping[str, Any]) -> str:
             "",
             _table(
                 ["strategy", "models", *(f"avg {labels[m]}" for m in METRICS),
-                 f"{sel} wins vs all"],
+                 *(f"avg {GENERATED_LABELS[m]}" for m in generated), f"{sel} wins vs all"],
                 [
                     (
                         s,
@@ -246,6 +251,7 @@ def render_report(results: Mapping[str, Any]) -> str:
                         v["f1"],
                         v["accuracy"],
                         v["log_loss"],
+                        *(_num(v.get(m), ".4f") for m in generated),
                         "—" if s == "all tasks" else f"{v.get('wins', '')}/{len(training['per_task'])}",
                     )
                     for s, v in training["summary"].items()

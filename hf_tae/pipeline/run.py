@@ -51,6 +51,7 @@ from typing import Any
 
 from hf_tae.errors import TaeError
 from hf_tae.estimation.schema import METRICS
+from hf_tae.evaluation.ground_truth import trainer_generates
 from hf_tae.families import TaskFamily, family_names, get_family
 from hf_tae.pipeline import stages
 from hf_tae.pipeline.arguments import (
@@ -144,6 +145,9 @@ def _run_pipeline(
     family = get_family(family)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_arguments(est_args, grouping_args)
+    if grouping_args.generation_metrics and not trainer_generates(family.trainer_class):
+        raise TaeError(f"--generation_metrics needs a family whose trainer generates text (the "
+                       f"text families); {family.name!r} does not. Drop the flag.")  # fmt: skip
     if grouping_args.merge_methods and training_args.world_size > 1:
         raise TaeError("--merge_methods runs in one process; run the job without a multi-process "
                        "launch (a rerun reuses the finished stages).")  # fmt: skip

@@ -462,6 +462,7 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
             seeds=grouping_args.group_seeds, split=split, extra_splits=extra,
             show_progress=not training_args.disable_tqdm, trainer_class=trainer_class,
             fingerprint=fingerprint, keep_models=keep,
+            generate_splits=("test",) if grouping_args.generation_metrics else (),
         )  # fmt: skip
 
     table = compare("test", ("validation",))  # each run is scored on both splits once

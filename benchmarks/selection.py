@@ -65,6 +65,11 @@ def summarize(results: dict, roles: dict[str, str]) -> str:
              f"{'method':<28} {'test acc':>8}  sources"]  # fmt: skip
     for name, r in sorted(tr["by_method"].items(), key=lambda kv: -kv[1]["test"]):
         lines.append(f"{name:<28} {r['test']:>8.4f}  {', '.join(r['sources']) or '(none)'}")
+    rec = tr.get("recommended")
+    if rec:
+        lines += ["", f"recommended (best validation accuracy among {', '.join(rec['candidates'])}):"
+                      f" {rec['method']}, test acc {rec['test']:.4f} "
+                      f"({', '.join(rec['sources']) or 'target alone'})"]  # fmt: skip
     members = results.get("by_meta_init", [])
     if members:
         lines += ["", f"each meta-initialization's own choice (the job averages the estimates of "

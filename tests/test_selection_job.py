@@ -51,6 +51,21 @@ def test_best_prefix_keeps_the_best_estimated_top_k():
     assert chosen == []  # nothing beats the base
 
 
+def test_recommendation_is_the_best_validated_estimate_based_choice():
+    from hf_tae.selection.run import recommend
+
+    def entry(validation, test):
+        return {"validation": validation, "test": test, "sources": [f"s{validation}"]}
+
+    by_method = {"ensemble (ours)": entry(0.7, 0.1), "forward pass (GradEx code)": entry(0.8, 0.2),
+                 "forward stepwise": entry(0.8, 0.3), "all sources": entry(0.5, 0.9),
+                 "gradient similarity": entry(0.99, 0.99), "base only": entry(0.6, 0.5)}  # fmt: skip
+    rec = recommend(by_method, "accuracy")  # similarity is not a candidate; a tie: the first
+    assert (rec["method"], rec["test"]) == ("forward pass (GradEx code)", 0.2)
+    assert "gradient similarity" not in rec["candidates"]
+    assert recommend(by_method, "log_loss")["method"] == "all sources"  # lower is better
+
+
 def test_selection_job_writes_report_results_and_plots(planted, tmp_path):
     from hf_tae.selection.cli import main
 
@@ -83,6 +98,11 @@ def test_selection_job_writes_report_results_and_plots(planted, tmp_path):
     assert [r["sources"] for r in training["by_meta_init"]] == [
         m["ensemble (ours)"] for m in results["by_meta_init"]]  # fmt: skip
     assert "## Choices by meta-initialization" in (out / "report.md").read_text()
+    # the recommendation: the trained candidate with the best validation accuracy
+    rec = training["recommended"]
+    best = max(training["by_method"][m]["validation"] for m in rec["candidates"])
+    assert training["by_method"][rec["method"]]["validation"] == best
+    assert "**Recommended:" in (out / "report.md").read_text()
     # resumable: a rerun trains nothing new
     runs = (out / "training" / "results.jsonl").read_text()
     assert main(["images", "--dataset", str(planted), "--output_dir", str(out), *TINY]) == 0

@@ -124,6 +124,13 @@ def write_selection_report(results: dict[str, Any], output_dir: Path) -> Path:
         for name, r in training["by_method"].items():
             lines.append(f"| {name} | {r['test']:.4f} | {r['validation']:.4f} | "
                          f"{', '.join(r['sources']) or '(none)'} |")  # fmt: skip
+        rec = training.get("recommended")
+        if rec:
+            lines += ["", f"**Recommended: {', '.join(rec['sources']) or '(the base alone)'}** "
+                          f"(`{rec['method']}`): the best validation {m} "
+                          f"({rec['validation']:.4f}) among {', '.join(rec['candidates'])}; "
+                          f"its test {m} is {rec['test']:.4f}. The estimate proposes, "
+                          "validation decides."]  # fmt: skip
         if training["source_effects"]:
             lines += ["", f"Each source alone with the base (test {m} minus the base alone):", ""]
         lines += [f"- {s}: {v:+.4f}" for s, v in training["source_effects"].items()]

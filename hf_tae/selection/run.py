@@ -426,6 +426,7 @@ def _check(family, family_args, tasks, est, chosen, sel, training_args, output_d
             / max(estimation_seconds + timings["meta-initialization"], 1e-9),
         },
         "higher_is_better": higher_is_better(selection_metric),
+        "recommended": recommend(by_method, selection_metric),
     }
 
 
@@ -449,6 +450,24 @@ def _train(family, family_args, tasks, est, subsets, sel, training_args, output_
     rows = {"example_id": train["example_id"].numpy(), "task": train["task"].numpy()}
     return train_source_subsets(model_init, tasks, est.sources, rows, sel.target, subsets, args,
                                 output_dir / "training" / "rows", **common)  # fmt: skip
+
+
+#: The choices the recommendation weighs: the estimate's methods and the trivial answers (the
+#: similarity baselines and random draws are what it is compared with, not candidates).
+RECOMMENDATION_CANDIDATES = (*ESTIMATED_METHODS, "all sources", "base only")
+
+
+def recommend(by_method: dict[str, dict[str, Any]], metric: str) -> dict[str, Any]:
+    """The estimate proposes, validation decides (as the grouping job does): of the
+    :data:`RECOMMENDATION_CANDIDATES` that were trained, the one whose real model scores best
+    on the target's validation rows (``metric``; on a tie the earlier one, ours first). Its
+    test score is reported next to every method's, never used to choose."""
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    options = [m for m in RECOMMENDATION_CANDIDATES if m in by_method]
+    best = max(options, key=lambda m: (sign * by_method[m]["validation"], -options.index(m)))
+    return {"method": best, "sources": by_method[best]["sources"],
+            "validation": by_method[best]["validation"], "test": by_method[best]["test"],
+            "candidates": options}  # fmt: skip
 
 
 def _previous_timing(output_dir: Path, stage: str, default: float) -> float:

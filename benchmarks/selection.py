@@ -62,9 +62,9 @@ def summarize(results: dict, roles: dict[str, str]) -> str:
     tr = results["training"]
     lines = [f"target {results['target']}; estimates rank by validation {results['metric']}; "
              f"real runs: {tr['runs']} ({tr['seconds_per_run']:.1f} s each)", "",
-             f"{'method':<28} {'test acc':>8}  sources"]  # fmt: skip
+             f"{'method':<34} {'test acc':>8}  sources"]  # fmt: skip
     for name, r in sorted(tr["by_method"].items(), key=lambda kv: -kv[1]["test"]):
-        lines.append(f"{name:<28} {r['test']:>8.4f}  {', '.join(r['sources']) or '(none)'}")
+        lines.append(f"{name:<34} {r['test']:>8.4f}  {', '.join(r['sources']) or '(none)'}")
     rec = tr.get("recommended")
     if rec:
         lines += ["", f"recommended (best validation accuracy among {', '.join(rec['candidates'])}):"

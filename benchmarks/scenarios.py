@@ -755,7 +755,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         choice = (r["k_choice"] or "-").replace("predicted payoff: ", "payoff: ")
         gap = "-" if r.get("gap") is None else f"{r['gap']:+.3f} (± {r['noise']:.3f})"
         best = "-" if r.get("best_trivial") is None else r["best_trivial"].split()[0]
-        time_s = f"{r['seconds'] / 60:.1f} min" + (" (resumed)" if r["resumed"] else "")
+        minutes = _f(r["seconds"] / 60, ".1f")  # "-": a resumed run that recorded no time
+        time_s = (minutes + " min" if minutes != "-" else "-") + (" (resumed)" if r["resumed"] else "")
         lines.append("| " + " | ".join([
             r["scenario"], str(r["tasks"]), r["expected"], _f(r["planted_k"], "d"),
             _f(r.get("l2"), "g"), _f(r["k"], "d"), choice, _f(r["ari"], ".2f"), _f(r["grouped"]), _f(r["all tasks"]),

@@ -23,9 +23,10 @@ What it measures
     * the compute of the estimates against training every subset the selection evaluated.
 
 How to run
-    ``python benchmarks/selection.py [--variant lookalikes]`` (resumable: rerun the same
-    command), output in ``runs/benchmark_selection[_lookalikes]`` and the printed summary in
-    ``benchmarks/results/selection[_lookalikes].txt`` (with the job's PNGs next to it). Extra flags go to ``hf-tae select``.
+    ``python benchmarks/selection.py [--variant lookalikes] [--data_seed N]`` (resumable: rerun
+    the same command), output in ``runs/benchmark_selection[_lookalikes][_seedN]`` and the
+    printed summary in ``benchmarks/results/selection[_lookalikes][_seedN].txt`` (with the job's
+    PNGs next to it). ``--data_seed`` builds a fresh instance of the variant (held-out check). Extra flags go to ``hf-tae select``.
     Cost: about 70 real runs (≈ 34 subsets × 2 seeds) plus the planted answer, 12 s each on one
     thread of the 2-core machine (session 11; 27–48 s under a load of 4–8 in session 7), and
     20 s per θ0: about 17 minutes from scratch.
@@ -162,12 +163,16 @@ def main(argv: list[str] | None = None) -> dict:
                         help="sources: helpful, mislabelled and off-view sources (default); "
                              "lookalikes: near-copies of the target and mislabelled data that "
                              "similarity measures rank high")  # fmt: skip
+    parser.add_argument("--data_seed", type=int, default=0,
+                        help="seed of the benchmark's data (digit splits, handwriting per source, "
+                             "wrong labels); another seed is a fresh instance, a held-out check")  # fmt: skip
     known, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     suffix = "" if known.variant == "sources" else f"_{known.variant}"
+    suffix += f"_seed{known.data_seed}" if known.data_seed else ""
     output = Path(f"{OUTPUT}{suffix}")
     data = output / "data_planted"
     if not data.exists():
-        make_selection_domains(variant=known.variant).save(data)
+        make_selection_domains(variant=known.variant, seed=known.data_seed).save(data)
     roles = VARIANT_ROLES[known.variant]
     args = ["--dataset", str(data), "--output_dir", str(output), *FLAGS, *rest]
     results = run(["images", *args])

@@ -180,3 +180,34 @@ def test_bad_inputs(task_set):
         first_order_check(model, {**state, "extra": torch.zeros(1)}, task_set, TaskLogitScore())
     with pytest.raises(TaeError, match="pass score_fn="):
         first_order_check(model, ft, task_set)
+
+
+def test_jvp_on_a_lora_t5_with_sdpa_attention_equals_autograd(tmp_path):
+    """Transformers' ``sdpa`` attention runs the fused CPU kernel, which has no forward-mode
+    derivative; ``score_jvp`` must still give ∇s·Δ of the text family's LoRA T5, equal to
+    reverse-mode autograd example by example."""
+    from hf_tae.evaluation.first_order import _example_batches
+    from hf_tae.families import get_family
+
+    family = get_family("instructions")
+    args = family.arguments_class(skills=["max", "zero"], train_per_template=4, eval_per_template=2,
+                                  d_model=32, d_ff=64, num_heads=2, lora_r=2,
+                                  base_model_dir=str(tmp_path / "base"))  # fmt: skip
+    tasks = family.load_tasks(args)
+    torch.manual_seed(0)
+    model = family.model_init(args, tasks)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    delta = {n: 0.1 * torch.randn_like(p) for n, p in trainable.items()}
+    score_fn, collate = family.score_function(args), family.collate_fn(args)
+    got = score_jvp(model, delta, tasks, score_fn, split="validation", collate_fn=collate,
+                    batch_size=64)  # fmt: skip
+    model.eval()
+    (inputs, meta), = list(_example_batches(tasks, "validation", 10_000, collate,
+                                             torch.device("cpu"), None, 0))  # fmt: skip
+    scores = score_fn(model(**inputs), {**inputs, **meta})
+    assert np.allclose(got["score"], scores.detach().double().numpy(), atol=1e-5)
+    for k in range(0, len(scores), 3):
+        grads = torch.autograd.grad(scores[k], list(trainable.values()), retain_graph=True)
+        dot = sum((g * delta[n]).sum() for n, g in zip(trainable, grads, strict=True))
+        assert got["jvp"][k] == pytest.approx(dot.item(), rel=1e-4, abs=1e-6)

@@ -173,8 +173,11 @@ def score_jvp(
     Forward-mode AD (``torch.func.jvp`` over ``functional_call``) with tangent ``delta`` on its
     parameters and zero elsewhere: one pass gives both, independent of any projection. Eval
     mode; the model's parameters are not modified. Also returns ``task`` and ``example_id``.
+    Attention runs on PyTorch's math kernel: the fused scaled-dot-product kernels (flash on
+    CPU, used by transformers' ``sdpa`` attention) have no forward-mode derivative.
     """
     from torch.func import functional_call, jvp
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     score_fn = default_score(model, score_fn)
     params = {name: p.detach() for name, p in model.named_parameters()}
@@ -200,7 +203,8 @@ def score_jvp(
                 )
                 return score_fn(outputs, {**inputs, **meta})
 
-            s0, t = jvp(scores, primals, tangents)
+            with sdpa_kernel(SDPBackend.MATH):
+                s0, t = jvp(scores, primals, tangents)
             out["score"].append(s0.detach().double().cpu().numpy())
             out["jvp"].append(t.detach().double().cpu().numpy())
             out["task"].append(meta["task"].cpu().numpy())

@@ -66,11 +66,14 @@ def test_recommendation_is_the_best_validated_estimate_based_choice():
     assert recommend(by_method, "log_loss")["method"] == "all sources"  # lower is better
 
 
-def test_selection_job_writes_report_results_and_plots(planted, tmp_path):
+def test_selection_job_writes_report_results_and_plots(planted, tmp_path, capfd):
     from hf_tae.selection.cli import main
 
     out = tmp_path / "run"
+    capfd.readouterr()
     assert main(["images", "--dataset", str(planted), "--output_dir", str(out), *TINY]) == 0
+    err = capfd.readouterr().err  # --disable_tqdm true: no progress bar from any stage
+    assert "fitting subsets" not in err and "it/s]" not in err and "examples/s]" not in err
     results = json.loads((out / "results.json").read_text())
     for name in ("report.md", "source_scores.png", "forward_selection.png",
                  "estimated_vs_real.png", "sources.json"):  # fmt: skip

@@ -136,7 +136,19 @@ def run_selection(
     training_args: MultitaskTrainingArguments,
     command: str = "",
 ) -> dict[str, Any]:
-    """Run the selection job for ``family`` and return ``results`` (also ``results.json``)."""
+    """Run the selection job for ``family`` and return ``results`` (also ``results.json``).
+
+    With ``--disable_tqdm true`` no stage shows a progress bar (tqdm, ``datasets``,
+    ``huggingface_hub``, ``transformers``); the libraries' switches are restored afterwards."""
+    from hf_tae.utils.progress import progress_bars_disabled
+
+    with progress_bars_disabled(bool(training_args.disable_tqdm)):
+        return _run_selection(family, family_args, pipeline_args, grad_args, sel, training_args,
+                              command)  # fmt: skip
+
+
+def _run_selection(family, family_args, pipeline_args, grad_args, sel, training_args,
+                   command) -> dict[str, Any]:  # fmt: skip
     import torch
 
     from hf_tae.families import get_family

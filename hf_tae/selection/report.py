@@ -105,8 +105,8 @@ def write_selection_report(results: dict[str, Any], output_dir: Path) -> Path:
     lines += ["", "## Source scores", "", "| source | score | 95% CI | subsets | gradient cosine "
               "| representation cosine |", "|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['name']} | {r['score']:.4f} | [{r['ci_low']:.4f}, {r['ci_high']:.4f}] | "
-              f"{r['count']} | {r['gradient_similarity']:.3f} | "
-              f"{r.get('representation_similarity', float('nan')):.3f} |"
+              f"{r['count']} | {_cell(r['gradient_similarity'])} | "
+              f"{_cell(r.get('representation_similarity'))} |"
               for r in results["ensemble"]]  # fmt: skip
     fo = results.get("first_order", {})
     if "first_order_error" in fo:
@@ -148,3 +148,11 @@ def write_selection_report(results: dict[str, Any], output_dir: Path) -> Path:
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
                                               results["timings"].items()), ""]  # fmt: skip
     return atomic_write_text(output_dir / "report.md", "\n".join(lines))
+
+
+def _cell(value: Any) -> str:
+    """A cosine to 3 decimals, or "–" where there is none (no representation module): the
+    report never prints "nan"."""
+    if value is None or value != value:
+        return "–"
+    return f"{value:.3f}"

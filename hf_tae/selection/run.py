@@ -311,15 +311,18 @@ def _with_baselines(methods: dict[str, list[int]], sims: np.ndarray, cand: list[
     """``methods`` plus the baselines: all sources, the base alone, gradient similarity sized
     like ``ensemble (ours)`` (it has no k of its own) and by its own natural rule (every source
     whose mean gradient has a positive cosine with the target's: a first-order step on it
-    lowers the target's loss), and ``--random_baselines`` random subsets of our size."""
+    lowers the target's loss), and ``--random_baselines`` random subsets of our size (none
+    when our size is every candidate)."""
     from hf_tae.selection.select import random_subsets, top_k
 
     k = max(len(methods["ensemble (ours)"]), 1)
     out = {**methods, "all sources": list(cand), "gradient similarity": top_k(sims, k, cand),
            "gradient similarity (cosine > 0)": [c for c in cand if sims[c] > 0],
            "base only": []}  # fmt: skip
-    for i, draw in enumerate(random_subsets(cand, k, sel.random_baselines, seed=sel.subset_seed)):
-        out[f"random {k} #{i}"] = draw
+    if k < len(cand):  # k of all the candidates is one subset: all sources, already there
+        for i, draw in enumerate(random_subsets(cand, k, sel.random_baselines,
+                                                seed=sel.subset_seed)):  # fmt: skip
+            out[f"random {k} #{i}"] = draw
     return out
 
 

@@ -90,10 +90,10 @@ def test_selection_job_writes_report_results_and_plots(planted, tmp_path, capfd)
     assert len(results["ensemble"]) == 7 and all(r["count"] > 0 for r in results["ensemble"])
     # --estimator_l2 vote (default): each λ of the grid chose, the kept sources are the majority
     by_l2 = results["estimation"]["by_l2"]
-    assert [float(x) for x in by_l2] == [1.0, 10.0, 100.0, 1000.0, 10000.0]
+    assert [float(x) for x in by_l2] == [1.0, 10.0]  # the weak ridges (SELECTION_L2_GRID)
     for method in ("ensemble (ours)", "forward stepwise"):
         votes = [s for c in by_l2.values() for s in c[method]]
-        assert sorted(methods[method]) == sorted({s for s in votes if votes.count(s) >= 3})
+        assert sorted(methods[method]) == sorted({s for s in votes if votes.count(s) == 2})
     assert "## Choices by λ" in (out / "report.md").read_text()
     # --num_meta_inits 2: a second θ0 (seed + 1) under ensemble/, each θ0's own choice trained
     assert (out / "ensemble" / "member_1" / "meta_init").is_dir()

@@ -166,3 +166,25 @@ def test_representation_similarity_against_a_hand_computation():
         m = h[:8][sources == s].mean(0)
         assert sims[s] == pytest.approx(m @ t / np.linalg.norm(m) / np.linalg.norm(t))
     assert np.isnan(sims[3])
+
+
+def test_selection_job_under_torchrun_splits_the_real_runs(planted, tmp_path):
+    """Two processes (torchrun, CPU): θ0s train under DDP, and the real check's runs are shared
+    out, each recorded with the rank that trained it; one results.json."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).with_name("hf-tae")
+    out = tmp_path / "ddp"
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(cli), "select", "images", "--dataset", str(planted), "--output_dir", str(out),
+           *TINY]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "training" / "results.jsonl").open()]
+    assert {r["rank"] for r in records} == {0, 1}
+    results = json.loads((out / "results.json").read_text())
+    assert results["training"]["recommended"]["method"] in results["methods"]

@@ -205,3 +205,15 @@ def test_planted_groups_are_none_unless_every_task_has_one():
         family.planted_groups(tasks([0, -1, 1, -1]))
     # a view of tasks c, a of the source: their groups, in the view's order
     assert family.planted_groups(tasks([0, 0, 1, 2], names=("c", "a"))).tolist() == [1, 0]
+
+
+def test_capacity_options_are_flags_of_each_family():
+    """The flags a below-baseline warning names must exist on that family's command line."""
+    from hf_tae.families import get_family
+    from hf_tae.pipeline.run import build_parser
+
+    for name in ("graph", "images", "instructions", "instructions_causal"):  # the built-in ones
+        options = get_family(name).capacity_options
+        assert options, name
+        flags = {o for action in build_parser(name)._actions for o in action.option_strings}
+        assert set(options) <= flags, (name, options)

@@ -382,3 +382,4 @@ def test_meta_init_below_the_label_frequency_baseline_is_flagged(tiny_graph, tmp
                               tmp_path, save_data=False)  # fmt: skip
     assert f"test f1 {info['test_avg']:.3f}" in info["below_baseline"]
     assert "label-frequency baseline's 1.000" in info["below_baseline"]
+    assert "(--hidden_size or --num_mlp_layers)" in info["below_baseline"]  # how to widen it

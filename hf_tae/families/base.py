@@ -109,7 +109,8 @@ class TaskFamily:
     ``training_defaults`` (``TrainingArguments`` overrides for this family),
     ``pipeline_defaults`` (overrides of the pipeline's flags, e.g. ``subset_size`` for a family
     with few tasks), ``metrics``
-    (:class:`TaskMetrics`), ``pipeline_tag`` (the Hub task tag of its models, or None).
+    (:class:`TaskMetrics`), ``pipeline_tag`` (the Hub task tag of its models, or None),
+    ``capacity_options`` (the flags that widen its model).
     """
 
     name: ClassVar[str] = ""
@@ -119,6 +120,9 @@ class TaskFamily:
     pipeline_defaults: ClassVar[dict[str, Any]] = {}
     metrics: ClassVar[TaskMetrics] = TaskMetrics()
     pipeline_tag: ClassVar[str | None] = None
+    #: The flags that widen this family's model, named when a meta-initialization learns no
+    #: task (e.g. ``("--hidden_size",)``); empty: the warning names none.
+    capacity_options: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ required
     def load_tasks(self, args: Any) -> TaskSet:

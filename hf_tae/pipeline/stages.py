@@ -104,8 +104,9 @@ def train_meta_init(
         below = (f"the meta-initialization (seed {training_args.seed}) scores test {selection} "
                  f"{test_avg:.3f}, no better than the label-frequency baseline's "
                  f"{baseline_avg:.3f}: it learned no task, so its gradients carry no task "
-                 "structure and the estimated affinity is noise. Give it more capacity or "
-                 "training (the family's model options, --num_train_epochs, --learning_rate).")  # fmt: skip
+                 "structure and the estimated affinity is noise. Give it more capacity ("
+                 f"{' or '.join(family.capacity_options) or 'the family model options'}) or "
+                 "training (--num_train_epochs, --learning_rate).")  # fmt: skip
         logger.warning(below)
     return trainer, {
         "reused": bool(reuse),

@@ -126,6 +126,7 @@ class GraphFamily(TaskFamily):
     name = "graph"
     description = "communities of a graph as tasks, SIGN model (default: planted communities)"
     arguments_class = GraphArguments
+    capacity_options = ("--hidden_size", "--num_mlp_layers")
     training_defaults = {
         "learning_rate": 1e-2,
         "num_train_epochs": 60,

@@ -115,6 +115,7 @@ class ImageFamily(TaskFamily):
     name = "images"
     description = "image domains as tasks, vision backbone (default: planted digits domains)"
     arguments_class = ImageArguments
+    capacity_options = ("--hidden_sizes", "--embedding_size")
     # every run takes the same number of optimizer steps: with a fixed number of epochs a domain
     # trained alone gets a fraction of the steps of a group, and "more steps" would pose as
     # transfer (with 15 epochs at 3e-3 one model on all domains then beats the planted groups)

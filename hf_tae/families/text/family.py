@@ -214,6 +214,7 @@ class InstructionFamily(TaskFamily):
         "instruction templates as tasks, seq2seq LM + LoRA (default: planted digit skills)"
     )
     arguments_class = InstructionArguments
+    capacity_options = ("--lora_r", "--d_model")
     # every run takes the same number of steps, so that "more steps" never poses as transfer
     training_defaults = {
         "learning_rate": 3e-3,

@@ -186,14 +186,12 @@ def test_jvp_on_a_lora_t5_with_sdpa_attention_equals_autograd(tmp_path):
     """Transformers' ``sdpa`` attention runs the fused CPU kernel, which has no forward-mode
     derivative; ``score_jvp`` must still give ∇s·Δ of the text family's LoRA T5, equal to
     reverse-mode autograd example by example."""
-    from hf_tae.evaluation.first_order import _example_batches
-    from hf_tae.families import get_family
+    from text_helpers import tiny_text_family
 
-    family = get_family("instructions")
-    args = family.arguments_class(skills=["max", "zero"], train_per_template=4, eval_per_template=2,
-                                  d_model=32, d_ff=64, num_heads=2, lora_r=2,
-                                  base_model_dir=str(tmp_path / "base"))  # fmt: skip
-    tasks = family.load_tasks(args)
+    from hf_tae.evaluation.first_order import _example_batches
+
+    family, args, tasks = tiny_text_family("instructions", tmp_path / "base",
+                                           train_per_template=4, eval_per_template=2)  # fmt: skip
     torch.manual_seed(0)
     model = family.model_init(args, tasks)
     assert model.config.get_text_config()._attn_implementation == "sdpa"

@@ -20,13 +20,9 @@ from hf_tae.errors import TaeError
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from hf_tae.families import get_family
+    from text_helpers import tiny_text_family
 
-    family = get_family("instructions_causal")
-    args = family.arguments_class(skills=["max", "zero"], train_per_template=6, eval_per_template=3,
-                                  d_model=32, d_ff=64, num_heads=2, lora_r=2,
-                                  base_model_dir=str(tmp_path_factory.mktemp("base")))  # fmt: skip
-    return family, args, family.load_tasks(args)
+    return tiny_text_family("instructions_causal", tmp_path_factory.mktemp("base"))
 
 
 def test_the_family_is_registered_with_its_trainer_score_and_collator(setup):

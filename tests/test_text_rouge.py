@@ -11,6 +11,7 @@ import builtins
 import numpy as np
 import pytest
 import torch
+from text_helpers import tiny_text_family
 
 from hf_tae.errors import TaeError
 from hf_tae.families import get_family
@@ -92,11 +93,7 @@ def test_rouge_l_against_hand_computed_lcs():
 
 
 def test_seq2seq_generation_metrics_match_a_one_row_loop(tmp_path):
-    family = get_family("instructions")
-    args = family.arguments_class(skills=["max", "zero"], train_per_template=6, eval_per_template=3,
-                                  d_model=32, d_ff=64, num_heads=2, lora_r=2,
-                                  base_model_dir=str(tmp_path / "base"))  # fmt: skip
-    tasks = family.load_tasks(args)
+    family, args, tasks = tiny_text_family("instructions", tmp_path / "base")
     torch.manual_seed(0)
     model = family.model_init(args, tasks)
     trainer = family.trainer_class(model=model, args=_args(tmp_path, max_steps=40, learning_rate=3e-2),
@@ -186,11 +183,7 @@ def test_group_training_scores_generated_targets_of_each_group_model(tmp_path):
     from hf_tae.evaluation.group_training import compare_group_training, summarize_group_training
     from hf_tae.hub import load_meta_init
 
-    family = get_family("instructions")
-    args = family.arguments_class(skills=["max", "zero"], train_per_template=6, eval_per_template=3,
-                                  d_model=32, d_ff=64, num_heads=2, lora_r=2,
-                                  base_model_dir=str(tmp_path / "base"))  # fmt: skip
-    tasks = family.load_tasks(args)
+    family, args, tasks = tiny_text_family("instructions", tmp_path / "base")
     names = tasks.task_names
     groups = [names[:3], names[3:]]
     out = tmp_path / "groups"

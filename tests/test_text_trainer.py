@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from text_helpers import tiny_text_family
 
-from hf_tae.families import get_family
 from hf_tae.gradients.capture import ProjectedGradientCapture
 from hf_tae.models.scores import TokenLogOddsScore
 from hf_tae.trainers.seq2seq import Seq2SeqCollator, Seq2SeqTaskMetrics, reduce_logits
@@ -20,11 +20,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def family_setup(tmp_path_factory):
     """(family, args, task set, LoRA T5) on a small digit-skills default."""
-    family = get_family("instructions")
-    args = family.arguments_class(skills=["max", "zero"], train_per_template=6, eval_per_template=3,
-                                  d_model=32, d_ff=64, num_heads=2, lora_r=2,
-                                  base_model_dir=str(tmp_path_factory.mktemp("base")))  # fmt: skip
-    tasks = family.load_tasks(args)
+    family, args, tasks = tiny_text_family("instructions", tmp_path_factory.mktemp("base"))
     torch.manual_seed(0)
     return family, args, tasks, family.model_init(args, tasks)
 

@@ -63,7 +63,7 @@ def _finite(value: Any) -> bool:
         return False
 
 
-def _num(value: Any, spec: str = ".3f", missing: str = "n/a") -> str:
+def format_number(value: Any, spec: str = ".3f", missing: str = "n/a") -> str:
     """``value`` formatted with ``spec``, or ``missing`` where it is None, NaN or infinite: the
     report never prints "nan"."""
     return format(float(value), spec) if _finite(value) else missing
@@ -72,7 +72,7 @@ def _num(value: Any, spec: str = ".3f", missing: str = "n/a") -> str:
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(value: Any) -> str:
         if value is None or isinstance(value, (float, np.floating)):
-            return _num(value, missing="—")
+            return format_number(value, missing="—")
         return str(value)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -110,17 +110,17 @@ def render_report(results: Mapping[str, Any]) -> str:
         "",
     ]
     meta = results["meta_init"]
-    line = f"Test average {sel} {_num(meta['test_avg'])}"
+    line = f"Test average {sel} {format_number(meta['test_avg'])}"
     if _finite(meta.get("baseline_avg")):
         line += (
-            f" against {_num(meta['baseline_avg'])} for the label-frequency baseline "
+            f" against {format_number(meta['baseline_avg'])} for the label-frequency baseline "
             "(sklearn `DummyClassifier`)"
         )
     out += ["## Meta-initialization (all tasks)", "", line + ".", ""]
     if meta.get("below_baseline"):
         out += [f"**Warning:** {meta['below_baseline']}", ""]
     if results.get("ensemble"):
-        scores = ", ".join(f"{_num(m['test_avg'])} (seed {m['seed']})" for m in results["ensemble"])
+        scores = ", ".join(f"{format_number(m['test_avg'])} (seed {m['seed']})" for m in results["ensemble"])
         out += [f"Other meta-initializations of the ensemble: test average {sel} {scores}.", ""]
     if "gradients" in results:
         g = results["gradients"]
@@ -138,7 +138,7 @@ def render_report(results: Mapping[str, Any]) -> str:
             f"{est['num_meta_inits']} meta-initialization(s) (matrices averaged), estimator "
             f"`{est['estimator']}`, scored on {est['scoring_split']} rows by "
             f"{labels.get(est['metric'], est['metric'])}; "
-            f"{_num(est['subsets_per_second'], '.0f')} subset fits/s.",
+            f"{format_number(est['subsets_per_second'], '.0f')} subset fits/s.",
             "",
             "![affinity](affinity_by_group.png)",
             "",
@@ -159,8 +159,8 @@ def render_report(results: Mapping[str, Any]) -> str:
                 f"models' mean held-out {est['metric']} for information):",
                 "",
                 _table(["λ", "agreement", "min", f"held-out {est['metric']}", "chosen"],
-                       [[_num(r["l2"], "g"), _num(r["agreement"], "+.3f"),
-                         _num(r["min_agreement"], "+.3f"), _num(r["held_out"], ".4f"),
+                       [[format_number(r["l2"], "g"), format_number(r["agreement"], "+.3f"),
+                         format_number(r["min_agreement"], "+.3f"), format_number(r["held_out"], ".4f"),
                          "**yes**" if r["chosen"] else ""] for r in est["l2_selection"]]),
                 "",
             ]  # fmt: skip
@@ -168,21 +168,21 @@ def render_report(results: Mapping[str, Any]) -> str:
             a = est["self_agreement"]
             out += [
                 f"The meta-initializations' estimates agree with each other at Spearman "
-                f"{_num(a['mean_spearman'], '+.2f')} on average, so the {a['num_repeats']}-member "
-                f"mean has a reliability of {_num(a['reliability'], '.2f')} (Spearman–Brown); raise "
+                f"{format_number(a['mean_spearman'], '+.2f')} on average, so the {a['num_repeats']}-member "
+                f"mean has a reliability of {format_number(a['reliability'], '.2f')} (Spearman–Brown); raise "
                 "`--num_meta_inits` if it is low.",
                 "",
             ]
         if "higher_order_self_agreement" in est:
             out += [
                 "Their higher-order (subset) affinities agree at Spearman "
-                f"{_num(est['higher_order_self_agreement']['mean_spearman'], '+.2f')}.",
+                f"{format_number(est['higher_order_self_agreement']['mean_spearman'], '+.2f')}.",
                 "",
             ]
         if _finite(est.get("planted_gap")):  # only for data with planted groups
             out += [
                 f"Mean within-group minus cross-group affinity of the planted groups: "
-                f"{_num(est['planted_gap'], '+.3f')}.",
+                f"{format_number(est['planted_gap'], '+.3f')}.",
                 "",
             ]
     groups = results.get("grouping")
@@ -191,7 +191,7 @@ def render_report(results: Mapping[str, Any]) -> str:
             "## Task groups",
             "",
             f"{groups['method']} with k = {groups['k']} ({groups['k_choice']}); average "
-            f"within-group density {_num(groups['objective'])}.",
+            f"within-group density {format_number(groups['objective'])}.",
             "",
         ]
         out += [f"{i + 1}. {', '.join(g)}" for i, g in enumerate(groups["groups"])]
@@ -199,7 +199,7 @@ def render_report(results: Mapping[str, Any]) -> str:
         if _finite(groups.get("adjusted_rand_vs_planted")):  # only for data with planted groups
             out += [
                 f"Adjusted Rand index against the planted groups: "
-                f"{_num(groups['adjusted_rand_vs_planted'])} (1 = recovered exactly).",
+                f"{format_number(groups['adjusted_rand_vs_planted'])} (1 = recovered exactly).",
                 "",
             ]
         if groups.get("candidates"):  # --partition_choice silhouette or payoff
@@ -213,9 +213,9 @@ def render_report(results: Mapping[str, Any]) -> str:
                 "",
                 _table(["candidate", "groups", "payoff", "vs best", "tied", "structure", "chosen"],
                        [[c["candidate"], c["num_groups"],
-                         f"{_num(c['payoff'], '.4f')} ± {_num(c['payoff_std'], '.4f')}",
-                         f"{_num(c['vs_best'], '+.4f')} ± {_num(c['vs_best_se'], '.4f')}",
-                         "yes" if c["tied"] else "", _num(c["structure"], ".3f"),
+                         f"{format_number(c['payoff'], '.4f')} ± {format_number(c['payoff_std'], '.4f')}",
+                         f"{format_number(c['vs_best'], '+.4f')} ± {format_number(c['vs_best_se'], '.4f')}",
+                         "yes" if c["tied"] else "", format_number(c["structure"], ".3f"),
                          "**yes**" if c["chosen"] else ""] for c in groups["candidates"]]),
                 "",
             ]  # fmt: skip
@@ -225,7 +225,7 @@ def render_report(results: Mapping[str, Any]) -> str:
                 "The k sweep: the SDP objective against the shuffled null's, and the mean "
                 "silhouette of each k's grouping on the affinity (n/a where undefined).",
                 "",
-                _table(keys, [[_num(row.get(k), ".4f") if k in ("objective", "null_objective",
+                _table(keys, [[format_number(row.get(k), ".4f") if k in ("objective", "null_objective",
                                                                  "gain", "silhouette")
                                else row.get(k) for k in keys] for row in groups["sweep"]]),
                 "",
@@ -251,7 +251,7 @@ def render_report(results: Mapping[str, Any]) -> str:
                         v["f1"],
                         v["accuracy"],
                         v["log_loss"],
-                        *(_num(v.get(m), ".4f") for m in generated),
+                        *(format_number(v.get(m), ".4f") for m in generated),
                         "—" if s == "all tasks" else f"{v.get('wins', '')}/{len(training['per_task'])}",
                     )
                     for s, v in training["summary"].items()
@@ -273,8 +273,8 @@ def render_report(results: Mapping[str, Any]) -> str:
         ]
         if training.get("merged"):  # --merge_methods
             costs = ", ".join(
-                f"{m} {'kept from an earlier run' if v['skipped'] else _num(v['seconds'], '.2f') + ' s'}"
-                f" (validation {sel} {_num(v['validation'])})"
+                f"{m} {'kept from an earlier run' if v['skipped'] else format_number(v['seconds'], '.2f') + ' s'}"
+                f" (validation {sel} {format_number(v['validation'])})"
                 for m, v in training["merged"].items()
             )  # fmt: skip
             out += [
@@ -287,11 +287,11 @@ def render_report(results: Mapping[str, Any]) -> str:
             ]
         rec = training.get("recommended")
         if rec:  # the estimate proposes, validation decides
-            val = ", ".join(f"{s} {_num(v)}" for s, v in rec["validation"].items())
+            val = ", ".join(f"{s} {format_number(v)}" for s, v in rec["validation"].items())
             where = f" at `{rec['path']}`" if rec.get("path") else ""
             out += [
                 f"**Recommended: {rec['strategy']}** ({len(rec['groups'])} model(s){where}): "
-                f"the best validation {sel} of {val}; its test {sel} is {_num(rec['test'])}.",
+                f"the best validation {sel} of {val}; its test {sel} is {format_number(rec['test'])}.",
                 "",
             ]
     truth = results.get("ground_truth")
@@ -300,8 +300,8 @@ def render_report(results: Mapping[str, Any]) -> str:
         out += [
             "## Estimated vs fine-tuned",
             "",
-            f"{truth['num_subsets']} subsets fine-tuned for real ({_num(truth['seconds'], '.0f')} s; "
-            f"estimation took {_num(truth['compute_ratio'], '.1%')} of that).",
+            f"{truth['num_subsets']} subsets fine-tuned for real ({format_number(truth['seconds'], '.0f')} s; "
+            f"estimation took {format_number(truth['compute_ratio'], '.1%')} of that).",
             "",
             _table(
                 ["", "relative Frobenius", "mean abs error", "Spearman", "Pearson"],
@@ -333,8 +333,8 @@ def render_report(results: Mapping[str, Any]) -> str:
                 a = truth[key]
                 noise.append(
                     f"{a['num_repeats']} {label} agree with each other at Spearman "
-                    f"{_num(a['mean_spearman'], '+.2f')} (reliability of their mean "
-                    f"{_num(a['reliability'], '.2f')})"
+                    f"{format_number(a['mean_spearman'], '+.2f')} (reliability of their mean "
+                    f"{format_number(a['reliability'], '.2f')})"
                 )
         if noise:
             out += ["Both sides are noisy: " + "; ".join(noise) + "."]
@@ -342,7 +342,7 @@ def render_report(results: Mapping[str, Any]) -> str:
                 corrected = truth["corrected_spearman"]
                 out[-1] += (
                     f" Corrected for that noise, the Spearman of the affinity entries is "
-                    f"{_num(corrected, '+.2f')}"
+                    f"{format_number(corrected, '+.2f')}"
                     + (
                         " (above 1: too few seeds, meta-initializations or subsets for the "
                         "correction to be precise)."
@@ -361,14 +361,14 @@ def _sampling_lines(est: Mapping[str, Any]) -> list[str]:
     if "pair_coverage" not in est:
         return []
     line = (f"Sampling: {est.get('sampling', 'uniform')}; the subsets observe "
-            f"{_num(est['pair_coverage'], '.1%')} of the task pairs (affinity coverage).")  # fmt: skip
+            f"{format_number(est['pair_coverage'], '.1%')} of the task pairs (affinity coverage).")  # fmt: skip
     adaptive = est.get("adaptive")
     if not adaptive:
         return [line, ""]
     start = adaptive.get("initial_clusters") or []
     source = adaptive.get("initial_clusters_path") or "none"
-    rows = [[r["round"], ", ".join(r["new_tasks"]), r["num_subsets"], _num(r["coverage"], ".1%"),
-             _num(r["coverage_seen"], ".1%"), len(r["clusters"])] for r in adaptive["rounds"]]  # fmt: skip
+    rows = [[r["round"], ", ".join(r["new_tasks"]), r["num_subsets"], format_number(r["coverage"], ".1%"),
+             format_number(r["coverage_seen"], ".1%"), len(r["clusters"])] for r in adaptive["rounds"]]  # fmt: skip
     return [
         line,
         "",
@@ -394,9 +394,9 @@ def _exhaustive_lines(truth: Mapping[str, Any] | None) -> list[str]:
         "## Exhaustive truth",
         "",
         f"All {truth['num_subsets']} subsets of {truth['subset_size']} tasks fine-tuned "
-        f"({truth['seeds']} seed(s), {_num(truth['seconds'], '.0f')} s). Estimated vs true "
-        f"affinity: Spearman {_num(c['spearman'], '+.2f')}, relative Frobenius "
-        f"{_num(c['relative_frobenius'])} ({c['num_entries']} entries).",
+        f"({truth['seeds']} seed(s), {format_number(truth['seconds'], '.0f')} s). Estimated vs true "
+        f"affinity: Spearman {format_number(c['spearman'], '+.2f')}, relative Frobenius "
+        f"{format_number(c['relative_frobenius'])} ({c['num_entries']} entries).",
         "",
     ]
     if truth.get("by_k"):
@@ -414,10 +414,10 @@ def _exhaustive_lines(truth: Mapping[str, Any] | None) -> list[str]:
     elif truth.get("note"):
         out += [f"No per-k comparison: {truth['note']}.", ""]
     line = (f"The job's grouping (k = {chosen['k']}) has true objective "
-            f"{_num(chosen['true_objective'])}")  # fmt: skip
+            f"{format_number(chosen['true_objective'])}")  # fmt: skip
     if _finite(chosen.get("exhaustive_objective")):
-        line += (f" against {_num(chosen['exhaustive_objective'])} for the exhaustive optimum "
-                 f"at that k (ARI {_num(chosen['ari_vs_exhaustive'], '.2f')})")  # fmt: skip
+        line += (f" against {format_number(chosen['exhaustive_objective'])} for the exhaustive optimum "
+                 f"at that k (ARI {format_number(chosen['ari_vs_exhaustive'], '.2f')})")  # fmt: skip
     out += [line + ".", ""]
     parts = truth.get("partitions") or {}
     if parts.get("scorable"):
@@ -426,8 +426,8 @@ def _exhaustive_lines(truth: Mapping[str, Any] | None) -> list[str]:
             f"{parts['scorable']} partitions are made of fine-tuned subsets only; the best by "
             f"the real {truth['metric']} (mean over tasks, each in its own group's run): "
             + "; ".join("{" + ", ".join(g) + "}" for g in top["groups"])
-            + f" ({_num(top['score'], '.4f')})."
-            + (f" The job's grouping ranks {chosen['rank']} of them ({_num(chosen['score'], '.4f')})."
+            + f" ({format_number(top['score'], '.4f')})."
+            + (f" The job's grouping ranks {chosen['rank']} of them ({format_number(chosen['score'], '.4f')})."
                if chosen.get("rank") else ""),  # fmt: skip
             "",
         ]

@@ -203,14 +203,8 @@ def _run_pipeline(
     members = 1 if pipeline_args.meta_init or not est_args.estimate else est_args.num_meta_inits
     stores = []
     for member in range(members):
-        # member 0 is "the" meta-initialization (meta_init/, gradients/); the others only
-        # feed the averaged affinity (ensembles) and live under ensemble/
-        run_dir = output_dir if member == 0 else output_dir / "ensemble" / f"member_{member}"
-        member_args = training_args
-        if member:
-            member_args = dataclasses.replace(
-                training_args, seed=training_args.seed + member, push_to_hub=False
-            )
+        # the members other than 0 only feed the averaged affinity (ensembles)
+        run_dir, member_args = stages.member_run(output_dir, training_args, member)
         with _stage(timings, "meta-initialization"):
             trainer, meta = stages.train_meta_init(
                 family, family_args, tasks, pipeline_args, member_args, run_dir,
@@ -231,23 +225,10 @@ def _run_pipeline(
             )
         if not (grad_args.collect_gradients or est_args.estimate):
             continue
-        exclude = list(grad_args.gradient_exclude)
-        if grad_args.exclude_task_heads:
-            exclude += family.private_parameters(trainer.model)
         with _stage(timings, "gradients"):
-            stores.append(
-                trainer.collect_gradients(
-                    run_dir / "gradients",
-                    score_fn=family.score_function(family_args),
-                    collate_fn=family.collate_fn(family_args),
-                    dim=grad_args.projection_dim,
-                    kind=grad_args.projection_kind,
-                    seed=grad_args.projection_seed + member,
-                    batch_size=grad_args.gradient_batch_size,
-                    exclude=exclude or None,
-                    overwrite=True,
-                )
-            )
+            store, exclude = stages.collect_member_gradients(trainer, family, family_args,
+                                                             grad_args, run_dir, member)  # fmt: skip
+            stores.append(store)
         if member == 0:
             results["gradients"] = {
                 "path": str(output_dir / "gradients"),

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from hf_tae.families.base import TaskFamily
     from hf_tae.pipeline.arguments import (
         EstimationArguments,
+        GradientArguments,
         GroupingArguments,
         PipelineArguments,
     )
@@ -119,6 +120,35 @@ def train_meta_init(
         "baseline_avg": baseline_avg,
         "below_baseline": below,
     }
+
+
+def member_run(output_dir: Path, training_args: MultitaskTrainingArguments,
+               member: int) -> tuple[Path, MultitaskTrainingArguments]:  # fmt: skip
+    """Where meta-initialization ``member`` of an ensemble lives and what it trains with:
+    member 0 is "the" meta-initialization (``output_dir``: ``meta_init/``, ``gradients/``),
+    member i lives under ``ensemble/member_<i>/`` with training seed ``seed + i`` and is never
+    pushed to the Hub."""
+    if member == 0:
+        return output_dir, training_args
+    args = dataclasses.replace(training_args, seed=training_args.seed + member, push_to_hub=False)
+    return output_dir / "ensemble" / f"member_{member}", args
+
+
+def collect_member_gradients(trainer, family: TaskFamily, family_args: Any,
+                             grad_args: GradientArguments, run_dir: Path, member: int):  # fmt: skip
+    """Stage 2 for one meta-initialization: its projected gradients in ``run_dir/gradients``
+    (projection seed ``projection_seed + member``, so members differ in projection too),
+    without the excluded parameters. Returns ``(store, excluded parameter names)``."""
+    exclude = list(grad_args.gradient_exclude)
+    if grad_args.exclude_task_heads:
+        exclude += family.private_parameters(trainer.model)
+    store = trainer.collect_gradients(
+        run_dir / "gradients", score_fn=family.score_function(family_args),
+        collate_fn=family.collate_fn(family_args), dim=grad_args.projection_dim,
+        kind=grad_args.projection_kind, seed=grad_args.projection_seed + member,
+        batch_size=grad_args.gradient_batch_size, exclude=exclude or None, overwrite=True,
+    )  # fmt: skip
+    return store, exclude
 
 
 def planted_gap(matrix: np.ndarray, groups: Sequence[int]) -> float:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_tae.estimation.schema import higher_is_better
+from hf_tae.pipeline.report import format_number
 from hf_tae.utils.io import atomic_write_text
 from hf_tae.utils.plots import pyplot, save_figure
 
@@ -105,8 +106,8 @@ def write_selection_report(results: dict[str, Any], output_dir: Path) -> Path:
     lines += ["", "## Source scores", "", "| source | score | 95% CI | subsets | gradient cosine "
               "| representation cosine |", "|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['name']} | {r['score']:.4f} | [{r['ci_low']:.4f}, {r['ci_high']:.4f}] | "
-              f"{r['count']} | {_cell(r['gradient_similarity'])} | "
-              f"{_cell(r.get('representation_similarity'))} |"
+              f"{r['count']} | {format_number(r['gradient_similarity'], missing='–')} | "
+              f"{format_number(r.get('representation_similarity'), missing='–')} |"
               for r in results["ensemble"]]  # fmt: skip
     fo = results.get("first_order", {})
     if "first_order_error" in fo:
@@ -149,10 +150,3 @@ def write_selection_report(results: dict[str, Any], output_dir: Path) -> Path:
                                               results["timings"].items()), ""]  # fmt: skip
     return atomic_write_text(output_dir / "report.md", "\n".join(lines))
 
-
-def _cell(value: Any) -> str:
-    """A cosine to 3 decimals, or "–" where there is none (no representation module): the
-    report never prints "nan"."""
-    if value is None or value != value:
-        return "–"
-    return f"{value:.3f}"

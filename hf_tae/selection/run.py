@@ -255,23 +255,14 @@ def _meta_inits(family, family_args, tasks, pipeline_args, grad_args, sel, train
     members = []
     timings["meta-initialization"] = timings["gradients"] = 0.0
     for member in range(sel.num_meta_inits):
-        run_dir = output_dir if member == 0 else output_dir / "ensemble" / f"member_{member}"
-        args = training_args if member == 0 else dataclasses.replace(
-            training_args, seed=training_args.seed + member, push_to_hub=False)  # fmt: skip
+        run_dir, args = stages.member_run(output_dir, training_args, member)
         start = time.perf_counter()
         trainer, meta = stages.train_meta_init(family, family_args, tasks, pipeline_args, args,
                                                run_dir, save_data=member == 0)  # fmt: skip
         timings["meta-initialization"] += time.perf_counter() - start
-        exclude = list(grad_args.gradient_exclude)
-        if grad_args.exclude_task_heads:
-            exclude += family.private_parameters(trainer.model)
         start = time.perf_counter()
-        store = trainer.collect_gradients(
-            run_dir / "gradients", score_fn=family.score_function(family_args),
-            collate_fn=family.collate_fn(family_args), dim=grad_args.projection_dim,
-            kind=grad_args.projection_kind, seed=grad_args.projection_seed + member,
-            batch_size=grad_args.gradient_batch_size, exclude=exclude or None, overwrite=True,
-        )  # fmt: skip
+        store, exclude = stages.collect_member_gradients(trainer, family, family_args, grad_args,
+                                                         run_dir, member)  # fmt: skip
         timings["gradients"] += time.perf_counter() - start
         model = trainer.model.eval()
         projected = {n for n, _ in store.metadata.get("projector", {}).get("parameters", [])}
@@ -480,9 +471,10 @@ def recommend(by_method: dict[str, dict[str, Any]], metric: str) -> dict[str, An
     :data:`RECOMMENDATION_CANDIDATES` that were trained, the one whose real model scores best
     on the target's validation rows (``metric``; on a tie the earlier one, ours first). Its
     test score is reported next to every method's, never used to choose."""
-    sign = 1.0 if higher_is_better(metric) else -1.0
+    from hf_tae.pipeline.stages import best_strategy
+
     options = [m for m in RECOMMENDATION_CANDIDATES if m in by_method]
-    best = max(options, key=lambda m: (sign * by_method[m]["validation"], -options.index(m)))
+    best = best_strategy({m: by_method[m]["validation"] for m in options}, higher_is_better(metric))
     return {"method": best, "sources": by_method[best]["sources"],
             "validation": by_method[best]["validation"], "test": by_method[best]["test"],
             "candidates": options}  # fmt: skip

@@ -79,6 +79,7 @@ _LAZY_ATTRS: dict[str, str] = {
     "fisher_affinity": "hf_tae.estimation.gradient_affinity",
     "SubsetFineTuner": "hf_tae.evaluation.ground_truth",
     "average_seeds": "hf_tae.evaluation.ground_truth",
+    "read_runs": "hf_tae.evaluation.ground_truth",
     "compare_affinities": "hf_tae.estimation.compare",
     "compare_results": "hf_tae.estimation.compare",
     "self_agreement": "hf_tae.estimation.compare",
@@ -207,7 +208,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
         score_partitions,
     )
     from hf_tae.evaluation.first_order import first_order_check
-    from hf_tae.evaluation.ground_truth import SubsetFineTuner, average_seeds
+    from hf_tae.evaluation.ground_truth import SubsetFineTuner, average_seeds, read_runs
     from hf_tae.evaluation.group_training import compare_group_training, summarize_group_training
     from hf_tae.evaluation.lifted import evaluate_lifted
     from hf_tae.families import family_names, get_family, register_family

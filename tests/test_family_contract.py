@@ -141,6 +141,59 @@ def test_a_family_defined_outside_runs_the_whole_pipeline(tmp_path):
     assert json.loads((out / "results.json").read_text())["family"] == "toy-test"
 
 
+def test_ground_truth_from_the_members_starts_each_repeat_from_its_own_theta0(tmp_path):
+    """``--ground_truth_init members``: seed r fine-tunes from meta-initialization r, so each
+    member's runs record that member's weights, and the same subset trained from two members
+    scores differently; the corrected Spearman is the observed one over both reliabilities."""
+    import hashlib
+
+    import pandas as pd
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from hf_tae.families import register_family
+    from hf_tae.pipeline import run
+
+    torch.set_num_threads(1)
+    family = register_family(_toy_family())
+    model = family().model_init(ToyArguments(), family().load_tasks(ToyArguments()))
+    try:  # θ0s are read back with the Auto classes: a family from outside registers its model
+        AutoConfig.register("hf_tae_toy_test", type(model.config))
+        AutoModel.register(type(model.config), type(model))
+    except ValueError:  # already registered by an earlier test in this process
+        pass
+    out = tmp_path / "run"
+    results = run(
+        ["toy-test", "--output_dir", str(out), "--disable_tqdm", "true", "--num_meta_inits", "2",
+         "--subset_size", "2", "--num_task_groups", "2", "--ground_truth", "3",
+         "--ground_truth_init", "members", "--ground_truth_seeds", "0", "1",
+         "--train_groups", "false", "--projection_dim", "16", "--hidden", "6"]
+    )  # fmt: skip
+    truth = results["ground_truth"]
+    assert truth["init"] == "members" and not (out / "ground_truth").exists()
+    tables = []
+    for member, theta0 in ((0, out / "meta_init"), (1, out / "ensemble" / "member_1" / "meta_init")):
+        folder = out / "ground_truth_members" / f"member_{member}"
+        table = pd.read_json(folder / "results.jsonl", lines=True)
+        assert sorted(table["seed"].unique()) == [member] and len(table) == 3
+        digest = hashlib.sha256(b"meta")  # the recorded start: this member's saved weights
+        for path in sorted(theta0.glob("*")):
+            if path.suffix in {".safetensors", ".json"}:
+                digest.update(path.name.encode())
+                digest.update(path.read_bytes())
+        settings = json.loads((folder / "settings.json").read_text())
+        assert settings["fingerprint"] == digest.hexdigest()
+        tables.append(table)
+    losses = [[row["log_loss"] for rows in t.sort_values("subset", key=lambda c: c.map(tuple))["rows"]
+               for row in rows] for t in tables]  # fmt: skip
+    assert not np.allclose(*losses)  # the same subsets, trained from two different θ0s
+    rel_t = truth["truth_self_agreement"]["reliability"]
+    rel_e = truth["estimate_self_agreement"]["reliability"]
+    if rel_t > 0 and rel_e > 0:
+        expected = truth["affinity"]["spearman"] / np.sqrt(rel_t * rel_e)
+        assert truth["corrected_spearman"] == pytest.approx(expected)
+
+
 def test_unknown_family_lists_the_known_ones():
     from hf_tae.errors import TaeError
     from hf_tae.families import family_names, get_family

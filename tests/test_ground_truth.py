@@ -96,6 +96,18 @@ def test_table_matches_hand_trained_multitask_runs(graph, task_set, finished, tm
             assert row.log_loss == pytest.approx(metrics[f"eval_{name}_log_loss"])
 
 
+def test_read_runs_gives_the_finished_table_without_training(finished, tmp_path):
+    """The table read back from disk is the one ``run`` returned (itself checked against
+    hand-trained runs above); an empty folder names what to run first."""
+    from hf_tae import TaeError, read_runs
+
+    tuner, _, table = finished
+    again = read_runs([tuner.output_dir])
+    pd.testing.assert_frame_equal(again[again["subset_id"] < len(SUBSETS)], table)
+    with pytest.raises(TaeError, match="no finished 'validation' runs in .*--ground_truth"):
+        read_runs([tmp_path])
+
+
 def test_resume_trains_only_new_subsets_and_ignores_a_partial_line(graph, task_set, finished):
     tuner, _, table = finished
     with tuner.results_path.open("a") as handle:

@@ -2,7 +2,7 @@
 scoring of estimates and Grad-TAE's check of its first-order approximation."""
 
 from hf_tae.evaluation.first_order import first_order_check, parameter_delta, score_jvp
-from hf_tae.evaluation.ground_truth import SubsetFineTuner, average_seeds
+from hf_tae.evaluation.ground_truth import SubsetFineTuner, average_seeds, read_runs
 from hf_tae.evaluation.group_training import compare_group_training, summarize_group_training
 from hf_tae.evaluation.lifted import evaluate_lifted
 
@@ -13,6 +13,7 @@ __all__ = [
     "evaluate_lifted",
     "first_order_check",
     "parameter_delta",
+    "read_runs",
     "score_jvp",
     "summarize_group_training",
 ]

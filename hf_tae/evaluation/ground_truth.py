@@ -511,3 +511,25 @@ def average_seeds(table: pd.DataFrame) -> pd.DataFrame:
     out = first.join(means).reset_index()
     out["num_seeds"] = table.groupby(keys, sort=True).size().to_numpy()
     return out[[*COLUMNS, "num_seeds"]]
+
+
+def read_runs(folders: Sequence[str | os.PathLike], split: str = "validation") -> pd.DataFrame:
+    """The finished runs of one or more :class:`SubsetFineTuner` folders as the table
+    :meth:`SubsetFineTuner.run` returns (``subset_id`` numbers the subsets in order of first
+    appearance), without a model or training: to compare finished truths afterwards, e.g. the
+    job's ``ground_truth/`` and ``ground_truth_members/member_*/``. Raises when no folder
+    holds a run on ``split``."""
+    import pandas as pd
+
+    records = [r for folder in folders for r in _read_jsonl(Path(folder) / RESULTS_FILE)
+               if r["split"] == split]  # fmt: skip
+    if not records:
+        raise TaeError(f"no finished {split!r} runs in {[str(f) for f in folders]}; run the "
+                       f"fine-tuning first (SubsetFineTuner.run or the job's --ground_truth).")  # fmt: skip
+    ids: dict[tuple[int, ...], int] = {}
+    rows = [
+        {"subset_id": ids.setdefault(tuple(r["subset"]), len(ids)), "subset": list(r["subset"]),
+         **row, "seed": r["seed"]}
+        for r in records for row in r["rows"]
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=[*COLUMNS, "seed"])

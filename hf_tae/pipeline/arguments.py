@@ -271,6 +271,16 @@ class GroupingArguments:
             "(each subset is one fine-tuning run per --ground_truth_seeds)."
         },
     )
+    ground_truth_init: str = field(
+        default="group",
+        metadata={
+            "help": "What each ground-truth run fine-tunes: 'group' starts from --group_init "
+            "(the truth of what training a subset gives); 'members' starts repeat r (seed r of "
+            "--ground_truth_seeds) from meta-initialization r mod --num_meta_inits, the "
+            "fine-tuning each member's estimate linearizes (Grad-TAE A.3), so the comparison "
+            "measures the estimator itself."
+        },
+    )
     ground_truth_seeds: list[int] = field(
         default_factory=lambda: [0, 1],
         metadata={
@@ -300,6 +310,7 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
         "--scoring_split": (est.scoring_split, ("train", "validation")),
         "--clustering": (grouping.clustering, ("sdp", "spectral")),
         "--group_init": (grouping.group_init, ("scratch", "meta")),
+        "--ground_truth_init": (grouping.ground_truth_init, ("group", "members")),
         "--partition_choice": (grouping.partition_choice, ("silhouette", "payoff", "density")),
         "--sampling": (est.sampling, ("uniform", "adaptive")),
         "--affinity_kind": (est.affinity_kind, ("higher-order", "fisher", "gradient-cosine")),

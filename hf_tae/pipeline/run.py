@@ -300,10 +300,12 @@ def _run_pipeline(
                 )
         if grouping_args.ground_truth:
             with _stage(timings, "ground truth"):
+                starts = stages.truth_starts(family, family_args, tasks, grouping_args,
+                                             training_args, output_dir, members)  # fmt: skip
                 joined, results["ground_truth"] = stages.run_ground_truth(
-                    model_init, tasks, subsets, estimates, est_args, grouping_args,
+                    starts, tasks, subsets, estimates, est_args, grouping_args,
                     training_args, output_dir, results["estimation"]["seconds"],
-                    family.trainer_class, fingerprint=init_print,
+                    family.trainer_class,
                 )  # fmt: skip
             if is_main:
                 plot_estimated_vs_true(

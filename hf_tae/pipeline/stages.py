@@ -592,11 +592,41 @@ def merge_groups(model_init, tasks: TaskSet, groups, run_args, grouping_args, ou
     )  # fmt: skip
 
 
-def run_ground_truth(model_init, tasks: TaskSet, subsets, estimates, est_args, grouping_args,
+def truth_starts(family: TaskFamily, family_args: Any, tasks: TaskSet, grouping_args,
+                 training_args: MultitaskTrainingArguments, output_dir: Path,
+                 num_members: int) -> list[tuple[Callable[[], Any], str, Path, list[int]]]:  # fmt: skip
+    """Where the ``--ground_truth`` runs start: ``(model_init, fingerprint, folder, seeds)`` per
+    starting model. ``--ground_truth_init group``: one start, ``--group_init``, in
+    ``ground_truth/``. ``members``: seed r of ``--ground_truth_seeds`` fine-tunes from
+    meta-initialization r mod ``num_members`` (``ground_truth_members/member_<m>/``), the
+    model whose fine-tuning that member's estimate linearizes (notes A.3)."""
+    seeds, folder = list(grouping_args.ground_truth_seeds), output_dir / truth_folder(grouping_args)
+    if grouping_args.ground_truth_init == "group":
+        init = grouping_args.group_init
+        return [(fresh_model(family, family_args, tasks, output_dir, init),
+                 init_fingerprint(family, family_args, tasks, output_dir, init), folder, seeds)]  # fmt: skip
+    starts = []
+    for member in range(min(num_members, len(seeds))):
+        run_dir, _ = member_run(output_dir, training_args, member)
+        starts.append((fresh_model(family, family_args, tasks, run_dir, "meta"),
+                       init_fingerprint(family, family_args, tasks, run_dir, "meta"),
+                       folder / f"member_{member}", seeds[member::num_members]))  # fmt: skip
+    return starts
+
+
+def truth_folder(grouping_args) -> str:
+    """The ``--ground_truth`` runs' folder in the job's output: one per ``--ground_truth_init``,
+    so a rerun with the other start adds runs instead of refusing the folder's settings."""
+    return "ground_truth" if grouping_args.ground_truth_init == "group" else "ground_truth_members"
+
+
+def run_ground_truth(starts, tasks: TaskSet, subsets, estimates, est_args, grouping_args,
                      training_args, output_dir: Path, estimation_seconds: float,
-                     trainer_class: type | None = None, fingerprint: str | None = None):  # fmt: skip
-    """Stage 7: fine-tune ``--ground_truth`` sampled subsets and compare with their estimates
-    (``fingerprint``: :func:`init_fingerprint` of ``model_init``, recorded with the runs)."""
+                     trainer_class: type | None = None):  # fmt: skip
+    """Stage 7: fine-tune ``--ground_truth`` sampled subsets from each of ``starts``
+    (:func:`truth_starts`) and compare them with their estimates."""
+    import pandas as pd
+
     from hf_tae.estimation.affinity import AffinityMatrix
     from hf_tae.estimation.compare import (
         compare_affinities,
@@ -608,15 +638,13 @@ def run_ground_truth(model_init, tasks: TaskSet, subsets, estimates, est_args, g
 
     chosen = [tuple(s) for s in subsets[: grouping_args.ground_truth]]
     start = time.perf_counter()
-    truth = SubsetFineTuner(
-        model_init,
-        tasks,
-        run_arguments(training_args, grouping_args.run_steps),
-        output_dir / "ground_truth",
-        seeds=grouping_args.ground_truth_seeds,
-        trainer_class=trainer_class,
-        fingerprint=fingerprint,
-    ).run(chosen, split=est_args.scoring_split, show_progress=not training_args.disable_tqdm)
+    truth = pd.concat([
+        SubsetFineTuner(
+            model_init, tasks, run_arguments(training_args, grouping_args.run_steps), folder,
+            seeds=seeds, trainer_class=trainer_class, fingerprint=fingerprint,
+        ).run(chosen, split=est_args.scoring_split, show_progress=not training_args.disable_tqdm)
+        for model_init, fingerprint, folder, seeds in starts
+    ], ignore_index=True)  # fmt: skip
     seconds = time.perf_counter() - start
     per_seed = [rows.drop(columns="seed") for _, rows in truth.groupby("seed")]
     truth = average_seeds(truth)
@@ -632,10 +660,11 @@ def run_ground_truth(model_init, tasks: TaskSet, subsets, estimates, est_args, g
     true_matrix = build(truth, "fine-tuned")
     est_members = [build(rows, "estimated") for _, rows in est.groupby("member")]
     est_matrix = AffinityMatrix.average(est_members)
-    true_matrix.save(output_dir / "ground_truth" / "affinity", overwrite=True)
+    true_matrix.save(output_dir / truth_folder(grouping_args) / "affinity", overwrite=True)
     est_mean = est.groupby(["subset_id", "task"], as_index=False)[metric].mean()
     joined = est_mean.merge(truth, on=["subset_id", "task"], suffixes=("_est", "_true"))
     info: dict[str, Any] = {
+        "init": grouping_args.ground_truth_init,
         "num_subsets": len(chosen),
         "seconds": seconds,
         "compute_ratio": estimation_seconds * len(chosen) / len(subsets) / max(seconds, 1e-9),

@@ -326,9 +326,19 @@ def _load_full_model(
 ) -> torch.nn.Module:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(
-        source, revision=revision, trust_remote_code=trust_remote_code, token=kwargs.get("token")
-    )
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision,
+                                            trust_remote_code=trust_remote_code,
+                                            token=kwargs.get("token"))  # fmt: skip
+    except ValueError as err:
+        if "does not recognize this architecture" not in str(err):
+            raise
+        raise TaeError(
+            f"the model type of {_describe(source, revision)} is not registered with transformers' "
+            "Auto classes. A model defined outside hf_tae and transformers (e.g. a family's own) "
+            "registers itself before it is loaded back: AutoConfig.register(model_type, "
+            "ConfigClass) and AutoModel.register(ConfigClass, ModelClass)."
+        ) from err
     model_cls = _model_class(config)
     if model_cls.__name__.startswith("Auto"):
         kwargs = {"trust_remote_code": trust_remote_code, **kwargs}

@@ -46,9 +46,9 @@ def main(
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser(GraphFamily(), prog="recipes/graph_communities.py")
-    parser.set_defaults(output_dir="runs/graph_communities")
     try:
+        parser = build_parser(GraphFamily(), prog="recipes/graph_communities.py")
+        parser.set_defaults(output_dir="runs/graph_communities")
         main(*parser.parse_args_and_config())
     except TaeError as err:
         raise SystemExit(f"error: {err}") from err

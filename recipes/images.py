@@ -46,8 +46,8 @@ def main(
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser(ImageFamily(), prog="recipes/images.py")
     try:
+        parser = build_parser(ImageFamily(), prog="recipes/images.py")
         main(*parser.parse_args_and_config())
     except TaeError as err:
         raise SystemExit(f"error: {err}") from err

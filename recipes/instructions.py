@@ -48,8 +48,8 @@ def main(
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser(InstructionFamily(), prog="recipes/instructions.py")
     try:
+        parser = build_parser(InstructionFamily(), prog="recipes/instructions.py")
         main(*parser.parse_args_and_config())
     except TaeError as err:
         raise SystemExit(f"error: {err}") from err

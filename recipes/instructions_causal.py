@@ -51,8 +51,8 @@ def main(
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser(CausalInstructionFamily(), prog="recipes/instructions_causal.py")
     try:
+        parser = build_parser(CausalInstructionFamily(), prog="recipes/instructions_causal.py")
         main(*parser.parse_args_and_config())
     except TaeError as err:
         raise SystemExit(f"error: {err}") from err

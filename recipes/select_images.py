@@ -47,10 +47,10 @@ def main(
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser("images", prog="recipes/select_images.py")
-    parser.set_defaults(output_dir="runs/select_images", head="shared", target="target",
-                        max_steps=300, per_device_train_batch_size=32)  # fmt: skip
     try:
+        parser = build_parser("images", prog="recipes/select_images.py")
+        parser.set_defaults(output_dir="runs/select_images", head="shared", target="target",
+                            max_steps=300, per_device_train_batch_size=32)  # fmt: skip
         main(*parser.parse_args_and_config())
     except TaeError as err:
         raise SystemExit(f"error: {err}") from err

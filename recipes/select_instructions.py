@@ -42,9 +42,9 @@ def main(
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser("instructions", prog="recipes/select_instructions.py")
-    parser.set_defaults(output_dir="runs/select_instructions", target="even_0", truth_subsets=10)
     try:
+        parser = build_parser("instructions", prog="recipes/select_instructions.py")
+        parser.set_defaults(output_dir="runs/select_instructions", target="even_0", truth_subsets=10)
         main(*parser.parse_args_and_config())
     except TaeError as err:
         raise SystemExit(f"error: {err}") from err

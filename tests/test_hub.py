@@ -193,6 +193,11 @@ def test_missing_repo_revision_or_files_raise_clear_errors(pushed, tmp_path):
         load_meta_init(empty)
     with pytest.raises(TaeError, match="is not an hf_tae artifact"):
         publish(tmp_path, _repo_id("nothing"))
+    unknown = tmp_path / "unknown_type"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "not_registered_anywhere"}))
+    with pytest.raises(TaeError, match=r"not registered .*AutoConfig.register\(model_type"):
+        load_meta_init(unknown)
 
 
 def test_publish_saved_model_folder_uploads_safetensors_and_card(graph, tmp_path, loopback_hub):

@@ -99,6 +99,22 @@ def test_recipe_under_accelerate_launch_uses_two_processes(tmp_path):
     assert (out / "meta_init" / "model.safetensors").exists()
 
 
+def test_plain_torchrun_on_cpu_without_accelerate_use_cpu_is_refused(tmp_path):
+    """Two processes and no CUDA, but no ACCELERATE_USE_CPU: each rank would run the whole job
+    alone (TrainingArguments reset the launch), so both refuse before any work, naming the fix."""
+    env = _env()
+    env.pop("ACCELERATE_USE_CPU")
+    env["CUDA_VISIBLE_DEVICES"] = ""  # no CUDA device, as on this machine
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(RECIPE), "--output_dir", str(out), *SMALL]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert proc.stderr.count("2-process launch (WORLD_SIZE=2)") == 2, proc.stderr[-3000:]
+    assert "ACCELERATE_USE_CPU=1 torchrun" in proc.stderr
+    assert not out.exists()
+
+
 def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     """Every stage runs through ``hf-tae run``; its outputs agree with independent recomputation."""
     import numpy as np

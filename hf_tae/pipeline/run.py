@@ -62,6 +62,7 @@ from hf_tae.pipeline.arguments import (
     check_arguments,
 )
 from hf_tae.trainers.arguments import MultitaskTrainingArguments
+from hf_tae.utils.distributed import check_cpu_launch
 from hf_tae.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,12 @@ PIPELINE_ARGUMENTS = (
 
 def build_parser(family: str | TaskFamily, prog: str | None = None):
     """The job's parser for ``family``: its arguments dataclass, the pipeline's and the training
-    arguments, with the family's training defaults; ``--config x.yaml`` sets defaults too."""
+    arguments, with the family's training defaults; ``--config x.yaml`` sets defaults too.
+    Refuses a multi-process CPU launch without ``ACCELERATE_USE_CPU`` (parsing would reset it
+    to one process per rank: :func:`~hf_tae.utils.distributed.check_cpu_launch`)."""
     from trl import TrlParser
+
+    check_cpu_launch()
 
     family = get_family(family)
     description = (

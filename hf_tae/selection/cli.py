@@ -14,11 +14,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from hf_tae.errors import TaeError
+from hf_tae.utils.distributed import check_cpu_launch
 
 
 def build_parser(family: str, prog: str | None = None):
-    """The ``hf-tae select`` parser of ``family``."""
+    """The ``hf-tae select`` parser of ``family`` (refuses a multi-process CPU launch without
+    ``ACCELERATE_USE_CPU``: :func:`~hf_tae.utils.distributed.check_cpu_launch`)."""
     from trl import TrlParser
+
+    check_cpu_launch()
 
     from hf_tae.families import family_names, get_family
     from hf_tae.pipeline.arguments import GradientArguments, PipelineArguments

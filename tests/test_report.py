@@ -45,6 +45,15 @@ def test_ground_truth_section_states_both_sides_noise():
     assert "| affinity entries | 0.9" in text
 
 
+def test_ground_truth_section_says_where_the_truth_started():
+    text = render_report({**BASE, "ground_truth": {**_truth(0.5), "init": "members"}})
+    assert "repeat r fine-tuned from meta-initialization r (what the estimate linearizes)" in text
+    assert "2 fine-tuning runs (each from its own θ0) agree with each other" in text
+    text = render_report({**BASE, "ground_truth": {**_truth(0.5), "init": "group"}})
+    assert "fine-tuned for real (started as the group models: --group_init)" in text
+    assert "2 fine-tuning seeds agree" in text
+
+
 def test_corrected_spearman_above_one_is_flagged():
     text = render_report({**BASE, "ground_truth": _truth(1.02)})
     assert "+1.02 (above 1: too few seeds" in text

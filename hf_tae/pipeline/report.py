@@ -18,6 +18,10 @@ from hf_tae.estimation.schema import METRICS
 from hf_tae.utils.io import atomic_write_text
 from hf_tae.utils.plots import pyplot, save_figure
 
+#: How ``--ground_truth_init`` started the truth's runs, as the report says it.
+TRUTH_STARTS = {"group": " (started as the group models: --group_init)",
+                "members": ", repeat r fine-tuned from meta-initialization r (what the estimate linearizes)"}  # fmt: skip
+
 
 def plot_grouping_gains(
     gains: Mapping[str, float],
@@ -300,7 +304,8 @@ def render_report(results: Mapping[str, Any]) -> str:
         out += [
             "## Estimated vs fine-tuned",
             "",
-            f"{truth['num_subsets']} subsets fine-tuned for real ({format_number(truth['seconds'], '.0f')} s; "
+            f"{truth['num_subsets']} subsets fine-tuned for real{TRUTH_STARTS.get(truth.get('init'), '')} "
+            f"({format_number(truth['seconds'], '.0f')} s; "
             f"estimation took {format_number(truth['compute_ratio'], '.1%')} of that).",
             "",
             _table(
@@ -327,7 +332,9 @@ def render_report(results: Mapping[str, Any]) -> str:
             "",
         ]
         noise = []
-        for key, label in (("truth_self_agreement", "fine-tuning seeds"),
+        repeats = ("fine-tuning runs (each from its own θ0)" if truth.get("init") == "members"
+                   else "fine-tuning seeds")  # fmt: skip
+        for key, label in (("truth_self_agreement", repeats),
                            ("estimate_self_agreement", "meta-initializations")):  # fmt: skip
             if key in truth:
                 a = truth[key]

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from merging_helpers import SHAPES, base_and_tuned
 from safetensors.torch import load_file, save_file
 
 from hf_tae import TaeError
@@ -16,26 +17,10 @@ from hf_tae.merging import merge
 from hf_tae.merging.cli import main as merge_cli
 from hf_tae.merging.writer import ShardWriter
 
-SHAPES = {"embed.weight": (64, 16), "layer.0.weight": (16, 16), "layer.0.bias": (16,),
-          "layer.1.weight": (32, 16), "head.weight": (4, 32)}  # fmt: skip
-
-
-def _save(folder, tensors):
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text('{"model_type": "toy", "hidden_size": 16}')
-    return folder
-
 
 @pytest.fixture
 def models(tmp_path):
-    gen = torch.Generator().manual_seed(0)
-    base = {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}
-    paths = [_save(tmp_path / "base", base)]
-    for i in range(3):
-        tuned = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
-        paths.append(_save(tmp_path / f"m{i}", tuned))
-    return paths[0], paths[1:]
+    return base_and_tuned(tmp_path)
 
 
 def _tensors(folder):

@@ -11,32 +11,19 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from merging_helpers import SHAPES, base_and_tuned
+from safetensors.torch import load_file
 
 from hf_tae.merging import merge, registry
 
-SHAPES = {"embed.weight": (64, 16), "layer.0.weight": (16, 16), "layer.0.bias": (16,),
-          "layer.1.weight": (32, 16), "head.weight": (4, 32)}  # fmt: skip
 # embed.weight (4 KiB), the first name in order, fills the first shard alone
 OPTIONS = {"max_shard_bytes": 2048, "density": 0.5}
 
 
-def _save(folder, tensors):
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text('{"model_type": "toy", "hidden_size": 16}')
-    return str(folder)
-
-
 @pytest.fixture
 def models(tmp_path):
-    gen = torch.Generator().manual_seed(0)
-    base = {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}
-    paths = [_save(tmp_path / "base", base)]
-    for i in range(3):
-        tuned = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
-        paths.append(_save(tmp_path / f"m{i}", tuned))
-    return paths[0], paths[1:]
+    base, tuned = base_and_tuned(tmp_path)
+    return str(base), [str(t) for t in tuned]
 
 
 @pytest.fixture

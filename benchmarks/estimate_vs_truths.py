@@ -9,7 +9,13 @@ What it measures
     - ``members`` (``ground_truth_members/``, ``--ground_truth_init members``): repeat r
       fine-tuned from meta-initialization r, the fine-tuning the estimate linearizes (notes A.3).
 
-    Per (run, truth, λ): the observed Spearman of the estimate averaged over the run's
+    Per (run, truth): the truth's own SDP groups at each k (as the job groups an estimate:
+    z-scored, symmetrized, zero diagonal), their silhouette and, where ``results.json`` has
+    ``planted_labels``, their ARI against the planted groups: whether the fine-tuned
+    affinity itself holds the planted structure, and which k the silhouette rule would take
+    on it.
+
+    Per (run, truth, λ, and the Fisher overlap the job clusters by default): the observed Spearman of the estimate averaged over the run's
     meta-initializations against the truth averaged over its repeats, the members' agreement
     and the truth's (mean Spearman, and the reliability of their means), and the Spearman
     corrected for both sides' noise (``corrected_spearman``; it is unstable, even above 1,
@@ -38,14 +44,25 @@ import numpy as np
 from hf_tae.utils.io import atomic_write_text
 
 
-def estimate_members(run: Path, subsets, l2: float, metric: str, names):
-    from hf_tae import AffinityMatrix, GradientStore, RegressionEstimator
+def member_stores(run: Path) -> list:
+    from hf_tae import GradientStore
 
     results = json.loads((run / "results.json").read_text())
+    return [GradientStore.load(run / "gradients" if m == 0 else
+                               run / "ensemble" / f"member_{m}" / "gradients")
+            for m in range(results["estimation"]["num_meta_inits"])]  # fmt: skip
+
+
+def estimate_members(stores, subsets, l2: float | None, metric: str, names):
+    """Each member's affinity of ``subsets`` at ridge ``l2``; None: the Fisher overlap (the
+    job's default clustered affinity, which needs no subsets)."""
+    from hf_tae import AffinityMatrix, RegressionEstimator, fisher_affinity
+
+    if l2 is None:
+        return [fisher_affinity(store) for store in stores]
     members = []
-    for m in range(results["estimation"]["num_meta_inits"]):
-        folder = run / "gradients" if m == 0 else run / "ensemble" / f"member_{m}" / "gradients"
-        estimator = RegressionEstimator(GradientStore.load(folder), l2=l2)
+    for store in stores:
+        estimator = RegressionEstimator(store, l2=l2)
         table = estimator.evaluate(subsets, estimator.fit(subsets), split="validation")
         members.append(AffinityMatrix.from_results(table, names, metric=metric, symmetrize=True))
     return members
@@ -80,8 +97,9 @@ def compare_run(run: Path, grid: list[float]) -> list[dict]:
         mean = average_seeds(table)
         truth = build(mean)
         subsets = [tuple(s) for s in mean.drop_duplicates("subset_id")["subset"]]
-        for l2 in grid:
-            members = estimate_members(run, subsets, l2, metric, names)
+        stores = member_stores(run)
+        for l2 in [*grid, None]:
+            members = estimate_members(stores, subsets, l2, metric, names)
             agree = self_agreement(members)
             observed = compare_affinities(AffinityMatrix.average(members), truth)["spearman"]
             rows.append({
@@ -96,12 +114,48 @@ def compare_run(run: Path, grid: list[float]) -> list[dict]:
     return rows
 
 
+def truth_groups(run: Path, max_k: int = 8) -> list[dict]:
+    """The SDP groups of each truth's affinity per k, with silhouette and ARI vs planted."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from hf_tae import AffinityMatrix, affinity_silhouette, average_seeds, read_runs, sdp_cluster
+
+    results = json.loads((run / "results.json").read_text())
+    metric, names = results["estimation"]["metric"], results["tasks"]
+    planted = results.get("planted_labels")
+    rows = []
+    for label, folders in truths(run).items():
+        T = AffinityMatrix.from_results(average_seeds(read_runs(folders)), names, metric=metric,
+                                        symmetrize=True, zero_diagonal=True).to_numpy()  # fmt: skip
+        T = np.nan_to_num(T, nan=0.0)  # pairs no subset observed count as 0, as in the job
+        for k in range(2, min(max_k, len(names) - 1) + 1):
+            labels = sdp_cluster(T, k).labels
+            groups = [[names[i] for i in np.flatnonzero(labels == g)] for g in np.unique(labels)]
+            rows.append({
+                "run": run.parent.name if run.name == "run" else run.name, "truth": label, "k": k,
+                "silhouette": affinity_silhouette(T, labels),
+                "ari": None if planted is None else adjusted_rand_score(planted, labels),
+                "groups": groups,
+            })  # fmt: skip
+    return rows
+
+
+def render_groups(rows: list[dict]) -> str:
+    lines = ["| run | truth | k | silhouette | ARI vs planted | SDP groups of the truth |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        ari = "–" if r["ari"] is None else f"{r['ari']:.2f}"
+        groups = "; ".join("{" + ", ".join(g) + "}" for g in r["groups"])
+        lines.append(f"| {r['run']} | {r['truth']} | {r['k']} | {r['silhouette']:.3f} | {ari} | {groups} |")
+    return "\n".join(lines)
+
+
 def render(rows: list[dict]) -> str:
     head = ("| run | truth | subsets | λ | observed Spearman | members agree | truth repeats "
             "agree | corrected Spearman |\n|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
-        lam = f"{r['l2']:g}" + (" (job)" if r["job_l2"] else "")
+        lam = "Fisher overlap" if r["l2"] is None else f"{r['l2']:g}" + (" (job)" if r["job_l2"] else "")
         lines.append(f"| {r['run']} | {r['truth']} | {r['subsets']} | {lam} | {r['observed']:+.2f} "
                      f"| {r['members_agree']:.2f} | {r['truth_agree']:.2f} | {r['corrected']:+.2f} |")  # fmt: skip
     return "\n".join(lines)
@@ -118,7 +172,7 @@ def plot(rows: list[dict], path: Path) -> None:
                              squeeze=False)  # fmt: skip
     for ax, name in zip(axes[0], runs, strict=True):
         for label, style in (("scratch", "o-"), ("members", "s--")):
-            mine = [r for r in rows if r["run"] == name and r["truth"] == label]
+            mine = [r for r in rows if r["run"] == name and r["truth"] == label and r["l2"]]
             if mine:
                 ax.plot([r["l2"] for r in mine], [r["observed"] for r in mine], style, label=label)
         ax.set_xscale("log")
@@ -144,13 +198,14 @@ def main(argv: list[str] | None = None) -> None:
                         default=Path(__file__).parent / "results" / "estimate_vs_truths.txt",
                         help="where the table (and a .png beside it) go")  # fmt: skip
     args = parser.parse_args(argv)
-    rows = []
+    rows, groups = [], []
     for run in args.runs:
         if not truths(run):
             raise SystemExit(f"{run} holds no finished ground truth; run the job with "
                              "--ground_truth N (and --ground_truth_init members) first.")  # fmt: skip
         rows += compare_run(run, args.l2)
-    text = render(rows)
+        groups += truth_groups(run)
+    text = render(rows) + "\n\nThe truths' own groups:\n\n" + render_groups(groups)
     print(text)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/estimate_vs_truths.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -129,6 +129,7 @@ def test_a_family_defined_outside_runs_the_whole_pipeline(tmp_path):
     grouping = results["grouping"]
     assert sorted(t for g in grouping["groups"] for t in g) == sorted(tasks)
     assert "adjusted_rand_vs_planted" in grouping
+    assert results["planted_labels"] == [0, 0, 1, 1]  # the toy family's two rules
     training = results["group_training"]
     assert set(training["summary"]) == {"grouped", "all tasks", "single task", "planted groups"}
     for name, summary in training["summary"].items():

@@ -197,6 +197,8 @@ def _run_pipeline(
         "timings": timings,
     }
     planted = family.planted_groups(tasks)
+    if planted is not None:  # one label per task, in ``tasks`` order
+        results["planted_labels"] = [int(g) for g in planted]
     is_main = PartialState().is_main_process
 
     def save_results() -> None:

@@ -7,7 +7,9 @@ What it measures
     - ``scratch`` (``ground_truth/``, ``--ground_truth_init group`` with ``--group_init
       scratch``): each subset trained from a fresh model, as the job's group models are;
     - ``members`` (``ground_truth_members/``, ``--ground_truth_init members``): repeat r
-      fine-tuned from meta-initialization r, the fine-tuning the estimate linearizes (notes A.3).
+      fine-tuned from meta-initialization r, the fine-tuning the estimate linearizes (notes A.3);
+    - ``all pairs`` (``exhaustive_truth/``, ``--ground_truth_exhaustive 2``): every pair of
+      tasks trained from scratch, each affinity entry observed directly.
 
     Per (run, truth): the truth's own SDP groups at each k (as the job groups an estimate:
     z-scored, symmetrized, zero diagonal), their silhouette and, where ``results.json`` has
@@ -69,8 +71,16 @@ def estimate_members(stores, subsets, l2: float | None, metric: str, names):
 
 
 def truths(run: Path) -> dict[str, list[Path]]:
+    """The finished truths of ``run``: ``scratch`` (``--ground_truth``), ``members``
+    (``--ground_truth_init members``) and ``all pairs`` (``--ground_truth_exhaustive 2``,
+    from scratch: every pair observed directly)."""
     found = {"scratch": [run / "ground_truth"],
              "members": sorted((run / "ground_truth_members").glob("member_*"))}  # fmt: skip
+    exhaustive = run / "exhaustive_truth"
+    if (exhaustive / "results.jsonl").exists():
+        first = json.loads((exhaustive / "results.jsonl").read_text().splitlines()[0])
+        size = len(first["subset"])
+        found["all pairs" if size == 2 else f"all subsets of {size}"] = [exhaustive]
     return {k: v for k, v in found.items() if v and all((f / "results.jsonl").exists() for f in v)}
 
 
@@ -171,7 +181,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3.2), sharey=True,
                              squeeze=False)  # fmt: skip
     for ax, name in zip(axes[0], runs, strict=True):
-        for label, style in (("scratch", "o-"), ("members", "s--")):
+        labels = dict.fromkeys(r["truth"] for r in rows)
+        for label, style in zip(labels, ("o-", "s--", "^:", "d-."), strict=False):
             mine = [r for r in rows if r["run"] == name and r["truth"] == label and r["l2"]]
             if mine:
                 ax.plot([r["l2"] for r in mine], [r["observed"] for r in mine], style, label=label)

@@ -20,6 +20,7 @@ import pytest
 from hf_tae import TaeError
 from hf_tae.evaluation.exhaustive import (
     compare_with_exhaustive,
+    count_equal_partitions,
     exhaustive_subsets,
     score_partitions,
 )
@@ -54,6 +55,14 @@ def test_set_partition_reference_counts_bell_numbers():
     assert [sum(1 for _ in set_partitions(list(range(n)))) for n in range(1, 7)] == [
         1, 2, 5, 15, 52, 203,
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 6, 7, 8])
+def test_count_equal_partitions_matches_brute_force(n):
+    for size in range(1, n + 1):
+        brute = sum(all(len(b) == size for b in p) for p in set_partitions(list(range(n))))
+        assert count_equal_partitions(n, size) == brute, (n, size)
+    assert count_equal_partitions(16, 2) == math.prod(range(1, 16, 2))  # 15!! pairings
 
 
 @pytest.mark.parametrize(("n", "k"), [(1, 1), (5, 2), (6, 3), (8, 4), (7, 7)])

@@ -54,6 +54,21 @@ def test_ground_truth_section_says_where_the_truth_started():
     assert "2 fine-tuning seeds agree" in text
 
 
+def test_exhaustive_truth_with_too_many_partitions_says_none_were_ranked():
+    from hf_tae.pipeline.report import _exhaustive_lines
+
+    truth = {"subset_size": 2, "num_subsets": 120, "seeds": 2, "seconds": 60.0,
+             "metric": "log_loss", "affinity": {"spearman": 0.5, "pearson": 0.4,
+                                                "relative_frobenius": 0.9, "mean_abs_error": 0.1,
+                                                "num_entries": 240},
+             "chosen": {"k": 4, "true_objective": 1.0}, "by_k": None, "note": None,
+             "partitions": {"scorable": 2027025, "top": [],
+                            "note": "2027025 partitions of the 16 tasks into fine-tuned subsets "
+                                    "of 2: more than 1000000 to rank, so none are ranked"}}  # fmt: skip
+    text = "\n".join(_exhaustive_lines(truth))
+    assert "2027025 partitions of the 16 tasks" in text and "none are ranked." in text
+
+
 def test_corrected_spearman_above_one_is_flagged():
     text = render_report({**BASE, "ground_truth": _truth(1.02)})
     assert "+1.02 (above 1: too few seeds" in text

@@ -102,6 +102,16 @@ def _exact_covers(
     yield from extend(frozenset(), [])
 
 
+def count_equal_partitions(num_tasks: int, size: int) -> int:
+    """How many partitions of ``num_tasks`` tasks into groups of exactly ``size`` exist (0 when
+    ``size`` does not divide ``num_tasks``): n! / ((size!)^m m!) with m = n / size. These are
+    the partitions :func:`score_partitions` scores on an all-C(n, size) truth."""
+    if size < 1 or num_tasks % size:
+        return 0
+    m = num_tasks // size
+    return math.factorial(num_tasks) // (math.factorial(size) ** m * math.factorial(m))
+
+
 def score_partitions(
     results: pd.DataFrame,
     num_tasks: int,

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 OUTPUT = "exhaustive_truth"
 #: Best partitions by fine-tuned subsets kept in ``results.json``.
 TOP_PARTITIONS = 5
+#: Partitions into fine-tuned subsets ranked at most (their count is known in closed form).
+MAX_SCORED_PARTITIONS = 1_000_000
 
 
 def check_exhaustive(grouping_args: GroupingArguments, num_tasks: int) -> int:
@@ -77,6 +79,7 @@ def run_exhaustive_truth(
     from hf_tae.estimation.compare import compare_affinities
     from hf_tae.evaluation.exhaustive import (
         compare_with_exhaustive,
+        count_equal_partitions,
         exhaustive_subsets,
         score_partitions,
     )
@@ -121,7 +124,13 @@ def run_exhaustive_truth(
                                "ari_vs_exhaustive": float(adjusted_rand_score(best.labels, chosen))}  # fmt: skip
     else:
         info["note"] = f"n = {n} > {MAX_EXHAUSTIVE_N}: no brute force over partitions"
-    ranked = score_partitions(truth, n, metric)
+    count = count_equal_partitions(n, k_size)
+    if count > MAX_SCORED_PARTITIONS:  # e.g. 2 million pairings of 16 tasks: skip, say so
+        info["partitions"] = {"scorable": count, "top": [], "note": (
+            f"{count} partitions of the {n} tasks into fine-tuned subsets of {k_size}: more "
+            f"than {MAX_SCORED_PARTITIONS} to rank, so none are ranked")}  # fmt: skip
+        return info
+    ranked = score_partitions(truth, n, metric, max_partitions=MAX_SCORED_PARTITIONS)
     info["partitions"] = {
         "scorable": len(ranked),
         "top": [

@@ -427,7 +427,9 @@ def _exhaustive_lines(truth: Mapping[str, Any] | None) -> list[str]:
                  f"at that k (ARI {format_number(chosen['ari_vs_exhaustive'], '.2f')})")  # fmt: skip
     out += [line + ".", ""]
     parts = truth.get("partitions") or {}
-    if parts.get("scorable"):
+    if parts.get("note"):
+        out += [parts["note"][0].upper() + parts["note"][1:] + ".", ""]
+    elif parts.get("scorable"):
         top = parts["top"][0]
         out += [
             f"{parts['scorable']} partitions are made of fine-tuned subsets only; the best by "

@@ -271,3 +271,27 @@ def test_capacity_options_are_flags_of_each_family():
         assert options, name
         flags = {o for action in build_parser(name)._actions for o in action.option_strings}
         assert set(options) <= flags, (name, options)
+
+
+def test_truth_starts_give_each_member_every_num_members_th_seed(tmp_path):
+    """``--ground_truth_init members`` with 4 seeds and 2 meta-initializations: member m runs
+    seeds m and m + 2 in its own folder, from its own θ0; ``group`` keeps one folder and
+    every seed."""
+    from hf_tae.pipeline.arguments import GroupingArguments
+    from hf_tae.pipeline.stages import truth_starts
+    from hf_tae.trainers.arguments import MultitaskTrainingArguments
+
+    for folder in (tmp_path / "meta_init", tmp_path / "ensemble" / "member_1" / "meta_init"):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"theta0": str(folder)}))
+    args = MultitaskTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    members = GroupingArguments(ground_truth_init="members", ground_truth_seeds=[0, 1, 2, 3])
+    starts = truth_starts(None, None, None, members, args, tmp_path, num_members=2)
+    assert [(folder.relative_to(tmp_path).as_posix(), seeds) for _, _, folder, seeds in starts] == [
+        ("ground_truth_members/member_0", [0, 2]), ("ground_truth_members/member_1", [1, 3])]
+    assert starts[0][1] != starts[1][1]  # two different θ0 files, two fingerprints
+    group = GroupingArguments(ground_truth_init="group", group_init="meta",
+                              ground_truth_seeds=[0, 1, 2, 3])  # fmt: skip
+    (only,) = truth_starts(None, None, None, group, args, tmp_path, num_members=2)
+    assert only[2] == tmp_path / "ground_truth" and only[3] == [0, 1, 2, 3]
+    assert only[1] == starts[0][1]  # --group_init meta starts from member 0's θ0

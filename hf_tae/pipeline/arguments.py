@@ -252,8 +252,8 @@ class GroupingArguments:
     ground_truth: int = field(
         default=0,
         metadata={
-            "help": "Fine-tune this many sampled subsets for real (from --group_init) and "
-            "compare them with their estimates (0: skip)."
+            "help": "Fine-tune this many sampled subsets for real (started as "
+            "--ground_truth_init says) and compare them with their estimates (0: skip)."
         },
     )
     ground_truth_exhaustive: int = field(

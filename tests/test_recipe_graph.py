@@ -257,6 +257,19 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
         assert truth["corrected_spearman"] == pytest.approx(
             truth["affinity"]["spearman"] / np.sqrt(t_rel * e_rel)
         )
+    # the truth clustered itself at the job's k and the planted k (those between 1 and n):
+    # partitions of the tasks, their ARIs those of their groups against both labellings
+    from sklearn.metrics import adjusted_rand_score
+
+    chosen, planted = results["grouping"]["labels"], results["planted_labels"]
+    ks = {len(set(chosen)), len(set(planted))} - {1, len(tasks)}
+    assert sorted(row["k"] for row in truth["truth_groups"]) == sorted(ks)
+    for row in truth["truth_groups"]:
+        assert len(row["groups"]) == row["k"]
+        assert sorted(t for g in row["groups"] for t in g) == sorted(tasks)
+        found = [next(i for i, g in enumerate(row["groups"]) if t in g) for t in tasks]
+        assert row["ari_vs_chosen"] == pytest.approx(adjusted_rand_score(chosen, found))
+        assert row["ari_vs_planted"] == pytest.approx(adjusted_rand_score(planted, found))
     for name in (
         "report.md",
         "affinity_by_group.png",

@@ -69,6 +69,14 @@ def test_exhaustive_truth_with_too_many_partitions_says_none_were_ranked():
     assert "2027025 partitions of the 16 tasks" in text and "none are ranked." in text
 
 
+def test_ground_truth_section_clusters_the_truth_itself():
+    groups = [{"k": 2, "groups": [["a", "b"], ["c", "d"]], "ari_vs_chosen": 1.0,
+               "ari_vs_planted": None}]  # fmt: skip
+    text = render_report({**BASE, "ground_truth": {**_truth(0.5), "truth_groups": groups}})
+    assert ("The fine-tuned affinity itself, clustered as the estimate is (SDP, k = 2): {a, b}; "
+            "{c, d} (ARI 1.00 against the job's groups).") in text  # fmt: skip
+
+
 def test_corrected_spearman_above_one_is_flagged():
     text = render_report({**BASE, "ground_truth": _truth(1.02)})
     assert "+1.02 (above 1: too few seeds" in text

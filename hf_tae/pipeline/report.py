@@ -358,6 +358,17 @@ def render_report(results: Mapping[str, Any]) -> str:
                     )
                 )
             out += [""]
+        for row in truth.get("truth_groups") or []:
+            against = [f"ARI {format_number(row[key], '.2f')} against {label}"
+                       for key, label in (("ari_vs_chosen", "the job's groups"),
+                                          ("ari_vs_planted", "the planted groups"))
+                       if row.get(key) is not None]  # fmt: skip
+            out += [
+                f"The fine-tuned affinity itself, clustered as the estimate is (SDP, k = "
+                f"{row['k']}): " + "; ".join("{" + ", ".join(g) + "}" for g in row["groups"])
+                + (f" ({', '.join(against)})." if against else "."),
+                "",
+            ]
     out += _exhaustive_lines(results.get("exhaustive_truth"))
     return "\n".join(out)
 

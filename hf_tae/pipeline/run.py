@@ -312,7 +312,8 @@ def _run_pipeline(
                 joined, results["ground_truth"] = stages.run_ground_truth(
                     starts, tasks, subsets, estimates, est_args, grouping_args,
                     training_args, output_dir, results["estimation"]["seconds"],
-                    family.trainer_class,
+                    family.trainer_class, group_labels=results.get("grouping", {}).get("labels"),
+                    planted=planted,
                 )  # fmt: skip
             if is_main:
                 plot_estimated_vs_true(

@@ -620,11 +620,41 @@ def truth_folder(grouping_args) -> str:
     return "ground_truth" if grouping_args.ground_truth_init == "group" else "ground_truth_members"
 
 
+def truth_groups(truth, names: Sequence[str], metric: str, chosen: Sequence[int] | None,
+                 planted: np.ndarray | None) -> list[dict[str, Any]]:  # fmt: skip
+    """The fine-tuned affinity clustered as the job clusters an estimate (z-scored,
+    symmetrized, zero diagonal, unobserved pairs 0; SDP) at the job's k and the planted k:
+    whether the truth itself holds the job's groups and the planted ones (ARI)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from hf_tae.clustering import sdp_cluster
+    from hf_tae.estimation.affinity import AffinityMatrix
+
+    T = AffinityMatrix.from_results(truth, list(names), metric=metric, symmetrize=True,
+                                    zero_diagonal=True).to_numpy()  # fmt: skip
+    T = np.nan_to_num(T, nan=0.0)
+    ks = {len(set(labels)) for labels in (chosen, planted) if labels is not None}
+    out = []
+    for k in sorted(k for k in ks if 1 < k < len(names)):
+        labels = sdp_cluster(T, k).labels
+        out.append({
+            "k": k,
+            "groups": [[names[i] for i in np.flatnonzero(labels == g)] for g in np.unique(labels)],
+            "ari_vs_chosen": None if chosen is None else float(adjusted_rand_score(chosen, labels)),
+            "ari_vs_planted": None if planted is None else float(adjusted_rand_score(planted, labels)),
+        })  # fmt: skip
+    return out
+
+
 def run_ground_truth(starts, tasks: TaskSet, subsets, estimates, est_args, grouping_args,
                      training_args, output_dir: Path, estimation_seconds: float,
-                     trainer_class: type | None = None):  # fmt: skip
+                     trainer_class: type | None = None,
+                     group_labels: Sequence[int] | None = None,
+                     planted: np.ndarray | None = None):  # fmt: skip
     """Stage 7: fine-tune ``--ground_truth`` sampled subsets from each of ``starts``
-    (:func:`truth_starts`) and compare them with their estimates."""
+    (:func:`truth_starts`) and compare them with their estimates; with the job's group labels
+    (``group_labels``) and the ``planted`` ones, also cluster the truth itself
+    (:func:`truth_groups`)."""
     import pandas as pd
 
     from hf_tae.estimation.affinity import AffinityMatrix
@@ -672,6 +702,8 @@ def run_ground_truth(starts, tasks: TaskSet, subsets, estimates, est_args, group
         "scores": compare_results(est, truth, metric=metric),
         "metric": metric,
     }
+    if group_labels is not None or planted is not None:
+        info["truth_groups"] = truth_groups(truth, names, metric, group_labels, planted)
     # both sides are noisy: with repeats on both, judge the estimate against the ceiling
     if len(per_seed) > 1:
         info["truth_self_agreement"] = self_agreement([build(t, "fine-tuned") for t in per_seed])

@@ -142,6 +142,56 @@ def test_a_family_defined_outside_runs_the_whole_pipeline(tmp_path):
     assert json.loads((out / "results.json").read_text())["family"] == "toy-test"
 
 
+def _register_toy_with_auto_classes(family) -> None:
+    """θ0s are read back with the Auto classes: a family from outside registers its model."""
+    from transformers import AutoConfig, AutoModel
+
+    model = family().model_init(ToyArguments(), family().load_tasks(ToyArguments()))
+    try:
+        AutoConfig.register("hf_tae_toy_test", type(model.config))
+        AutoModel.register(type(model.config), type(model))
+    except ValueError:  # already registered by an earlier test in this process
+        pass
+
+
+def test_estimate_vs_truths_benchmark_reproduces_the_jobs_comparison(tmp_path):
+    """benchmarks/estimate_vs_truths.py refits the estimate on a finished run: at the job's λ
+    its numbers against the from-scratch truth are the job's own; a resumed run with
+    ``--ground_truth_init members`` adds the second truth without retraining the first."""
+    import importlib.util
+
+    import torch
+
+    from hf_tae.families import register_family
+    from hf_tae.pipeline import run
+
+    torch.set_num_threads(1)
+    _register_toy_with_auto_classes(register_family(_toy_family()))
+    out = tmp_path / "run"
+    argv = ["toy-test", "--output_dir", str(out), "--disable_tqdm", "true", "--num_meta_inits", "2",
+            "--subset_size", "2", "--num_task_groups", "2", "--ground_truth", "4",
+            "--ground_truth_seeds", "0", "1", "--train_groups", "false", "--projection_dim", "16",
+            "--hidden", "6"]  # fmt: skip
+    job = run(argv)["ground_truth"]
+    scratch_lines = (out / "ground_truth" / "results.jsonl").read_text()
+    run([*argv, "--ground_truth_init", "members"])
+    assert (out / "ground_truth" / "results.jsonl").read_text() == scratch_lines
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "estimate_vs_truths.py"
+    spec = importlib.util.spec_from_file_location("benchmark_estimate_vs_truths", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert list(bench.truths(out)) == ["scratch", "members"]
+    rows = bench.compare_run(out, [1.0, 100.0, 10000.0])
+    (mine,) = [r for r in rows if r["truth"] == "scratch" and r["job_l2"]]
+    assert mine["observed"] == pytest.approx(job["affinity"]["spearman"])
+    assert mine["members_agree"] == pytest.approx(job["estimate_self_agreement"]["mean_spearman"])
+    assert mine["truth_agree"] == pytest.approx(job["truth_self_agreement"]["mean_spearman"])
+    assert {r["truth"] for r in rows if r["l2"] is None} == {"scratch", "members"}  # Fisher rows
+    groups = bench.truth_groups(out)
+    assert {(g["truth"], g["k"]) for g in groups} == {(t, k) for t in ("scratch", "members")
+                                                      for k in (2, 3)}  # 1 < k < 4 tasks
+
+
 def test_ground_truth_from_the_members_starts_each_repeat_from_its_own_theta0(tmp_path):
     """``--ground_truth_init members``: seed r fine-tunes from meta-initialization r, so each
     member's runs record that member's weights, and the same subset trained from two members
@@ -150,19 +200,12 @@ def test_ground_truth_from_the_members_starts_each_repeat_from_its_own_theta0(tm
 
     import pandas as pd
     import torch
-    from transformers import AutoConfig, AutoModel
 
     from hf_tae.families import register_family
     from hf_tae.pipeline import run
 
     torch.set_num_threads(1)
-    family = register_family(_toy_family())
-    model = family().model_init(ToyArguments(), family().load_tasks(ToyArguments()))
-    try:  # θ0s are read back with the Auto classes: a family from outside registers its model
-        AutoConfig.register("hf_tae_toy_test", type(model.config))
-        AutoModel.register(type(model.config), type(model))
-    except ValueError:  # already registered by an earlier test in this process
-        pass
+    _register_toy_with_auto_classes(register_family(_toy_family()))
     out = tmp_path / "run"
     results = run(
         ["toy-test", "--output_dir", str(out), "--disable_tqdm", "true", "--num_meta_inits", "2",

@@ -174,6 +174,8 @@ def test_estimate_vs_truths_benchmark_reproduces_the_jobs_comparison(tmp_path):
             "--hidden", "6"]  # fmt: skip
     job = run(argv)["ground_truth"]
     scratch_lines = (out / "ground_truth" / "results.jsonl").read_text()
+    again = run(argv)["ground_truth"]  # every run reused: nothing timed, no ratio
+    assert again["runs"] == 8 and again["runs_trained"] == 0 and again["compute_ratio"] is None
     run([*argv, "--ground_truth_init", "members"])
     assert (out / "ground_truth" / "results.jsonl").read_text() == scratch_lines
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "estimate_vs_truths.py"

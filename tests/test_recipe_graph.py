@@ -247,6 +247,7 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     # ground truth: 3 fine-tuned subsets compared with their estimates
     truth = results["ground_truth"]
     assert truth["num_subsets"] == 3 and truth["scores"]["num_pairs"] == 6
+    assert truth["runs"] == truth["runs_trained"] == 6  # 3 subsets × 2 seeds, all trained now
     # two seeds by default: the truth's own agreement, the estimate's, and the Spearman
     # corrected for both (when both reliabilities are positive)
     table = pd.read_json(out / "ground_truth" / "results.jsonl", lines=True)

@@ -77,6 +77,16 @@ def test_ground_truth_section_clusters_the_truth_itself():
             "{c, d} (ARI 1.00 against the job's groups).") in text  # fmt: skip
 
 
+def test_ground_truth_cost_counts_only_the_runs_trained_in_this_call():
+    reused = {**_truth(0.5), "runs": 200, "runs_trained": 0, "seconds": 0.4, "compute_ratio": None}
+    assert "(all 200 runs reused from an earlier call of the job)." in render_report(
+        {**BASE, "ground_truth": reused})
+    partial = {**_truth(0.5), "runs": 200, "runs_trained": 50, "seconds": 800.0,
+               "compute_ratio": 0.002}  # fmt: skip
+    assert ("(800 s for 50 of the 200 runs, the rest reused; estimation took 0.2% of the time "
+            "all runs take).") in render_report({**BASE, "ground_truth": partial})  # fmt: skip
+
+
 def test_corrected_spearman_above_one_is_flagged():
     text = render_report({**BASE, "ground_truth": _truth(1.02)})
     assert "+1.02 (above 1: too few seeds" in text

@@ -305,8 +305,7 @@ def render_report(results: Mapping[str, Any]) -> str:
             "## Estimated vs fine-tuned",
             "",
             f"{truth['num_subsets']} subsets fine-tuned for real{TRUTH_STARTS.get(truth.get('init'), '')} "
-            f"({format_number(truth['seconds'], '.0f')} s; "
-            f"estimation took {format_number(truth['compute_ratio'], '.1%')} of that).",
+            + _truth_cost(truth),
             "",
             _table(
                 ["", "relative Frobenius", "mean abs error", "Spearman", "Pearson"],
@@ -400,6 +399,17 @@ def _sampling_lines(est: Mapping[str, Any]) -> list[str]:
         + "; ".join("{" + ", ".join(c) + "}" for c in adaptive["final_clusters"]) + ".",
         "",
     ]
+
+
+def _truth_cost(truth: Mapping[str, Any]) -> str:
+    """What the truth's runs cost, and the estimate's share of it; reused runs cost nothing
+    in this call, so the share is extrapolated from the runs it trained."""
+    if truth.get("runs_trained") == 0:
+        return f"(all {truth['runs']} runs reused from an earlier call of the job)."
+    trained = ("" if truth.get("runs_trained") in (None, truth.get("runs")) else
+               f" for {truth['runs_trained']} of the {truth['runs']} runs, the rest reused")  # fmt: skip
+    return (f"({format_number(truth['seconds'], '.0f')} s{trained}; estimation took "
+            f"{format_number(truth['compute_ratio'], '.1%')} of the time all runs take).")
 
 
 def _exhaustive_lines(truth: Mapping[str, Any] | None) -> list[str]:

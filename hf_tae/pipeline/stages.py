@@ -667,14 +667,20 @@ def run_ground_truth(starts, tasks: TaskSet, subsets, estimates, est_args, group
     from hf_tae.evaluation.ground_truth import SubsetFineTuner, average_seeds
 
     chosen = [tuple(s) for s in subsets[: grouping_args.ground_truth]]
-    start = time.perf_counter()
-    truth = pd.concat([
-        SubsetFineTuner(
-            model_init, tasks, run_arguments(training_args, grouping_args.run_steps), folder,
-            seeds=seeds, trainer_class=trainer_class, fingerprint=fingerprint,
-        ).run(chosen, split=est_args.scoring_split, show_progress=not training_args.disable_tqdm)
+    split = est_args.scoring_split
+    tuners = [
+        SubsetFineTuner(model_init, tasks, run_arguments(training_args, grouping_args.run_steps),
+                        folder, seeds=seeds, trainer_class=trainer_class, fingerprint=fingerprint)
         for model_init, fingerprint, folder, seeds in starts
-    ], ignore_index=True)  # fmt: skip
+    ]  # fmt: skip
+    # runs finished by an earlier call are reused: time only what this call trains
+    runs = {(i, s, seed) for i, t in enumerate(tuners) for s in t.canonical(chosen) for seed in t.seeds}
+    done = {(i, tuple(r["subset"]), r["seed"]) for i, t in enumerate(tuners)
+            for r in t.load_records() if r["split"] == split}  # fmt: skip
+    trained = len(runs - done)
+    start = time.perf_counter()
+    truth = pd.concat([t.run(chosen, split=split, show_progress=not training_args.disable_tqdm)
+                       for t in tuners], ignore_index=True)  # fmt: skip
     seconds = time.perf_counter() - start
     per_seed = [rows.drop(columns="seed") for _, rows in truth.groupby("seed")]
     truth = average_seeds(truth)
@@ -696,8 +702,13 @@ def run_ground_truth(starts, tasks: TaskSet, subsets, estimates, est_args, group
     info: dict[str, Any] = {
         "init": grouping_args.ground_truth_init,
         "num_subsets": len(chosen),
+        "runs": len(runs),
+        "runs_trained": trained,
         "seconds": seconds,
-        "compute_ratio": estimation_seconds * len(chosen) / len(subsets) / max(seconds, 1e-9),
+        # estimation time of these subsets against fine-tuning all their runs (extrapolated
+        # from the runs this call trained; None when every run was reused)
+        "compute_ratio": None if not trained else (
+            estimation_seconds * len(chosen) / len(subsets) / max(seconds * len(runs) / trained, 1e-9)),
         "affinity": compare_affinities(est_matrix, true_matrix),
         "scores": compare_results(est, truth, metric=metric),
         "metric": metric,

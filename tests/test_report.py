@@ -50,7 +50,7 @@ def test_ground_truth_section_says_where_the_truth_started():
     assert "repeat r fine-tuned from meta-initialization r (what the estimate linearizes)" in text
     assert "2 fine-tuning runs (each from its own θ0) agree with each other" in text
     text = render_report({**BASE, "ground_truth": {**_truth(0.5), "init": "group"}})
-    assert "fine-tuned for real (started as the group models: --group_init)" in text
+    assert "fine-tuned for real, started as the group models are (--group_init): " in text
     assert "2 fine-tuning seeds agree" in text
 
 
@@ -79,12 +79,12 @@ def test_ground_truth_section_clusters_the_truth_itself():
 
 def test_ground_truth_cost_counts_only_the_runs_trained_in_this_call():
     reused = {**_truth(0.5), "runs": 200, "runs_trained": 0, "seconds": 0.4, "compute_ratio": None}
-    assert "(all 200 runs reused from an earlier call of the job)." in render_report(
+    assert "for real: all 200 runs reused from an earlier call of the job." in render_report(
         {**BASE, "ground_truth": reused})
     partial = {**_truth(0.5), "runs": 200, "runs_trained": 50, "seconds": 800.0,
                "compute_ratio": 0.002}  # fmt: skip
-    assert ("(800 s for 50 of the 200 runs, the rest reused; estimation took 0.2% of the time "
-            "all runs take).") in render_report({**BASE, "ground_truth": partial})  # fmt: skip
+    assert ("for real: 800 s for 50 of the 200 runs, the rest reused; estimation took 0.2% of "
+            "the time all runs take.") in render_report({**BASE, "ground_truth": partial})  # fmt: skip
 
 
 def test_corrected_spearman_above_one_is_flagged():

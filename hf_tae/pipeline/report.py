@@ -19,7 +19,7 @@ from hf_tae.utils.io import atomic_write_text
 from hf_tae.utils.plots import pyplot, save_figure
 
 #: How ``--ground_truth_init`` started the truth's runs, as the report says it.
-TRUTH_STARTS = {"group": " (started as the group models: --group_init)",
+TRUTH_STARTS = {"group": ", started as the group models are (--group_init)",
                 "members": ", repeat r fine-tuned from meta-initialization r (what the estimate linearizes)"}  # fmt: skip
 
 
@@ -304,7 +304,7 @@ def render_report(results: Mapping[str, Any]) -> str:
         out += [
             "## Estimated vs fine-tuned",
             "",
-            f"{truth['num_subsets']} subsets fine-tuned for real{TRUTH_STARTS.get(truth.get('init'), '')} "
+            f"{truth['num_subsets']} subsets fine-tuned for real{TRUTH_STARTS.get(truth.get('init'), '')}: "
             + _truth_cost(truth),
             "",
             _table(
@@ -405,11 +405,11 @@ def _truth_cost(truth: Mapping[str, Any]) -> str:
     """What the truth's runs cost, and the estimate's share of it; reused runs cost nothing
     in this call, so the share is extrapolated from the runs it trained."""
     if truth.get("runs_trained") == 0:
-        return f"(all {truth['runs']} runs reused from an earlier call of the job)."
+        return f"all {truth['runs']} runs reused from an earlier call of the job."
     trained = ("" if truth.get("runs_trained") in (None, truth.get("runs")) else
                f" for {truth['runs_trained']} of the {truth['runs']} runs, the rest reused")  # fmt: skip
-    return (f"({format_number(truth['seconds'], '.0f')} s{trained}; estimation took "
-            f"{format_number(truth['compute_ratio'], '.1%')} of the time all runs take).")
+    return (f"{format_number(truth['seconds'], '.0f')} s{trained}; estimation took "
+            f"{format_number(truth['compute_ratio'], '.1%')} of the time all runs take.")
 
 
 def _exhaustive_lines(truth: Mapping[str, Any] | None) -> list[str]:

@@ -637,12 +637,12 @@ def truth_groups(truth, names: Sequence[str], metric: str, chosen: Sequence[int]
     out = []
     for k in sorted(k for k in ks if 1 < k < len(names)):
         labels = sdp_cluster(T, k).labels
-        out.append({
-            "k": k,
-            "groups": [[names[i] for i in np.flatnonzero(labels == g)] for g in np.unique(labels)],
-            "ari_vs_chosen": None if chosen is None else float(adjusted_rand_score(chosen, labels)),
-            "ari_vs_planted": None if planted is None else float(adjusted_rand_score(planted, labels)),
-        })  # fmt: skip
+        row = {"k": k, "groups": [[names[i] for i in np.flatnonzero(labels == g)]
+                                  for g in np.unique(labels)]}  # fmt: skip
+        for key, reference in (("ari_vs_chosen", chosen), ("ari_vs_planted", planted)):
+            if reference is not None:  # data without planted groups never mention them
+                row[key] = float(adjusted_rand_score(reference, labels))
+        out.append(row)
     return out
 
 

@@ -125,28 +125,20 @@ def compare_run(run: Path, grid: list[float]) -> list[dict]:
 
 
 def truth_groups(run: Path, max_k: int = 8) -> list[dict]:
-    """The SDP groups of each truth's affinity per k, with silhouette and ARI vs planted."""
-    from sklearn.metrics import adjusted_rand_score
-
-    from hf_tae import AffinityMatrix, affinity_silhouette, average_seeds, read_runs, sdp_cluster
+    """The SDP groups of each truth's affinity per k, with silhouette and ARI vs planted
+    (the job's own :func:`~hf_tae.pipeline.stages.truth_groups`, at every k up to ``max_k``)."""
+    from hf_tae import average_seeds, read_runs
+    from hf_tae.pipeline.stages import truth_groups as cluster_truth
 
     results = json.loads((run / "results.json").read_text())
     metric, names = results["estimation"]["metric"], results["tasks"]
     planted = results.get("planted_labels")
     rows = []
     for label, folders in truths(run).items():
-        T = AffinityMatrix.from_results(average_seeds(read_runs(folders)), names, metric=metric,
-                                        symmetrize=True, zero_diagonal=True).to_numpy()  # fmt: skip
-        T = np.nan_to_num(T, nan=0.0)  # pairs no subset observed count as 0, as in the job
-        for k in range(2, min(max_k, len(names) - 1) + 1):
-            labels = sdp_cluster(T, k).labels
-            groups = [[names[i] for i in np.flatnonzero(labels == g)] for g in np.unique(labels)]
-            rows.append({
-                "run": run.parent.name if run.name == "run" else run.name, "truth": label, "k": k,
-                "silhouette": affinity_silhouette(T, labels),
-                "ari": None if planted is None else adjusted_rand_score(planted, labels),
-                "groups": groups,
-            })  # fmt: skip
+        for row in cluster_truth(average_seeds(read_runs(folders)), names, metric, None, planted,
+                                 ks=range(2, max_k + 1)):  # fmt: skip
+            rows.append({"run": run.parent.name if run.name == "run" else run.name,
+                         "truth": label, "ari": row.get("ari_vs_planted"), **row})  # fmt: skip
     return rows
 
 

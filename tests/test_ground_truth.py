@@ -110,6 +110,8 @@ def test_read_runs_gives_the_finished_table_without_training(finished, tmp_path)
 
 def test_resume_trains_only_new_subsets_and_ignores_a_partial_line(graph, task_set, finished):
     tuner, _, table = finished
+    assert tuner.pending(SUBSETS) == [] and tuner.pending(SUBSETS, split="test") == [
+        (tuple(sorted(s)), 0) for s in SUBSETS]  # scored on validation only  # fmt: skip
     with tuner.results_path.open("a") as handle:
         handle.write('{"subset": [0, 3], "seed": 0, "spl')  # a crash mid-append
     init = ModelInit(graph)

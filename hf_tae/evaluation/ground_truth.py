@@ -249,12 +249,12 @@ class SubsetFineTuner:
         records = self.load_records()
         done = {(tuple(r["subset"]), r["seed"], r["split"]): r for r in records}
         keep = {(s, self.seeds[0]) for s in self.canonical(keep_models)}
+        missing = set(self.pending(subsets, split, records))
         todo = [
             (s, seed)
             for s in dict.fromkeys(canon)
             for seed in self.seeds
-            if (s, seed, split) not in done
-            or ((s, seed) in keep and not self.model_path(s, seed).is_dir())
+            if (s, seed) in missing or ((s, seed) in keep and not self.model_path(s, seed).is_dir())
         ]
         if world > 1:  # every process must see the same pending list before any appends
             state.wait_for_everyone()
@@ -291,6 +291,15 @@ class SubsetFineTuner:
         ]
         generated = [m for m in GENERATION_METRICS if rows and all(m in r for r in rows)]
         return pd.DataFrame(rows, columns=[*COLUMNS, *generated, "seed"])
+
+    def pending(self, subsets: Sequence[Sequence[int | str]], split: str = "validation",
+                records: Sequence[dict[str, Any]] | None = None) -> list[tuple[tuple[int, ...], int]]:  # fmt: skip
+        """The (subset, seed) runs of ``subsets`` with no finished record on ``split`` (what
+        :meth:`run` would train), in order; ``records``: :meth:`load_records`, if read already."""
+        records = self.load_records() if records is None else records
+        done = {(tuple(r["subset"]), r["seed"]) for r in records if r["split"] == split}
+        return [(s, seed) for s in dict.fromkeys(self.canonical(subsets)) for seed in self.seeds
+                if (s, seed) not in done]  # fmt: skip
 
     def _merge_ranks(self, distributed: bool) -> None:
         """Fold any ``results.rank{r}.jsonl`` into ``results.jsonl`` (atomically, then delete

@@ -621,24 +621,28 @@ def truth_folder(grouping_args) -> str:
 
 
 def truth_groups(truth, names: Sequence[str], metric: str, chosen: Sequence[int] | None,
-                 planted: np.ndarray | None) -> list[dict[str, Any]]:  # fmt: skip
+                 planted: Sequence[int] | None,
+                 ks: Sequence[int] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """The fine-tuned affinity clustered as the job clusters an estimate (z-scored,
-    symmetrized, zero diagonal, unobserved pairs 0; SDP) at the job's k and the planted k:
-    whether the truth itself holds the job's groups and the planted ones (ARI)."""
+    symmetrized, zero diagonal, unobserved pairs 0; SDP) at each k of ``ks`` (default: the
+    job's k and the planted k): whether the truth itself holds the job's groups and the
+    planted ones (ARI), and each grouping's mean silhouette on the truth."""
     from sklearn.metrics import adjusted_rand_score
 
-    from hf_tae.clustering import sdp_cluster
+    from hf_tae.clustering import affinity_silhouette, sdp_cluster
     from hf_tae.estimation.affinity import AffinityMatrix
 
     T = AffinityMatrix.from_results(truth, list(names), metric=metric, symmetrize=True,
                                     zero_diagonal=True).to_numpy()  # fmt: skip
     T = np.nan_to_num(T, nan=0.0)
-    ks = {len(set(labels)) for labels in (chosen, planted) if labels is not None}
+    if ks is None:
+        ks = {len(set(labels)) for labels in (chosen, planted) if labels is not None}
     out = []
-    for k in sorted(k for k in ks if 1 < k < len(names)):
+    for k in sorted(k for k in set(ks) if 1 < k < len(names)):
         labels = sdp_cluster(T, k).labels
         row = {"k": k, "groups": [[names[i] for i in np.flatnonzero(labels == g)]
-                                  for g in np.unique(labels)]}  # fmt: skip
+                                  for g in np.unique(labels)],
+               "silhouette": float(affinity_silhouette(T, labels))}  # fmt: skip
         for key, reference in (("ari_vs_chosen", chosen), ("ari_vs_planted", planted)):
             if reference is not None:  # data without planted groups never mention them
                 row[key] = float(adjusted_rand_score(reference, labels))
@@ -674,10 +678,8 @@ def run_ground_truth(starts, tasks: TaskSet, subsets, estimates, est_args, group
         for model_init, fingerprint, folder, seeds in starts
     ]  # fmt: skip
     # runs finished by an earlier call are reused: time only what this call trains
-    runs = {(i, s, seed) for i, t in enumerate(tuners) for s in t.canonical(chosen) for seed in t.seeds}
-    done = {(i, tuple(r["subset"]), r["seed"]) for i, t in enumerate(tuners)
-            for r in t.load_records() if r["split"] == split}  # fmt: skip
-    trained = len(runs - done)
+    runs = sum(len(set(t.canonical(chosen))) * len(t.seeds) for t in tuners)
+    trained = sum(len(t.pending(chosen, split)) for t in tuners)
     start = time.perf_counter()
     truth = pd.concat([t.run(chosen, split=split, show_progress=not training_args.disable_tqdm)
                        for t in tuners], ignore_index=True)  # fmt: skip
@@ -702,13 +704,13 @@ def run_ground_truth(starts, tasks: TaskSet, subsets, estimates, est_args, group
     info: dict[str, Any] = {
         "init": grouping_args.ground_truth_init,
         "num_subsets": len(chosen),
-        "runs": len(runs),
+        "runs": runs,
         "runs_trained": trained,
         "seconds": seconds,
         # estimation time of these subsets against fine-tuning all their runs (extrapolated
         # from the runs this call trained; None when every run was reused)
         "compute_ratio": None if not trained else (
-            estimation_seconds * len(chosen) / len(subsets) / max(seconds * len(runs) / trained, 1e-9)),
+            estimation_seconds * len(chosen) / len(subsets) / max(seconds * runs / trained, 1e-9)),
         "affinity": compare_affinities(est_matrix, true_matrix),
         "scores": compare_results(est, truth, metric=metric),
         "metric": metric,

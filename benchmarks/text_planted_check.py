@@ -15,6 +15,9 @@ What it measures
     skill help each other), a stranger should raise it (skills compete).
 
     python benchmarks/text_planted_check.py --output_dir /tmp/text_check --seeds 0 1
+
+    Any other option is the family's (``hf-tae run instructions --help``), e.g. ``--skills max
+    min even big`` or ``--train_per_template 40`` to check another design of the default.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 
 def main() -> None:
     import torch
+    from transformers import HfArgumentParser
 
     torch.set_num_threads(1)
     from hf_tae.evaluation.ground_truth import SubsetFineTuner
@@ -39,9 +43,9 @@ def main() -> None:
     parser.add_argument("--output_dir", default="runs/text_planted_check")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--max_steps", type=int, default=None)
-    cli = parser.parse_args()
+    cli, rest = parser.parse_known_args()
     family = get_family("instructions")
-    args = family.arguments_class()
+    (args,) = HfArgumentParser(family.arguments_class).parse_args_into_dataclasses(rest)
     tasks = family.load_tasks(args)
     groups = np.asarray(tasks.source.task_groups)
     n, k = len(groups), int(groups.max()) + 1

@@ -24,6 +24,7 @@ from hf_tae.families.text import (
     tokenize_text_tasks,
     train_bpe_tokenizer,
 )
+from hf_tae.families.text.embedded import SKILLS, skill_templates
 
 RTE = [
     {"premise": f"The cat {i} sat.", "hypothesis": f"A cat {i} sits.", "label": i % 2, "idx": i}
@@ -196,15 +197,26 @@ def test_bigbench_reader_on_folder_and_tarball(tmp_path):
 def test_digit_skills_answers_and_planted_groups():
     tasks = make_digit_skills(train_per_template=5, eval_per_template=2, seed=3)
     assert tasks.task_groups == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert [n.rsplit("_", 1)[0] for n in tasks.task_names[::3]] == ["max", "min", "zero", "even"]
+    variant = make_digit_skills(list(SKILLS), train_per_template=5, eval_per_template=2, seed=3)
     answer = {"max": max, "min": min, "zero": lambda d: "yes" if "0" in d else "no",
-              "even": lambda d: str(sum(int(c) % 2 == 0 for c in d))}  # fmt: skip
-    for row in tasks.dataset.to_list():
-        name = tasks.task_names[row["task"]]
-        # the longest run of single digits (template words such as "a 0" are shorter runs)
-        runs = re.findall(r"\d(?: \d)*", row["input"])
-        digits = max(runs, key=len).split()
+              "even": lambda d: str(sum(int(c) % 2 == 0 for c in d)),
+              "big": lambda d: str(sum(int(c) >= 5 for c in d)),
+              "five": lambda d: "yes" if "5" in d else "no"}  # fmt: skip
+    for row in variant.dataset.to_list():
+        name = variant.task_names[row["task"]]
+        digits = re.findall(r"\d", row["input"])
         assert 3 <= len(digits) <= 5 and row["target"] == answer[name.rsplit("_", 1)[0]](digits)
     assert tasks.dataset[0]["input"].startswith("max: ")
+
+
+def test_digit_skill_instructions_hold_no_digit():
+    # a digit in an instruction sits in every input of its template and sets it apart from its
+    # siblings (the job split `zero` while one template read "is there a 0 in ...")
+    templates, _ = skill_templates(list(SKILLS))
+    for template in templates:
+        source, _ = template.render({"digits": "", "answer": "x"})
+        assert not re.search(r"\d", source), template.name
 
 
 def test_tokenization_appends_eos_truncates_with_a_count_and_needs_a_pad(caplog):

@@ -19,6 +19,15 @@ is random (and frozen, relative attention bias included) learn content skills in
 steps but not positional ones (measured: "first digit" and "last digit" stayed at 25–40% exact
 match where max and min reached 90–100%), and a skill nobody learns plants nothing.
 
+No instruction contains a digit: an earlier wording of ``zero`` ("is there a 0 in …") put a 0
+in every input of one template, and that template stood apart from its siblings in every
+estimate (the job split ``zero`` in two on data seeds 0 and 1).
+
+Two more skills make a **harder variant** (``--skills max min zero even big five``): ``big``
+(how many digits are 5 or more) answers in the same vocabulary as ``even`` and ``five`` (is
+there a 5) in the same as ``zero``, so tasks that share an answer format but not a function sit
+side by side.
+
 The planted group of a template is its underlying task. Everything is generated from a seed
 in milliseconds and learned by a tiny T5 with LoRA on 2 CPU cores in seconds per run.
 """
@@ -40,16 +49,25 @@ SKILLS: dict[str, tuple[Callable[[list[str]], str], tuple[str, ...]]] = {
     "min": (min, ("min: {{digits}}", "the smallest digit of {{digits}}",
                   "{{digits}} has the lowest digit")),
     "zero": (lambda d: "yes" if "0" in d else "no",
-             ("zero: {{digits}}", "is there a 0 in {{digits}}", "{{digits}} contains a zero")),
+             ("zero: {{digits}}", "is there a zero digit in {{digits}}", "{{digits}} contains a zero")),
     "even": (lambda d: str(sum(int(c) % 2 == 0 for c in d)),
              ("evens: {{digits}}", "how many even digits are in {{digits}}",
               "{{digits}} count of even digits")),
+    "big": (lambda d: str(sum(int(c) >= 5 for c in d)),
+            ("big: {{digits}}", "how many digits of {{digits}} are five or more",
+             "{{digits}} count of large digits")),
+    "five": (lambda d: "yes" if "5" in d else "no",
+             ("five: {{digits}}", "is there a five digit in {{digits}}", "{{digits}} contains a five")),
 }  # fmt: skip
 
 
+#: the skills of the embedded default; ``big`` and ``five`` are the harder variant (below)
+DEFAULT_SKILLS = ("max", "min", "zero", "even")
+
+
 def skill_templates(skills: Sequence[str] | None = None) -> tuple[list[Template], list[int]]:
-    """The templates of ``skills`` (default: all of :data:`SKILLS`) and their planted groups."""
-    skills = list(skills or SKILLS)
+    """The templates of ``skills`` (default: :data:`DEFAULT_SKILLS`) and their planted groups."""
+    skills = list(skills or DEFAULT_SKILLS)
     unknown = [s for s in skills if s not in SKILLS]
     if unknown:
         raise TaeError(f"unknown skills {unknown}; choose from {list(SKILLS)}.")
@@ -98,5 +116,5 @@ def make_digit_skills(
                 )
     return TextTasks.from_records(
         records, [t.name for t in templates], groups,
-        description=f"digit skills {list(skills or SKILLS)} × 3 templates",
+        description=f"digit skills {list(skills or DEFAULT_SKILLS)} × 3 templates",
     )  # fmt: skip

@@ -7,7 +7,8 @@ What it measures
     job with its defaults (``hf-tae run FAMILY --data_seed_text S``) and prints one row: the
     chosen k and how close the runner-up k's silhouette came, the ARI against the planted skills,
     real test exact match of the chosen groups / one model on all templates / the planted groups
-    (``--group_seeds``, mean over seeds), what validation recommends, and the wall clock.
+    (``--group_seeds``, mean over seeds), what validation recommends, and the wall clock of this
+    call (seconds; a resumed run reuses its finished stages and takes less).
 
     A new draw changes the rows, the tokenizer trained on them and every model trained on them,
     so the rows show how much of a single run's outcome is the draw.
@@ -61,7 +62,7 @@ def row(family: str, seed: int, folder: Path, seconds: float) -> dict:
         "silhouette margin": margin, "ARI": grouping.get("adjusted_rand_vs_planted"),
         "chosen": summary.get("grouped"), "all": summary.get("all tasks"),
         "planted": summary.get("planted groups"),
-        "recommended": training["recommended"]["strategy"], "seconds": seconds,
+        "recommended": training["recommended"]["strategy"], "seconds (this call)": seconds,
     }  # fmt: skip
 
 
@@ -70,7 +71,7 @@ def markdown(rows: list[dict]) -> str:
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        digits = {"seconds": 0, "silhouette margin": 4}
+        digits = {"seconds (this call)": 0, "silhouette margin": 4}
         cells = [f"{v:.{digits.get(c, 3)}f}" if isinstance(v, float) else str(v)
                  for c, v in r.items()]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")

@@ -139,8 +139,9 @@ class InstructionArguments:
         default=None, metadata={"help": "At most this many training rows per task."}
     )
     skills: list[str] | None = field(
-        default=None, metadata={"help": "Embedded default: the digit skills (planted groups; default max min "
-                                "zero even; also big, five)."}
+        default=None,
+        metadata={"help": "Embedded default: the digit skills, each a planted group (default: "
+                          "max min zero even; big and five make the harder variant)."},
     )
     train_per_template: int = field(
         default=60, metadata={"help": "Embedded default: training rows per template."}

@@ -100,6 +100,7 @@ _LAZY_ATTRS: dict[str, str] = {
     "sweep_k": "hf_tae.clustering",
     "recommend_k": "hf_tae.clustering",
     "affinity_silhouette": "hf_tae.clustering",
+    "silhouettes_by_member": "hf_tae.clustering",
     # pipeline
     "run_pipeline": "hf_tae.pipeline.run",
     "PipelineArguments": "hf_tae.pipeline.arguments",
@@ -179,6 +180,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
         recommend_k,
         sdp_cluster,
         sdp_relaxation,
+        silhouettes_by_member,
         spectral_cluster,
         sweep_k,
         threshold_rounding,

@@ -21,6 +21,7 @@ from hf_tae.clustering import (
     sdp_cluster,
     sdp_relaxation,
     shuffled_null,
+    silhouettes_by_member,
     spectral_cluster,
     sweep_k,
     threshold_rounding,
@@ -282,6 +283,38 @@ def test_affinity_silhouette_matches_sklearn_on_its_distance():
         cosine = silhouette_score(np.where(off, 1 - (C + C.T) / 2, 0.0), labels,
                                   metric="precomputed")  # fmt: skip
         assert affinity_silhouette(C, labels, ceiling=1.0) == pytest.approx(cosine, abs=1e-12)
+
+
+def test_silhouettes_by_member_scores_fixed_groupings_on_each_member():
+    """Each member scores the sweep's (fixed) groupings by scikit-learn's silhouette on its own
+    cosine distance 1 − W; ``preferred_by`` counts the members whose best k (smallest on ties)
+    is that row's, found by brute force over the rows."""
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(3)
+    n = 9
+    planted = np.arange(n) // 3
+    base = np.where(planted[:, None] == planted[None, :], 0.6, 0.1)
+    noise = [rng.normal(scale=s, size=(n, n)) for s in (0.05, 0.4)]
+    members = [np.clip(base + (e + e.T) / 2, -0.99, 0.99) for e in noise]
+    sweep = sweep_k(np.mean(members, axis=0), range(1, 6), null_draws=2, silhouette_ceiling=1.0)
+    table = silhouettes_by_member(sweep, members, ceiling=1.0)
+    assert list(table["k"]) == list(sweep["k"])
+    off = ~np.eye(n, dtype=bool)
+    best = []
+    for m, T in enumerate(members):
+        D = np.where(off, 1 - (T + T.T) / 2, 0.0)
+        expected = [silhouette_score(D, lab, metric="precomputed") if 1 < len(set(lab)) < n
+                    else np.nan for lab in sweep["labels"]]  # fmt: skip
+        np.testing.assert_allclose(table[f"member_{m}"], expected, atol=1e-12)
+        finite = [(v, -k) for v, k in zip(expected, sweep["k"], strict=True) if np.isfinite(v)]
+        best.append(-max(finite)[1])
+    assert table.set_index("k")["preferred_by"].to_dict() == {
+        k: best.count(k) for k in sweep["k"]
+    }
+    assert best[0] == 3  # the nearly noiseless member finds the planted k
+    with pytest.raises(TaeError, match="members is empty"):
+        silhouettes_by_member(sweep, [])
 
 
 def test_affinity_silhouette_closed_forms():

@@ -190,13 +190,27 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     best_k = max(silhouettes, key=silhouettes.get)
     for k, value in silhouettes.items():
         assert sweep[k]["silhouette"] == pytest.approx(value, abs=1e-9)  # JSON: 10 digits
+    # the same groupings on each member's own matrix: its silhouettes, and how many members
+    # score each k best (smallest k on ties)
+    member_best = []
+    for m, M in enumerate(members):
+        Wm = (M + M.T) / 2
+        Dm = np.where(off, Wm[off].max() - Wm, 0.0)
+        own = {k: silhouette_score(Dm, sweep[k]["labels"], metric="precomputed")
+               for k in silhouettes}  # fmt: skip
+        for k, value in own.items():
+            assert sweep[k]["silhouette_members"][m] == pytest.approx(value, abs=1e-9)
+        member_best.append(max(sorted(own), key=own.get))
+    for k in sweep:
+        assert sweep[k]["preferred_by_members"] == member_best.count(k)
     candidates = grouping["candidates"]
     assert [c["candidate"] for c in candidates] == [
         "all tasks (k=1)", f"SDP k={best_k}", "single tasks (k=n)"]  # fmt: skip
     chosen = [c for c in candidates if c["chosen"]]
     assert len(chosen) == 1 and chosen[0]["num_groups"] == grouping["k"]
     trivial = ("all tasks (k=1)", "single tasks (k=n)")
-    prefix = f"best silhouette k={best_k} ({silhouettes[best_k]:.2f}); predicted payoff: "
+    prefix = (f"best silhouette k={best_k} ({silhouettes[best_k]:.2f}, the best on "
+              f"{member_best.count(best_k)} of 2 meta-initializations); predicted payoff: ")
     assert grouping["k_choice"].startswith(prefix)
     if "trained instead" in grouping["k_choice"]:
         assert grouping["k_choice"].startswith(tuple(f"{prefix}{t};" for t in trivial))
@@ -291,6 +305,10 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
         "`--estimator_l2 auto`" in report and "Candidate partitions by predicted payoff" in report
     )
     assert f"**Recommended: {rec['strategy']}**" in report
+    assert "| silhouette per meta-initialization | best on |" in report
+    assert grouping["silhouette_k_votes"] == {
+        "k": best_k, "best_on": member_best.count(best_k), "meta_inits": 2}  # fmt: skip
+    assert f"(k = {best_k}) is the best on {member_best.count(best_k)} of 2" in report
 
     # a rerun reuses the finished meta-initializations and comparison runs: same answers
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)

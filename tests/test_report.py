@@ -155,3 +155,24 @@ def test_report_never_prints_nan():
     assert "planted groups:" not in text and "Adjusted Rand" not in text
     assert "Spearman n/a on average" in text and "| a | — | 0.500 | 0.700 |" in text
     assert "Corrected for that noise" not in text
+
+
+def test_sweep_shows_each_meta_initializations_silhouettes_and_whether_they_agree_on_k():
+    results = _grouped_run(planted=False)
+    row = {"objective": 1.0, "null_objective": 0.9, "gain": 0.1, "significant": True}
+    results["grouping"]["sweep"] = [
+        {**row, "k": 2, "silhouette": 0.30, "silhouette_members": [0.40, 0.20],
+         "preferred_by_members": 1},
+        {**row, "k": 3, "silhouette": 0.31, "silhouette_members": [0.35, None],
+         "preferred_by_members": 1},
+    ]  # fmt: skip
+    results["grouping"]["silhouette_k_votes"] = {"k": 3, "best_on": 1, "meta_inits": 2}
+    text = render_report(results)
+    assert "| silhouette per meta-initialization | best on |" in text
+    assert "| 3 | 1.0000 | 0.9000 | 0.1000 | True | 0.3100 | 0.3500 / n/a | 1 |" in text
+    assert "(k = 3) is the best on 1 of 2: the members split this near tie, so the choice" in text
+    results["grouping"]["silhouette_k_votes"]["best_on"] = 0
+    assert "is the best on 0 of 2: no member's own affinity picks it, so" in render_report(results)
+    results["grouping"]["silhouette_k_votes"]["best_on"] = 2
+    text = render_report(results)
+    assert "is the best on 2 of 2." in text and "fragile" not in text

@@ -20,6 +20,7 @@ from hf_tae.clustering.selection import (
     affinity_silhouette,
     recommend_k,
     shuffled_null,
+    silhouettes_by_member,
     sweep_k,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "sdp_cluster",
     "sdp_relaxation",
     "shuffled_null",
+    "silhouettes_by_member",
     "spectral_cluster",
     "sweep_k",
     "threshold_rounding",

@@ -181,6 +181,35 @@ def affinity_silhouette(
     return float(s.mean())
 
 
+def silhouettes_by_member(
+    sweep: pd.DataFrame, members: Sequence[np.ndarray], ceiling: float | None = None
+) -> pd.DataFrame:
+    """The silhouette of each of the sweep's groupings on each member's own affinity.
+
+    ``sweep`` is a :func:`sweep_k` table of the averaged affinity and ``members`` the matrices
+    that were averaged (one per meta-initialization). Each row's grouping stays fixed; only the
+    affinity it is scored on changes, so the table says whether every member prefers the same
+    k among the same candidates, or whether the averaged choice is a near tie that the members
+    split. Returns one row per k with ``k`` and one column ``member_<m>`` per member (NaN where
+    the silhouette is undefined), plus ``preferred_by``: how many members score that k best
+    (ties: the smallest k, as :func:`recommend_k`).
+    """
+    if "labels" not in sweep or "k" not in sweep:
+        raise TaeError("sweep has no 'k' and 'labels' columns; pass the DataFrame sweep_k returns.")
+    if not members:
+        raise TaeError("members is empty; pass the affinity matrices that were averaged.")
+    table = pd.DataFrame({"k": sweep["k"].to_numpy()})
+    preferred = np.zeros(len(table), dtype=int)
+    for m, T in enumerate(members):
+        scores = [affinity_silhouette(T, labels, ceiling) for labels in sweep["labels"]]
+        table[f"member_{m}"] = scores
+        if np.isfinite(scores).any():
+            best = recommend_k(table.assign(silhouette=scores), by="silhouette")
+            preferred[table["k"].to_numpy() == best] += 1
+    table["preferred_by"] = preferred
+    return table
+
+
 def recommend_k(sweep: pd.DataFrame, by: str = "gain") -> int:
     """The k a :func:`sweep_k` table recommends.
 

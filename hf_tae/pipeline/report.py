@@ -225,15 +225,29 @@ def render_report(results: Mapping[str, Any]) -> str:
             ]  # fmt: skip
         if groups.get("sweep"):
             keys = ["k", "objective", "null_objective", "gain", "significant", "silhouette"]
-            out += [
-                "The k sweep: the SDP objective against the shuffled null's, and the mean "
-                "silhouette of each k's grouping on the affinity (n/a where undefined).",
-                "",
-                _table(keys, [[format_number(row.get(k), ".4f") if k in ("objective", "null_objective",
-                                                                 "gain", "silhouette")
-                               else row.get(k) for k in keys] for row in groups["sweep"]]),
-                "",
-            ]  # fmt: skip
+            rows = [[format_number(row.get(k), ".4f") if k in ("objective", "null_objective",
+                                                               "gain", "silhouette")
+                     else row.get(k) for k in keys] for row in groups["sweep"]]  # fmt: skip
+            intro = ("The k sweep: the SDP objective against the shuffled null's, and the mean "
+                     "silhouette of each k's grouping on the affinity (n/a where undefined).")
+            if "silhouette_members" in groups["sweep"][0]:  # two or more meta-initializations
+                keys += ["silhouette per meta-initialization", "best on"]
+                for cells, row in zip(rows, groups["sweep"], strict=True):
+                    cells += [" / ".join(format_number(v, ".4f") for v in row["silhouette_members"]),
+                              row["preferred_by_members"] or ""]  # fmt: skip
+                intro += (" The same groupings are scored on each meta-initialization's own "
+                          "affinity too; \"best on\" counts the members whose best k it is.")
+                votes = groups.get("silhouette_k_votes")
+                if votes:
+                    intro += (f" The best k of the averaged affinity (k = {votes['k']}) is the "
+                              f"best on {votes['best_on']} of {votes['meta_inits']}")
+                    intro += ("." if votes["best_on"] == votes["meta_inits"] else
+                              ": the members split this near tie" if votes["best_on"] else
+                              ": no member's own affinity picks it")  # fmt: skip
+                    if votes["best_on"] < votes["meta_inits"]:
+                        intro += (", so the choice of k is fragile and validation in group "
+                                  "training is what decides.")
+            out += [intro, "", _table(keys, rows), ""]
     training = results.get("group_training")
     if training:
         strategies = list(training["summary"])

@@ -301,6 +301,7 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
         partition_objective,
         recommend_k,
         sdp_cluster,
+        silhouettes_by_member,
         spectral_cluster,
         sweep_k,
     )
@@ -317,7 +318,7 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
     T = np.nan_to_num(affinity.to_numpy(), nan=0.0)  # pairs no subset covered: no evidence
     names = affinity.task_names
     n = len(T)
-    sweep = candidates = None
+    sweep = candidates = k_votes = None
     k = grouping_args.num_task_groups
     if k > n:
         raise TaeError(f"--num_task_groups {k} exceeds the {n} tasks; use at most {n}.")
@@ -331,6 +332,12 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
         ceiling = 1.0 if affinity.kind in COSINE_KINDS else None  # cosine distance 1 − T
         sweep = sweep_k(T, ks, method=grouping_args.clustering, null_draws=10,
                         min_z=grouping_args.null_min_z, silhouette_ceiling=ceiling)  # fmt: skip
+        members = member_affinities(affinity, stores, est_args) if len(stores) > 1 else []
+        if len(members) > 1:  # is the k choice a near tie that the meta-initializations split?
+            by_member = silhouettes_by_member(sweep, members, ceiling)
+            columns = [c for c in by_member if c.startswith("member_")]
+            sweep["silhouette_members"] = by_member[columns].to_numpy().tolist()
+            sweep["preferred_by_members"] = by_member["preferred_by"].to_numpy()
         method = grouping_args.clustering
         if grouping_args.partition_choice == "density":
             k = recommend_k(sweep)
@@ -382,7 +389,13 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
                 chosen = proposal
             if by_silhouette:
                 best = float(sweep.set_index("k").loc[best_k, "silhouette"])
-                k_choice = (f"best silhouette k={best_k} ({best:.2f}); {k_choice}" if np.isfinite(best)
+                votes = ""
+                if "preferred_by_members" in sweep:
+                    agree = int(sweep.set_index("k").loc[best_k, "preferred_by_members"])
+                    votes = f", the best on {agree} of {len(stores)} meta-initializations"
+                    k_votes = {"k": int(best_k), "best_on": agree, "meta_inits": len(stores)}
+                k_choice = (f"best silhouette k={best_k} ({best:.2f}{votes}); {k_choice}"
+                            if np.isfinite(best)
                             else f"no grouping of 1 < k < n to score; {k_choice}")  # fmt: skip
             labels = options[chosen]
             k = len(set(labels))
@@ -398,12 +411,37 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
         "sweep": None if sweep is None else json.loads(sweep.to_json(orient="records")),
         "candidates": None if candidates is None else json.loads(
             candidates.to_json(orient="records")),
+        "silhouette_k_votes": k_votes,
     }
     if planted is not None:
         from sklearn.metrics import adjusted_rand_score
 
         info["adjusted_rand_vs_planted"] = float(adjusted_rand_score(planted, labels))
     return info
+
+
+def member_affinities(affinity, stores: Sequence[Any],
+                      est_args: EstimationArguments | None) -> list[np.ndarray]:  # fmt: skip
+    """Each meta-initialization's own matrix of ``affinity``'s kind: the matrices stage 4
+    averaged (the Fisher overlap or gradient cosine of each store, or each member's subset
+    estimates, read back from ``affinity.results``). Empty when they cannot be rebuilt."""
+    from hf_tae.estimation.affinity import AffinityMatrix
+    from hf_tae.estimation.gradient_affinity import fisher_affinity, gradient_cosine_affinity
+
+    if affinity.kind == "fisher":
+        matrices = [fisher_affinity(store) for store in stores]
+    elif affinity.kind == "gradient-cosine":
+        split = est_args.scoring_split if est_args is not None else "validation"
+        matrices = [gradient_cosine_affinity(store, target_split=split) for store in stores]
+    else:
+        table = affinity.results
+        if est_args is None or table is None or "member" not in table:
+            return []
+        matrices = [AffinityMatrix.from_results(part.drop(columns="member"), affinity.task_names,
+                                                metric=est_args.affinity_metric, symmetrize=True,
+                                                zero_diagonal=True)
+                    for _, part in table.groupby("member", sort=True)]  # fmt: skip
+    return [np.nan_to_num(m.to_numpy(), nan=0.0) for m in matrices]
 
 
 def fresh_model(family: TaskFamily, family_args: Any, tasks: TaskSet, run_dir: Path,

@@ -203,6 +203,13 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
         member_best.append(max(sorted(own), key=own.get))
     for k in sweep:
         assert sweep[k]["preferred_by_members"] == member_best.count(k)
+    # a saved run's members are rebuilt from its per-(subset, task) estimates (benchmarks)
+    from hf_tae.pipeline.arguments import EstimationArguments
+    from hf_tae.pipeline.stages import member_affinities
+
+    rebuilt = member_affinities(affinity, [], EstimationArguments(affinity_metric="log_loss"))
+    for M, R in zip(members, rebuilt, strict=True):
+        np.testing.assert_allclose(np.nan_to_num(R.to_numpy()), np.nan_to_num(M), atol=1e-12)
     candidates = grouping["candidates"]
     assert [c["candidate"] for c in candidates] == [
         "all tasks (k=1)", f"SDP k={best_k}", "single tasks (k=n)"]  # fmt: skip

@@ -172,7 +172,7 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
                       grouping_args: GroupingArguments | None = None):  # fmt: skip
     """Stages 3–4: estimated per-(subset, task) scores on every store (one per
     meta-initialization) and their averaged affinity matrix. Returns ``(subsets, affinity,
-    info)``. ``--sampling adaptive`` draws the subsets round by round, re-clustering with
+    info, members)``, ``members`` the per-meta-initialization matrices that were averaged. ``--sampling adaptive`` draws the subsets round by round, re-clustering with
     ``grouping_args`` (:mod:`hf_tae.pipeline.adaptive`)."""
     from hf_tae.estimation.adaptive import pair_coverage
     from hf_tae.estimation.affinity import AffinityMatrix
@@ -278,12 +278,12 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
     if planted is not None:
         info["planted_gap"] = planted_gap(affinity.to_numpy(), planted)
         info["planted_gap_per_meta_init"] = [planted_gap(m.to_numpy(), planted) for m in members]
-    return subsets, affinity, info
+    return subsets, affinity, info, members
 
 
 def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarray | None = None,
                   stores: Sequence[Any] = (), est_args: EstimationArguments | None = None,
-                  ) -> dict[str, Any]:  # fmt: skip
+                  members: Sequence[Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Stage 5: the task groups, with k given or chosen.
 
     ``--partition_choice silhouette`` (default) takes the SDP grouping of the k with the best
@@ -295,7 +295,10 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
     null (``payoff``) as the structure score. When that is a trivial answer,
     ``--propose_groups`` (default) returns the best non-trivial candidate instead
     (:func:`~hf_tae.estimation.partition.best_nontrivial`). ``density`` takes the k sweep's
-    :func:`~hf_tae.recommend_k` by gain, without the payoff.
+    :func:`~hf_tae.recommend_k` by gain, without the payoff. With two or more
+    meta-initializations the sweep's groupings are also scored on each one's own matrix
+    (``members``, as :func:`estimate_affinity` returns them; rebuilt by
+    :func:`member_affinities` when not given).
     """
     from hf_tae.clustering import (
         partition_objective,
@@ -332,9 +335,11 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
         ceiling = 1.0 if affinity.kind in COSINE_KINDS else None  # cosine distance 1 − T
         sweep = sweep_k(T, ks, method=grouping_args.clustering, null_draws=10,
                         min_z=grouping_args.null_min_z, silhouette_ceiling=ceiling)  # fmt: skip
-        members = member_affinities(affinity, stores, est_args) if len(stores) > 1 else []
+        if members is None:
+            members = member_affinities(affinity, stores, est_args) if len(stores) > 1 else []
         if len(members) > 1:  # is the k choice a near tie that the meta-initializations split?
-            by_member = silhouettes_by_member(sweep, members, ceiling)
+            matrices = [np.nan_to_num(m.to_numpy(), nan=0.0) for m in members]
+            by_member = silhouettes_by_member(sweep, matrices, ceiling)
             columns = [c for c in by_member if c.startswith("member_")]
             sweep["silhouette_members"] = by_member[columns].to_numpy().tolist()
             sweep["preferred_by_members"] = by_member["preferred_by"].to_numpy()
@@ -388,10 +393,10 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
                 candidates["chosen"] = candidates["candidate"] == proposal
                 chosen = proposal
             if by_silhouette:
-                best = float(sweep.set_index("k").loc[best_k, "silhouette"])
-                votes = ""
+                best_row = sweep.set_index("k").loc[best_k]
+                best, votes = float(best_row["silhouette"]), ""
                 if "preferred_by_members" in sweep:
-                    agree = int(sweep.set_index("k").loc[best_k, "preferred_by_members"])
+                    agree = int(best_row["preferred_by_members"])
                     votes = f", the best on {agree} of {len(stores)} meta-initializations"
                     k_votes = {"k": int(best_k), "best_on": agree, "meta_inits": len(stores)}
                 k_choice = (f"best silhouette k={best_k} ({best:.2f}{votes}); {k_choice}"
@@ -421,10 +426,11 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
 
 
 def member_affinities(affinity, stores: Sequence[Any],
-                      est_args: EstimationArguments | None) -> list[np.ndarray]:  # fmt: skip
-    """Each meta-initialization's own matrix of ``affinity``'s kind: the matrices stage 4
-    averaged (the Fisher overlap or gradient cosine of each store, or each member's subset
-    estimates, read back from ``affinity.results``). Empty when they cannot be rebuilt."""
+                      est_args: EstimationArguments | None) -> list[Any]:  # fmt: skip
+    """Each meta-initialization's own matrix of ``affinity``'s kind, rebuilt from a saved run:
+    the matrices stage 4 averaged (the Fisher overlap or gradient cosine of each store, or
+    each member's subset estimates, read back from ``affinity.results``). Empty when they
+    cannot be rebuilt."""
     from hf_tae.estimation.affinity import AffinityMatrix
     from hf_tae.estimation.gradient_affinity import fisher_affinity, gradient_cosine_affinity
 
@@ -441,7 +447,7 @@ def member_affinities(affinity, stores: Sequence[Any],
                                                 metric=est_args.affinity_metric, symmetrize=True,
                                                 zero_diagonal=True)
                     for _, part in table.groupby("member", sort=True)]  # fmt: skip
-    return [np.nan_to_num(m.to_numpy(), nan=0.0) for m in matrices]
+    return matrices
 
 
 def fresh_model(family: TaskFamily, family_args: Any, tasks: TaskSet, run_dir: Path,

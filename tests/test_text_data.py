@@ -198,7 +198,8 @@ def test_digit_skills_answers_and_planted_groups():
     tasks = make_digit_skills(train_per_template=5, eval_per_template=2, seed=3)
     assert tasks.task_groups == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert [n.rsplit("_", 1)[0] for n in tasks.task_names[::3]] == ["max", "min", "zero", "even"]
-    variant = make_digit_skills(list(SKILLS), train_per_template=5, eval_per_template=2, seed=3)
+    current = [skill for skill in SKILLS if skill != "zero_legacy"]
+    variant = make_digit_skills(current, train_per_template=5, eval_per_template=2, seed=3)
     answer = {"max": max, "min": min, "zero": lambda d: "yes" if "0" in d else "no",
               "even": lambda d: str(sum(int(c) % 2 == 0 for c in d)),
               "big": lambda d: str(sum(int(c) >= 5 for c in d)),
@@ -214,9 +215,19 @@ def test_digit_skill_instructions_hold_no_digit():
     # a digit in an instruction sits in every input of its template and sets it apart from its
     # siblings (the job split `zero` while one template read "is there a 0 in ...")
     templates, _ = skill_templates(list(SKILLS))
+    with_digit = []
     for template in templates:
         source, _ = template.render({"digits": "", "answer": "x"})
-        assert not re.search(r"\d", source), template.name
+        if re.search(r"\d", source):
+            with_digit.append(template.name)
+    # only the old default's wording, kept on purpose to reproduce it
+    assert with_digit == ["zero_legacy_1"]
+    legacy = make_digit_skills(["max", "min", "zero_legacy", "even"], seed=3)
+    fixed = make_digit_skills(seed=3)
+    assert legacy.dataset["target"] == fixed.dataset["target"]
+    changed = {fixed.task_names[t] for t, a, b in zip(fixed.dataset["task"], legacy.dataset["input"],
+                                                       fixed.dataset["input"], strict=True) if a != b}  # fmt: skip
+    assert changed == {"zero_1"}
 
 
 def test_tokenization_appends_eos_truncates_with_a_count_and_needs_a_pad(caplog):

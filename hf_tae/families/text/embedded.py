@@ -21,7 +21,8 @@ match where max and min reached 90–100%), and a skill nobody learns plants not
 
 No instruction contains a digit: an earlier wording of ``zero`` ("is there a 0 in …") put a 0
 in every input of one template, and that template stood apart from its siblings in every
-estimate (the job split ``zero`` in two on data seeds 0 and 1).
+estimate (the job split ``zero`` in two on data seeds 0 and 1). That wording stays reachable
+as the skill ``zero_legacy`` (``--skills max min zero_legacy even`` is the old default).
 
 Two more skills make a **harder variant** (``--skills max min zero even big five``): ``big``
 (how many digits are 5 or more) answers in the same vocabulary as ``even`` and ``five`` (is
@@ -58,6 +59,10 @@ SKILLS: dict[str, tuple[Callable[[list[str]], str], tuple[str, ...]]] = {
              "{{digits}} count of large digits")),
     "five": (lambda d: "yes" if "5" in d else "no",
              ("five: {{digits}}", "is there a five digit in {{digits}}", "{{digits}} contains a five")),
+    # the default's `zero` until session 13, kept to reproduce it (its second template puts a 0
+    # in every input): --skills max min zero_legacy even
+    "zero_legacy": (lambda d: "yes" if "0" in d else "no",
+                    ("zero: {{digits}}", "is there a 0 in {{digits}}", "{{digits}} contains a zero")),
 }  # fmt: skip
 
 

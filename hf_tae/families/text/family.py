@@ -141,7 +141,8 @@ class InstructionArguments:
     skills: list[str] | None = field(
         default=None,
         metadata={"help": "Embedded default: the digit skills, each a planted group (default: "
-                          "max min zero even; big and five make the harder variant)."},
+                          "max min zero even; big and five make the harder variant; "
+                          "zero_legacy is zero's wording before session 13)."},
     )
     train_per_template: int = field(
         default=60, metadata={"help": "Embedded default: training rows per template."}

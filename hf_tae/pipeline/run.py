@@ -247,7 +247,7 @@ def _run_pipeline(
     if est_args.estimate:
         if is_main:  # cheap: one process estimates and clusters, the others wait
             with _stage(timings, "estimation + affinity"):
-                subsets, affinity, results["estimation"], members = stages.estimate_affinity(
+                subsets, affinity, results["estimation"], member_matrices = stages.estimate_affinity(
                     stores, tasks, est_args, planted, grouping_args
                 )
             # --estimator_l2 auto is resolved once; the partition choice uses the same λ
@@ -257,7 +257,7 @@ def _run_pipeline(
             estimates = affinity.results
             with _stage(timings, "grouping"):
                 results["grouping"] = stages.choose_groups(
-                    affinity, grouping_args, planted, stores, est_args, members
+                    affinity, grouping_args, planted, stores, est_args, member_matrices
                 )
             order = [tasks.task_names.index(t) for g in results["grouping"]["groups"] for t in g]
             affinity.save(output_dir / "affinity", overwrite=True, group_order=order)

@@ -17,7 +17,8 @@ What it measures
     affinity itself holds the planted structure, and which k the silhouette rule would take
     on it.
 
-    Per (run, truth, λ, and the Fisher overlap the job clusters by default): the observed Spearman of the estimate averaged over the run's
+    Per (run, truth, λ, and the NTK and Fisher overlaps the job can cluster instead of the
+    subsets, ``--affinity_kind ntk`` (default) / ``fisher``): the observed Spearman of the estimate averaged over the run's
     meta-initializations against the truth averaged over its repeats, the members' agreement
     and the truth's (mean Spearman, and the reliability of their means), and the Spearman
     corrected for both sides' noise (``corrected_spearman``; it is unstable, even above 1,
@@ -55,13 +56,18 @@ def member_stores(run: Path) -> list:
             for m in range(results["estimation"]["num_meta_inits"])]  # fmt: skip
 
 
-def estimate_members(stores, subsets, l2: float | None, metric: str, names):
-    """Each member's affinity of ``subsets`` at ridge ``l2``; None: the Fisher overlap (the
-    job's default clustered affinity, which needs no subsets)."""
-    from hf_tae import AffinityMatrix, RegressionEstimator, fisher_affinity
+#: The affinities read off the gradients (no subsets, no λ), as the rows name them.
+OVERLAPS = {"ntk": "NTK overlap", "fisher": "Fisher overlap"}
 
-    if l2 is None:
-        return [fisher_affinity(store) for store in stores]
+
+def estimate_members(stores, subsets, l2: float | str, metric: str, names):
+    """Each member's affinity of ``subsets`` at ridge ``l2``; ``"ntk"`` / ``"fisher"``: that
+    overlap of the gradients (what the job clusters by default; it needs no subsets)."""
+    from hf_tae import AffinityMatrix, RegressionEstimator
+    from hf_tae.estimation.gradient_affinity import gradient_affinity
+
+    if isinstance(l2, str):
+        return [gradient_affinity(store, l2) for store in stores]
     members = []
     for store in stores:
         estimator = RegressionEstimator(store, l2=l2)
@@ -108,7 +114,7 @@ def compare_run(run: Path, grid: list[float]) -> list[dict]:
         truth = build(mean)
         subsets = [tuple(s) for s in mean.drop_duplicates("subset_id")["subset"]]
         stores = member_stores(run)
-        for l2 in [*grid, None]:
+        for l2 in [*grid, *OVERLAPS]:
             members = estimate_members(stores, subsets, l2, metric, names)
             agree = self_agreement(members)
             observed = compare_affinities(AffinityMatrix.average(members), truth)["spearman"]
@@ -157,7 +163,8 @@ def render(rows: list[dict]) -> str:
             "agree | corrected Spearman |\n|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
-        lam = "Fisher overlap" if r["l2"] is None else f"{r['l2']:g}" + (" (job)" if r["job_l2"] else "")
+        lam = OVERLAPS[r["l2"]] if isinstance(r["l2"], str) else (
+            f"{r['l2']:g}" + (" (job)" if r["job_l2"] else ""))
         lines.append(f"| {r['run']} | {r['truth']} | {r['subsets']} | {lam} | {r['observed']:+.2f} "
                      f"| {r['members_agree']:.2f} | {r['truth_agree']:.2f} | {r['corrected']:+.2f} |")  # fmt: skip
     return "\n".join(lines)
@@ -175,7 +182,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, name in zip(axes[0], runs, strict=True):
         labels = dict.fromkeys(r["truth"] for r in rows)
         for label, style in zip(labels, ("o-", "s--", "^:", "d-."), strict=False):
-            mine = [r for r in rows if r["run"] == name and r["truth"] == label and r["l2"]]
+            mine = [r for r in rows if r["run"] == name and r["truth"] == label
+                    and not isinstance(r["l2"], str)]  # fmt: skip
             if mine:
                 ax.plot([r["l2"] for r in mine], [r["observed"] for r in mine], style, label=label)
         ax.set_xscale("log")

@@ -3,8 +3,8 @@
 For every λ and subset size it refits the stores of all meta-initializations of ``--run_dir``
 (no training), builds the averaged affinity per estimable metric and reports, against the run's
 planted groups, the within − cross gap, the meta-initializations' agreement (mean Spearman) and
-the adjusted Rand index of the SDP groups at the planted k; two last rows do the same for the
-affinities read off the gradients without subsets (``--affinity_kind fisher`` and
+the adjusted Rand index of the SDP groups at the planted k; three last rows do the same for the
+affinities read off the gradients without subsets (``--affinity_kind ntk``, ``fisher`` and
 ``gradient-cosine``). It shows whether a default tuned on one family carries over to another
 (on the image default, the graphs' λ = 1000 flattens the estimate, the cosine finds little,
 ARI 0.34, and the Fisher overlap finds the views, ARI 1.00).
@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> None:
         fisher_affinity,
         get_family,
         gradient_cosine_affinity,
+        ntk_affinity,
         sample_subsets,
         sdp_cluster,
         self_agreement,
     )  # fmt: skip
-    from hf_tae.hub import load_task_data
     from hf_tae.pipeline.stages import planted_gap
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     paths = [run / "gradients", *sorted(run.glob("ensemble/member_*/gradients"))]
     stores = [GradientStore.load(p) for p in paths]
     names = stores[0].task_names
-    groups = load_task_data(run / "data").task_groups
+    import json
+
+    groups = json.loads((run / "results.json").read_text()).get("planted_labels")
     if groups is None:
         raise SystemExit(f"{run} has no planted groups to score against.")
     planted = np.asarray(groups)
@@ -75,8 +77,9 @@ def main(argv: list[str] | None = None) -> None:
                 agree = self_agreement(mats)["mean_spearman"] if len(mats) > 1 else float("nan")
                 print(f"{size:>4} {l2:>8g} {metric:>9} {planted_gap(mean, planted):>+7.3f} "
                       f"{agree:>+6.2f} {ari:>6.2f}", flush=True)  # fmt: skip
-    # the affinities read off the gradients (--affinity_kind fisher / gradient-cosine): no λ
-    for name, build in (("fisher", fisher_affinity), ("cosine", gradient_cosine_affinity)):
+    # the affinities read off the gradients (--affinity_kind ntk / fisher / gradient-cosine): no λ
+    for name, build in (("ntk", ntk_affinity), ("fisher", fisher_affinity),
+                        ("cosine", gradient_cosine_affinity)):  # fmt: skip
         mats = [build(store) for store in stores]
         mean = AffinityMatrix.average(mats).to_numpy()
         ari = adjusted_rand_score(planted, sdp_cluster(mean, k).labels)

@@ -77,6 +77,7 @@ _LAZY_ATTRS: dict[str, str] = {
     "select_l2": "hf_tae.estimation.regularization",
     "gradient_cosine_affinity": "hf_tae.estimation.gradient_affinity",
     "fisher_affinity": "hf_tae.estimation.gradient_affinity",
+    "ntk_affinity": "hf_tae.estimation.gradient_affinity",
     "SubsetFineTuner": "hf_tae.evaluation.ground_truth",
     "average_seeds": "hf_tae.evaluation.ground_truth",
     "read_runs": "hf_tae.evaluation.ground_truth",
@@ -199,7 +200,11 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
         corrected_spearman,
         self_agreement,
     )
-    from hf_tae.estimation.gradient_affinity import fisher_affinity, gradient_cosine_affinity
+    from hf_tae.estimation.gradient_affinity import (
+        fisher_affinity,
+        gradient_cosine_affinity,
+        ntk_affinity,
+    )
     from hf_tae.estimation.partition import best_nontrivial, choose_partition, partition_payoffs
     from hf_tae.estimation.regression import RegressionEstimator, apply_delta
     from hf_tae.estimation.regularization import select_l2

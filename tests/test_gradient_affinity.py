@@ -1,6 +1,6 @@
-"""gradient_cosine_affinity and fisher_affinity against autograd and scikit-learn on the
-linear-model store of test_estimation, the cosine's λ → ∞ link to the regression estimator, the
-Fisher overlap's closed forms, the job's --affinity_kind, and bad inputs."""
+"""gradient_cosine_affinity, fisher_affinity and ntk_affinity against autograd, scikit-learn and
+the kernel identity on the linear-model store of test_estimation, the cosine's λ → ∞ link to the
+regression estimator, the overlaps' closed forms, the job's --affinity_kind, and bad inputs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from hf_tae.errors import TaeError
 from hf_tae.estimation import RegressionEstimator
 from hf_tae.estimation.gradient_affinity import (
     fisher_affinity,
+    gradient_affinity,
     gradient_cosine_affinity,
+    ntk_affinity,
     task_loss_gradients,
 )
 from hf_tae.gradients.store import GradientStore
@@ -106,6 +108,55 @@ def test_fisher_overlap_matches_per_example_autograd_and_sklearn(linear_store):
     np.testing.assert_allclose(zeroed.values, reference, atol=1e-9)
 
 
+def test_ntk_overlap_is_the_normalized_squared_kernel_between_the_tasks(linear_store):
+    """⟨G_i, G_j⟩ = Σ_{a∈i, b∈j} (z_a·z_b)² / (n_i n_j), computed here from the rows' Gram
+    matrix (n × n, never the d × d second moments), normalized by the diagonal."""
+    rows = linear_store.tensors("train")
+    z, task = rows["grad"].double().numpy(), rows["task"].numpy()
+    kernel = (z @ z.T) ** 2
+    inner = np.array([[kernel[np.ix_(task == i, task == j)].mean() for j in range(NUM_TASKS)]
+                      for i in range(NUM_TASKS)])  # fmt: skip
+    reference = inner / np.sqrt(np.outer(np.diag(inner), np.diag(inner)))
+    affinity = ntk_affinity(linear_store, zero_diagonal=False)
+    np.testing.assert_allclose(affinity.values, reference, atol=1e-9)
+    assert affinity.kind == "ntk" and affinity.task_names == TASKS
+    np.fill_diagonal(reference, 0.0)
+    np.testing.assert_allclose(ntk_affinity(linear_store).values, reference, atol=1e-9)
+    np.testing.assert_allclose(gradient_affinity(linear_store, "ntk").values, reference,
+                               atol=1e-9)  # fmt: skip
+
+
+def test_ntk_overlap_reads_neither_labels_nor_fit_where_the_fisher_does(tmp_path):
+    """Flipping every label and replacing the scores leaves the NTK overlap unchanged and moves
+    the Fisher overlap (its weights σ(−y s)² are the residuals of θ0's fit)."""
+    rng = np.random.default_rng(1)
+    blocks = [(rng.normal(size=(30, 5)) + mean, (rng.random(30) > 0.5).astype(float),
+               rng.normal(size=30) * 3) for mean in (0.0, 0.5, -0.5)]  # fmt: skip
+    flipped = [(z, 1.0 - label, rng.normal(size=30) * 3) for z, label, _ in blocks]
+    first, second = _store(tmp_path / "a", blocks), _store(tmp_path / "b", flipped)
+    np.testing.assert_allclose(ntk_affinity(first).values, ntk_affinity(second).values,
+                               atol=1e-12)  # fmt: skip
+    assert not np.allclose(fisher_affinity(first).values, fisher_affinity(second).values,
+                           atol=1e-3)  # fmt: skip
+
+
+def test_ntk_overlap_closed_forms_and_unknown_kind(tmp_path):
+    """Disjoint coordinates overlap 0; a rescaled copy overlaps 1; a kind that is not read off
+    gradients is refused by name."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(40, 6))
+    left, right = z.copy(), z.copy()
+    left[:, 3:], right[:, :3] = 0.0, 0.0
+    label, score = (rng.random(40) > 0.5).astype(float), rng.normal(size=40)
+    store = _store(tmp_path / "s", [(left, label, score), (right, label, score),
+                                    (3 * left, label, score)])  # fmt: skip
+    values = ntk_affinity(store, zero_diagonal=False).values
+    assert values[0, 1] == pytest.approx(0.0, abs=1e-12)
+    assert values[0, 2] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(TaeError, match="'higher-order' is not read off gradients"):
+        gradient_affinity(store, "higher-order")
+
+
 def _store(path, blocks):
     """A store whose task t has train rows ``blocks[t] = (z, label, score)``."""
     store = GradientStore.create(path, {"task_names": [f"t{t}" for t in range(len(blocks))]},
@@ -149,13 +200,14 @@ def _reference_affinity(store, kind):
         residual = 1 / (1 + np.exp(y * s))  # σ(−y s)
         task = rows["task"].numpy()
         tasks = range(len(store.task_names))
-        if kind == "fisher":
+        if kind in ("fisher", "ntk"):
+            weight = residual**2 if kind == "fisher" else np.ones_like(residual)
             per_split[split] = np.stack([
-                ((residual[task == t, None] ** 2 * z[task == t]).T @ z[task == t]).ravel()
+                ((weight[task == t, None] * z[task == t]).T @ z[task == t]).ravel()
                 / (task == t).sum() for t in tasks])  # fmt: skip
         else:
             per_split[split] = np.stack([(y * residual)[task == t] @ z[task == t] for t in tasks])
-    if kind == "fisher":
+    if kind in ("fisher", "ntk"):
         values = cosine_similarity(per_split["train"])
     else:
         values = cosine_similarity(per_split["validation"], per_split["train"])
@@ -164,7 +216,7 @@ def _reference_affinity(store, kind):
     return values
 
 
-@pytest.mark.parametrize("kind", ["fisher", "gradient-cosine"])
+@pytest.mark.parametrize("kind", ["ntk", "fisher", "gradient-cosine"])
 def test_graph_job_clusters_the_chosen_affinity(tmp_path, kind):
     """``hf-tae run --affinity_kind KIND``: the saved affinity is the members' mean (recomputed
     here with numpy/sklearn from the stores), the subsets are still estimated (they score the

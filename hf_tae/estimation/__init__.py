@@ -8,7 +8,11 @@ from hf_tae.estimation.adaptive import (
     sample_round,
 )
 from hf_tae.estimation.affinity import AffinityMatrix
-from hf_tae.estimation.gradient_affinity import fisher_affinity, gradient_cosine_affinity
+from hf_tae.estimation.gradient_affinity import (
+    fisher_affinity,
+    gradient_cosine_affinity,
+    ntk_affinity,
+)
 from hf_tae.estimation.partition import best_nontrivial, choose_partition, partition_payoffs
 from hf_tae.estimation.regression import RegressionEstimator, apply_delta
 from hf_tae.estimation.regularization import select_l2
@@ -23,6 +27,7 @@ __all__ = [
     "best_nontrivial",
     "choose_partition",
     "fisher_affinity",
+    "ntk_affinity",
     "gradient_cosine_affinity",
     "pair_coverage",
     "partition_payoffs",

@@ -38,9 +38,10 @@ from hf_tae.utils.io import (
 if TYPE_CHECKING:
     import pandas as pd
 
-KINDS = ("estimated", "fine-tuned", "pairwise", "higher-order", "gradient-cosine", "fisher")
+KINDS = ("estimated", "fine-tuned", "pairwise", "higher-order", "gradient-cosine", "fisher",
+         "ntk")  # fmt: skip
 #: Kinds whose entries are cosines: an identical copy of a task has affinity 1 with it.
-COSINE_KINDS = ("gradient-cosine", "fisher")
+COSINE_KINDS = ("gradient-cosine", "fisher", "ntk")
 CONFIGS = ("affinity", "subsets")
 METADATA_FILE = "metadata.json"
 HEATMAP_FILE = "heatmap.png"

@@ -1,5 +1,5 @@
 """Task affinities read directly off the stored projected gradients at the meta-initialization,
-without estimating subsets. Two, both normalized so that no task's scale dominates:
+without estimating subsets. Three, all normalized so that no task's scale dominates:
 
 * **gradient cosine** (:func:`gradient_cosine_affinity`): the cosine between task j's
   training-loss gradient and task i's validation-loss gradient. The estimator fits ``w_S`` by a
@@ -18,7 +18,18 @@ without estimating subsets. Two, both normalized so that no task's scale dominat
   the idea of comparing tasks by their Fisher is Task2Vec's (Achille et al., ICCV 2019) and
   the task subspaces of merging (MaTS, Tam et al., TMLR 2024).
 
-Both cost one pass over the store (no subsets, no solves). ``benchmarks/scenarios.py`` and
+* **NTK overlap** (:func:`ntk_affinity`, the job's default): the same normalized inner
+  product of the tasks' Gauss–Newton matrices ``G_t = (1/n_t) Σ_{e ∈ t} z_e z_eᵀ``, every row
+  weighted alike. ``⟨G_i, G_j⟩ = Σ_{a ∈ i, b ∈ j} (z_a · z_b)² / (n_i n_j)``: the mean squared
+  empirical neural tangent kernel between the two tasks' examples, i.e. how strongly a gradient
+  step on one task's examples moves the other task's scores, in either direction. It reads
+  neither labels nor how well θ0 fits a row; the Fisher's weights ``σ(−y s)²`` put a
+  converged θ0's overlap on its few badly fitted rows, so its members disagree more (README:
+  "Scenarios", session 14: agreement 0.54 → 0.71–0.90 on the text default, 0.16–0.31 →
+  0.50–0.67 on the image default, and the planted skills recovered on 4 of 5 text draws
+  instead of 2).
+
+All cost one pass over the store (no subsets, no solves). ``benchmarks/scenarios.py`` and
 ``benchmarks/estimator_settings.py`` compare them with the higher-order estimate (README:
 "Scenarios").
 """
@@ -114,18 +125,40 @@ def gradient_cosine_affinity(
 
 
 def task_fishers(
-    store: GradientStore, split: str = "train", label_kind: str | None = None
+    store: GradientStore, split: str = "train", label_kind: str | None = None,
+    weighting: str = "empirical",
 ) -> tuple[np.ndarray, list[int]]:
     """Per task, the empirical Fisher ``(1/n_t) Σ σ(−y s)² z zᵀ`` of its ``split`` rows in the
     store's projected space (``[num_tasks, d, d]``; zeros for a task without rows) and the row
-    count per task."""
+    count per task. ``weighting="uniform"`` drops the weights ``σ(−y s)²``: the Gauss–Newton
+    matrix ``(1/n_t) Σ z zᵀ`` of the scores, which reads neither labels nor fit."""
+    if weighting not in ("empirical", "uniform"):
+        raise TaeError(f"weighting={weighting!r}; choose 'empirical' or 'uniform'.")
     blocks = _task_blocks(store, split, label_kind)
     fishers = np.zeros((len(blocks.blocks), store.dim, store.dim))
     for t, (z, y, s) in enumerate(blocks.blocks):
         if len(y):
-            weight = torch.sigmoid(-y * s) ** 2  # (∂ loss / ∂ score)²
-            fishers[t] = ((z * weight[:, None]).T @ z / len(y)).numpy()
+            if weighting == "empirical":
+                z_weighted = z * (torch.sigmoid(-y * s) ** 2)[:, None]  # (∂ loss / ∂ score)²
+            else:
+                z_weighted = z
+            fishers[t] = (z_weighted.T @ z / len(y)).numpy()
     return fishers, blocks.counts
+
+
+def _overlap(store: GradientStore, split: str, label_kind: str | None, weighting: str,
+             zero_diagonal: bool, kind: str, what: str,
+             provenance: Mapping[str, Any] | None) -> AffinityMatrix:  # fmt: skip
+    """The normalized Frobenius inner products of the tasks' (weighted) second moments."""
+    fishers, counts = task_fishers(store, split, label_kind, weighting)
+    names = store.task_names or [str(t) for t in range(len(fishers))]
+    unit = _unit_rows(fishers.reshape(len(fishers), -1), counts, names, split, what, store)
+    values = unit @ unit.T
+    if zero_diagonal:
+        np.fill_diagonal(values, 0.0)
+    info = {"metric": f"{what} overlap", "split": split, **(provenance or {})}
+    counts_matrix = np.ones((len(names), len(names)), dtype=np.int64)
+    return AffinityMatrix(values, names, kind, counts_matrix, provenance=info)
 
 
 def fisher_affinity(
@@ -143,12 +176,48 @@ def fisher_affinity(
     ``T[i, i] = 0`` before clustering. A task without rows, or whose Fisher is zero, is an
     error naming it.
     """
-    fishers, counts = task_fishers(store, split, label_kind)
-    names = store.task_names or [str(t) for t in range(len(fishers))]
-    unit = _unit_rows(fishers.reshape(len(fishers), -1), counts, names, split, "Fisher", store)
-    values = unit @ unit.T
-    if zero_diagonal:
-        np.fill_diagonal(values, 0.0)
-    info = {"metric": "Fisher overlap", "split": split, **(provenance or {})}
-    counts_matrix = np.ones((len(names), len(names)), dtype=np.int64)
-    return AffinityMatrix(values, names, "fisher", counts_matrix, provenance=info)
+    return _overlap(store, split, label_kind, "empirical", zero_diagonal, "fisher", "Fisher",
+                    provenance)
+
+
+def ntk_affinity(
+    store: GradientStore,
+    split: str = "train",
+    *,
+    zero_diagonal: bool = True,
+    provenance: Mapping[str, Any] | None = None,
+) -> AffinityMatrix:
+    """``T[i, j] = ⟨G_i, G_j⟩_F / (‖G_i‖_F ‖G_j‖_F)`` with ``G_t = (1/n_t) Σ z zᵀ`` over task
+    t's ``split`` rows (symmetric, entries in [0, 1]).
+
+    Equivalently ``‖K_ij‖²_F / (‖K_ii‖_F ‖K_jj‖_F)`` for the empirical NTK ``K_ab = z_a · z_b``
+    between the tasks' examples (in the projected space, which preserves inner products): how
+    much the tasks' examples move each other's scores under gradient descent from θ0. Labels
+    and scores are not read. ``zero_diagonal`` sets ``T[i, i] = 0`` before clustering. A task
+    without rows, or whose gradients are all zero, is an error naming it.
+    """
+    return _overlap(store, split, None, "uniform", zero_diagonal, "ntk", "NTK", provenance)
+
+
+#: Affinity kinds read off the stored gradients (no subsets).
+GRADIENT_KINDS = ("ntk", "fisher", "gradient-cosine")
+
+
+def gradient_affinity(
+    store: GradientStore,
+    kind: str,
+    scoring_split: str = "validation",
+    provenance: Mapping[str, Any] | None = None,
+) -> AffinityMatrix:
+    """One store's affinity of ``kind`` as the job clusters it (symmetric, zero diagonal):
+    ``ntk`` / ``fisher`` on the training rows, ``gradient-cosine`` between ``scoring_split``
+    and training rows."""
+    if kind == "ntk":
+        return ntk_affinity(store, provenance=provenance)
+    if kind == "fisher":
+        return fisher_affinity(store, provenance=provenance)
+    if kind == "gradient-cosine":
+        return gradient_cosine_affinity(store, target_split=scoring_split, provenance=provenance)
+    raise TaeError(f"affinity kind {kind!r} is not read off gradients; choose one of "
+                   f"{list(GRADIENT_KINDS)}.")  # fmt: skip
+

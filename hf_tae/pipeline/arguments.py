@@ -135,10 +135,12 @@ class EstimationArguments:
         },
     )
     affinity_kind: str = field(
-        default="fisher",
+        default="ntk",
         metadata={
-            "help": "The affinity that is clustered: 'fisher' (overlap of the tasks' empirical "
-            "Fisher matrices of the projected gradients at θ0), 'higher-order' (Grad-TAE: each "
+            "help": "The affinity that is clustered: 'ntk' (overlap of the tasks' Gauss-Newton "
+            "matrices of the projected gradients at θ0: the mean squared empirical NTK between "
+            "their examples; label-free), 'fisher' (the same with the empirical Fisher's "
+            "per-row weights σ(-y s)², the default before session 14), 'higher-order' (Grad-TAE: each "
             "task's estimated --affinity_metric over the sampled subsets) or "
             "'gradient-cosine' (cosine between one task's training-loss gradient and another's "
             "validation-loss gradient at θ0). Subsets are estimated either way: they score the "
@@ -313,7 +315,8 @@ def check_arguments(est: EstimationArguments, grouping: GroupingArguments) -> No
         "--ground_truth_init": (grouping.ground_truth_init, ("group", "members")),
         "--partition_choice": (grouping.partition_choice, ("silhouette", "payoff", "density")),
         "--sampling": (est.sampling, ("uniform", "adaptive")),
-        "--affinity_kind": (est.affinity_kind, ("higher-order", "fisher", "gradient-cosine")),
+        "--affinity_kind": (est.affinity_kind, ("higher-order", "ntk", "fisher",
+                                                        "gradient-cosine")),  # fmt: skip
     }
     for flag, (value, allowed) in choices.items():
         if value not in allowed:

@@ -89,6 +89,8 @@ GENERATED_LABELS = {"rougeL": "ROUGE-L (generated)", "generated_exact_match": "e
 
 #: How the report names an affinity read off the gradients (``{split}``: the scoring split).
 _GRADIENT_AFFINITIES = {
+    "ntk": "NTK-overlap affinity (normalized Frobenius inner product of the tasks' Gauss–Newton "
+    "matrices of the projected gradients: the mean squared empirical NTK between their examples)",
     "fisher": "Fisher-overlap affinity (normalized Frobenius inner product of the tasks' "
     "empirical Fisher matrices of the projected gradients)",
     "gradient-cosine": "gradient-cosine affinity (cosine between one task's training-loss "

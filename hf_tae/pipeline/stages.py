@@ -240,13 +240,10 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
     affinity = AffinityMatrix.average(members)
     higher_order = members
     if est_args.affinity_kind != "higher-order":  # clustered; the subsets still score payoffs
-        from hf_tae.estimation.gradient_affinity import fisher_affinity, gradient_cosine_affinity
+        from hf_tae.estimation.gradient_affinity import gradient_affinity
 
-        if est_args.affinity_kind == "fisher":
-            members = [fisher_affinity(store, provenance=provenance) for store in stores]
-        else:
-            members = [gradient_cosine_affinity(store, target_split=est_args.scoring_split,
-                                                provenance=provenance) for store in stores]  # fmt: skip
+        members = [gradient_affinity(store, est_args.affinity_kind, est_args.scoring_split,
+                                     provenance) for store in stores]  # fmt: skip
         subset_results = affinity.results
         affinity = AffinityMatrix.average(members)
         affinity.results = subset_results
@@ -428,17 +425,15 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
 def member_affinities(affinity, stores: Sequence[Any],
                       est_args: EstimationArguments | None) -> list[Any]:  # fmt: skip
     """Each meta-initialization's own matrix of ``affinity``'s kind, rebuilt from a saved run:
-    the matrices stage 4 averaged (the Fisher overlap or gradient cosine of each store, or
+    the matrices stage 4 averaged (the NTK or Fisher overlap or gradient cosine of each store, or
     each member's subset estimates, read back from ``affinity.results``). Empty when they
     cannot be rebuilt."""
     from hf_tae.estimation.affinity import AffinityMatrix
-    from hf_tae.estimation.gradient_affinity import fisher_affinity, gradient_cosine_affinity
+    from hf_tae.estimation.gradient_affinity import GRADIENT_KINDS, gradient_affinity
 
-    if affinity.kind == "fisher":
-        matrices = [fisher_affinity(store) for store in stores]
-    elif affinity.kind == "gradient-cosine":
+    if affinity.kind in GRADIENT_KINDS:
         split = est_args.scoring_split if est_args is not None else "validation"
-        matrices = [gradient_cosine_affinity(store, target_split=split) for store in stores]
+        matrices = [gradient_affinity(store, affinity.kind, split) for store in stores]
     else:
         table = affinity.results
         if est_args is None or table is None or "member" not in table:

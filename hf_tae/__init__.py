@@ -42,6 +42,7 @@ _LAZY_ATTRS: dict[str, str] = {
     "InstructionFamily": "hf_tae.families.text.family",
     "InstructionArguments": "hf_tae.families.text.family",
     "TextTasks": "hf_tae.families.text.data",
+    "TokenizedTextTasks": "hf_tae.families.text.tokenization",
     "tasks_from_templates": "hf_tae.families.text.data",
     "tasks_from_column": "hf_tae.families.text.data",
     "tasks_from_datasets": "hf_tae.families.text.data",
@@ -242,6 +243,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     from hf_tae.families.text.family import InstructionArguments, InstructionFamily
     from hf_tae.families.text.templates import Template, load_templates
     from hf_tae.families.text.tokenization import (
+        TokenizedTextTasks,
         tokenize_prompt_completion,
         tokenize_text_tasks,
         train_bpe_tokenizer,

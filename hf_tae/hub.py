@@ -433,15 +433,20 @@ def _pipeline_tag(model_type: str | None) -> str | None:
 _DATA_FOLDERS = {
     "graph_info.json": ("hf_tae.families.graph.data", "CommunityGraph"),
     "image_domains.json": ("hf_tae.families.image.domains", "ImageDomains"),
+    "text_tasks.json": ("hf_tae.families.text.data", "TextTasks"),
 }
 
 
 def _data_class(folder: Path):
-    """The class of the task data saved in ``folder`` (None when it holds none)."""
+    """The class of the task data saved in ``folder`` (None when it holds none): text tasks
+    saved with their tokenizer (a text run's ``data/``) load as ``TokenizedTextTasks``, so
+    the tokenizer travels with the rows."""
     import importlib
 
     for marker, (module, name) in _DATA_FOLDERS.items():
         if (folder / marker).is_file():
+            if name == "TextTasks" and (folder / "tokenizer").is_dir():
+                module, name = "hf_tae.families.text.tokenization", "TokenizedTextTasks"
             return getattr(importlib.import_module(module), name)
     return None
 
@@ -474,9 +479,9 @@ def _detect(folder: Path) -> str:
         return "data"
     raise TaeError(
         f"{str(folder)!r} is not an hf_tae artifact: expected config.json or adapter_config.json "
-        "(a saved model), gradient_store.json (a GradientStore), graph_info.json or "
-        "image_domains.json (saved task data) or a run folder of hf-tae run (meta_init/, data/, "
-        "gradients/)."
+        "(a saved model), gradient_store.json (a GradientStore), graph_info.json, "
+        "image_domains.json or text_tasks.json (saved task data) or a run folder of hf-tae run "
+        "(meta_init/, data/, gradients/)."
     )
 
 
@@ -593,7 +598,8 @@ def publish(
       ``repo_id``: config, safetensors weights, remote-code modules, tokenizer files and a card;
     * a :class:`~hf_tae.GradientStore` (``gradient_store.json``) → dataset repo ``repo_id``;
     * saved task data (a :class:`~hf_tae.CommunityGraph`'s ``graph_info.json``, an
-      :class:`~hf_tae.ImageDomains`' ``image_domains.json``) → dataset repo ``repo_id``;
+      :class:`~hf_tae.ImageDomains`' ``image_domains.json``, text tasks' ``text_tasks.json``
+      with their ``tokenizer/`` when the folder has one) → dataset repo ``repo_id``;
     * a run folder of ``hf-tae run`` or a recipe (``meta_init/``, ``data/``,
       ``gradients/``) → the data to ``<repo_id>-data``, the gradients to
       ``<repo_id>-gradients`` and the model to ``repo_id`` with a card linking both and showing

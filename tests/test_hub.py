@@ -351,3 +351,35 @@ def _image_dataset():
     features = Features({"image": Image(), "label": ClassLabel(names=["even", "odd"]),
                          "domain": Value("string")})  # fmt: skip
     return Dataset.from_dict(rows, features=features)
+
+
+def test_text_tasks_publish_with_their_tokenizer_and_load_by_repo_id(tmp_path, loopback_hub):
+    """A text run's ``data/`` (rows, planted groups and the in-process tokenizer) goes to a
+    dataset repo with ``publish``, and ``--text_tasks <repo id>`` rebuilds the same token ids
+    from it; plain ``TextTasks`` round-trip through the Hub too."""
+    from hf_tae.families import get_family
+    from hf_tae.families.text import TextTasks
+
+    family = get_family("instructions")
+    args = family.arguments_class(skills=["max", "even"], train_per_template=5, eval_per_template=2)
+    tasks = family.load_tasks(args)
+    family.save_data(tasks, tmp_path / "data")
+    repo_id = _repo_id("text-data")
+    urls = publish(tmp_path / "data", repo_id)
+    assert urls["data"].startswith(loopback_hub.endpoint)
+    files = loopback_hub.files(repo_id, "dataset")
+    assert {"text_tasks.json", "tokenizer/tokenizer.json"} <= set(files)
+    again = family.load_tasks(family.arguments_class(text_tasks=repo_id))
+    for column in ("input_ids", "labels", "task", "split"):
+        assert list(again.dataset[column]) == list(tasks.dataset[column]), column
+    assert again.source.tokenizer.get_vocab() == tasks.source.tokenizer.get_vocab()
+    assert family.planted_groups(again).tolist() == [0, 0, 0, 1, 1, 1]
+
+    plain = tasks.source.text_tasks
+    plain_repo = _repo_id("text-rows")
+    plain.push_to_hub(plain_repo, revision="v1")
+    assert "tokenizer/tokenizer.json" not in loopback_hub.files(plain_repo, "dataset", revision="v1")
+    loaded = TextTasks.load(plain_repo, revision="v1")
+    assert loaded.fingerprint() == plain.fingerprint()
+    with pytest.raises(TaeError, match="is not a saved TextTasks folder"):
+        TextTasks.load(tmp_path)

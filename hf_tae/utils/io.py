@@ -75,7 +75,8 @@ def push_folder_to_hub(
     commit_message: str,
     repo_type: str = "dataset",
 ) -> str:
-    """Create ``repo_id`` if needed and upload the folder that ``save(tmp_path)`` writes; returns the commit URL.
+    """Create ``repo_id`` (and the branch ``revision``) if needed and upload the folder that
+    ``save(tmp_path)`` writes; returns the commit URL.
 
     The artifacts saved as folders (graphs, affinity matrices) publish exactly what they save.
     """
@@ -83,6 +84,8 @@ def push_folder_to_hub(
 
     api = HfApi()
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, repo_type=repo_type, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save(Path(tmp) / "artifact")
         info = api.upload_folder(
@@ -131,6 +134,17 @@ def artifact_source(path_or_repo_id: str | os.PathLike, revision: str | None = N
             f"{source!r} is neither an existing folder nor a Hub repo id like 'user/name'."
         )
     return source
+
+
+def artifact_folder(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder with the artifact: ``path_or_repo_id`` itself when it is a folder, else
+    the Hub dataset repo of that id downloaded at ``revision`` (cached)."""
+    source = artifact_source(path_or_repo_id, revision)
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, repo_type="dataset", revision=revision))
 
 
 def read_artifact_json(source: str, filename: str, revision: str | None = None) -> dict:

@@ -27,12 +27,15 @@ import numpy as np
 
 from hf_tae.errors import TaeError
 from hf_tae.families.text.templates import Template, check_unique
+from hf_tae.utils.io import artifact_folder, atomic_folder, push_folder_to_hub
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
 SPLITS = ("train", "validation", "test")
-_INFO_FILE = "text_tasks.json"
+#: What :meth:`TextTasks.save` writes: the marker file and the Arrow rows.
+INFO_FILE = "text_tasks.json"
+ROWS_FOLDER = "rows"
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -119,26 +122,46 @@ class TextTasks:
         return cls(Dataset.from_dict(data, features=features), task_groups, description)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
-        """Write the rows (Arrow) and the groups/description (JSON) to the folder ``path``."""
-        path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise TaeError(f"{path} exists and is not empty; pass overwrite=True.")
-        path.mkdir(parents=True, exist_ok=True)
-        self.dataset.save_to_disk(str(path / "rows"))
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the rows (Arrow, ``rows/``) and the groups/description (``text_tasks.json``)
+        to the folder ``path``, atomically: a failed save leaves ``path`` as it was."""
+        with atomic_folder(path, overwrite) as tmp:
+            self.write(tmp)
+        return Path(path)
+
+    def write(self, folder: Path) -> None:
+        """The files of :meth:`save` into an existing empty ``folder`` (not atomic)."""
+        self.dataset.save_to_disk(str(folder / ROWS_FOLDER))
         info = {"task_groups": self.task_groups, "description": self.description}
-        (path / _INFO_FILE).write_text(json.dumps(info, indent=2))
+        (folder / INFO_FILE).write_text(json.dumps(info, indent=2))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> TextTasks:
-        """The tasks written by :meth:`save`."""
+    def load(cls, path_or_repo_id: str | os.PathLike, revision: str | None = None) -> TextTasks:
+        """The tasks written by :meth:`save`, from a folder or a Hub dataset repo pushed by
+        :meth:`push_to_hub` (downloaded at ``revision``)."""
         from datasets import load_from_disk
 
-        path = Path(path)
-        if not (path / _INFO_FILE).is_file():
-            raise TaeError(f"{path} holds no {_INFO_FILE}; it is not a saved TextTasks folder.")
-        info = json.loads((path / _INFO_FILE).read_text())
-        return cls(load_from_disk(str(path / "rows")), info["task_groups"], info["description"])
+        path = artifact_folder(path_or_repo_id, revision)
+        if not (path / INFO_FILE).is_file() or not (path / ROWS_FOLDER).is_dir():
+            raise TaeError(
+                f"{path_or_repo_id} is not a saved TextTasks folder: it needs {INFO_FILE} and "
+                f"{ROWS_FOLDER}/ as written by TextTasks.save() or a run's data/."
+            )
+        info = json.loads((path / INFO_FILE).read_text())
+        return cls(load_from_disk(str(path / ROWS_FOLDER)), info["task_groups"],
+                   info["description"])  # fmt: skip
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload text tasks with hf_tae",
+    ) -> str:
+        """Push the folder of :meth:`save` to a Hub dataset repo; returns the commit URL."""
+        return push_folder_to_hub(self.save, repo_id, private=private, revision=revision,
+                                  commit_message=commit_message)  # fmt: skip
 
     def fingerprint(self) -> str:
         """sha256 of the rows, names and groups."""

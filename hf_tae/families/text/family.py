@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from hf_tae.errors import TaeError
 from hf_tae.families import register_family
 from hf_tae.families.base import TaskFamily, TaskMetrics
+from hf_tae.utils.io import artifact_folder
 
 if TYPE_CHECKING:
     from hf_tae.families.text.data import TextTasks
@@ -108,7 +109,8 @@ class InstructionArguments:
 
     text_tasks: str | None = field(
         default=None,
-        metadata={"help": "Path of a saved TextTasks folder (a run's data/, tokenizer included)."},
+        metadata={"help": "Saved text tasks: a folder or Hub dataset repo id (a run's data/, "
+                          "pushed by hf-tae publish; its tokenizer is used when it has one)."},
     )
     bigbench: str | None = field(
         default=None,
@@ -256,7 +258,7 @@ class InstructionFamily(TaskFamily):
         from hf_tae.families.text.templates import load_templates
 
         if args.text_tasks:
-            return data.TextTasks.load(args.text_tasks)
+            return data.TextTasks.load(artifact_folder(args.text_tasks))
         if args.bigbench:
             return bigbench_tasks(args.bigbench, args.bigbench_tasks, args.bigbench_keywords,
                                   args.max_rows_per_task, args.data_seed_text)  # fmt: skip
@@ -279,7 +281,7 @@ class InstructionFamily(TaskFamily):
                                  seed=args.data_seed_text)  # fmt: skip
 
     def load_tasks(self, args: InstructionArguments) -> TaskSet:
-        from hf_tae.families.text.tokenization import tokenizer_for
+        from hf_tae.families.text.tokenization import TOKENIZER_FOLDER, tokenizer_for
 
         if args.score_tokens not in SCORE_TOKENS:
             raise TaeError(
@@ -289,9 +291,9 @@ class InstructionFamily(TaskFamily):
             raise TaeError(f"--adapter {args.adapter!r} is not one of {list(ADAPTERS)}.")
         text_tasks = self.load_text_tasks(args)
         name = args.tokenizer_name_or_path or args.model_name_or_path
-        saved = Path(args.text_tasks or "") / "tokenizer"  # a run's data/ keeps its tokenizer
-        if name is None and args.text_tasks and saved.is_dir():
-            name = str(saved)
+        if name is None and args.text_tasks:  # a run's data/ keeps its tokenizer
+            saved = artifact_folder(args.text_tasks) / TOKENIZER_FOLDER
+            name = str(saved) if saved.is_dir() else None
         tokenizer = tokenizer_for(text_tasks, name, args.vocab_size)
         if args.pad_token is not None:
             tokenizer.pad_token = args.pad_token

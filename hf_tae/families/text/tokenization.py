@@ -20,9 +20,11 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hf_tae.errors import TaeError
+from hf_tae.utils.io import artifact_folder, atomic_folder, push_folder_to_hub
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+#: Where :meth:`TokenizedTextTasks.save` puts the tokenizer, beside the text tasks' files.
+TOKENIZER_FOLDER = "tokenizer"
 INPUT_COLUMNS = ["input_ids", "attention_mask", "labels"]
 
 
@@ -187,10 +191,44 @@ class TokenizedTextTasks:
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
-    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
-        """The text tasks (:meth:`TextTasks.save`) and the tokenizer (``tokenizer/``)."""
-        self.text_tasks.save(path, overwrite=overwrite)
-        self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """The text tasks (:meth:`TextTasks.save`) and the tokenizer (``tokenizer/``), together
+        and atomically: a run's ``data/``, which ``--text_tasks`` reads back."""
+        with atomic_folder(path, overwrite) as tmp:
+            self.text_tasks.write(tmp)
+            self.tokenizer.save_pretrained(str(tmp / TOKENIZER_FOLDER))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path_or_repo_id: str | os.PathLike,
+             revision: str | None = None) -> TokenizedTextTasks:  # fmt: skip
+        """A folder written by :meth:`save` (or a Hub dataset repo pushed by
+        :meth:`push_to_hub`): the text tasks with the tokenizer that encoded them."""
+        from transformers import AutoTokenizer
+
+        from hf_tae.families.text.data import TextTasks
+
+        path = artifact_folder(path_or_repo_id, revision)
+        if not (path / TOKENIZER_FOLDER).is_dir():
+            raise TaeError(
+                f"{path_or_repo_id} has no {TOKENIZER_FOLDER}/; load it with TextTasks.load, or "
+                "save the tasks with their tokenizer (TokenizedTextTasks.save, a run's data/)."
+            )
+        tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_FOLDER))
+        return cls(TextTasks.load(path), tokenizer)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload text tasks and their tokenizer with hf_tae",
+    ) -> str:
+        """Push the folder of :meth:`save` (rows, groups and tokenizer) to a Hub dataset repo;
+        returns the commit URL."""
+        return push_folder_to_hub(self.save, repo_id, private=private, revision=revision,
+                                  commit_message=commit_message)  # fmt: skip
 
     def fingerprint(self) -> str:
         """sha256 of the rows and the tokenizer's vocabulary."""

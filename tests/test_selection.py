@@ -263,3 +263,26 @@ def test_bad_inputs_raise(linear):
         choose_top(ensemble_scores([(0,)], [1.0], 2), k=3)
     with pytest.raises(TaeError, match="num_clusters"):
         cluster_rows(np.ones((3, 2)), 5)
+
+
+def test_estimated_vs_real_against_scipy_on_shared_subsets():
+    """Only subsets with both an estimate and a real run count; errors and correlations as
+    numpy/scipy compute them; a constant side has no correlation (NaN), not a warning."""
+    import pandas as pd
+    from scipy import stats
+
+    from hf_tae.selection.check import estimated_vs_real
+
+    estimated = pd.DataFrame({"subset": [(0,), (1,), (0, 1), (2,)], "acc": [0.5, 0.7, 0.9, 0.1]})
+    real = pd.DataFrame({"subset": [(0, 1), (0,), (1,)], "acc": [0.8, 0.4, 0.8]})
+    out = estimated_vs_real(estimated, real, "acc")
+    est, true = np.array([0.5, 0.7, 0.9]), np.array([0.4, 0.8, 0.8])
+    assert out["num_subsets"] == 3
+    assert out["mean_abs_error"] == pytest.approx(np.mean(np.abs(est - true)))
+    assert out["mean_rel_error"] == pytest.approx(np.mean(np.abs(est - true) / true))
+    assert out["spearman"] == pytest.approx(stats.spearmanr(est, true).statistic)
+    assert out["pearson"] == pytest.approx(stats.pearsonr(est, true).statistic)
+    flat = estimated_vs_real(estimated.assign(acc=0.5), real, "acc")
+    assert math.isnan(flat["spearman"]) and math.isnan(flat["pearson"])
+    with pytest.raises(TaeError, match="only 1 subsets"):
+        estimated_vs_real(estimated, real.iloc[:1], "acc")

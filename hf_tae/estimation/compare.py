@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from hf_tae.estimation.affinity import AffinityMatrix
 
 
-def _correlations(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+def correlations(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     """Spearman and Pearson of two vectors; NaN when either is constant (undefined)."""
     from scipy import stats
 
@@ -76,7 +76,7 @@ def compare_affinities(
     return {
         "relative_frobenius": float(np.linalg.norm(a - b) / norm) if norm > 0 else float("inf"),
         "mean_abs_error": float(np.abs(a - b).mean()),
-        **_correlations(a, b),
+        **correlations(a, b),
         "num_entries": int(keep.sum()),
     }
 
@@ -111,7 +111,7 @@ def compare_results(
         )
     a, b = joined["estimated"].to_numpy(float), joined["true"].to_numpy(float)
     return {
-        **_correlations(a, b),
+        **correlations(a, b),
         "mean_abs_error": float(np.abs(a - b).mean()),
         "num_pairs": len(joined),
     }

@@ -226,8 +226,9 @@ def representation_similarity(model: nn.Module, task_set: TaskSet, module: str,
 
 def estimated_vs_real(estimated: pd.DataFrame, real: pd.DataFrame, metric: str) -> dict[str, Any]:
     """Agreement of estimated and real target metrics on the same subsets (same split):
-    mean absolute error, mean relative error, Spearman and Pearson correlations."""
-    from scipy.stats import pearsonr, spearmanr
+    mean absolute error, mean relative error, Spearman and Pearson correlations (NaN when
+    either side is constant)."""
+    from hf_tae.estimation.compare import correlations
 
     key = [tuple(s) for s in estimated["subset"]]
     truth = {tuple(s): v for s, v in zip(real["subset"], real[metric], strict=True)}
@@ -241,6 +242,5 @@ def estimated_vs_real(estimated: pd.DataFrame, real: pd.DataFrame, metric: str) 
         "metric": metric,
         "mean_abs_error": float(np.mean(np.abs(est - true))),
         "mean_rel_error": float(np.mean(np.abs(est - true) / np.maximum(np.abs(true), 1e-12))),
-        "spearman": float(spearmanr(est, true).statistic),
-        "pearson": float(pearsonr(est, true).statistic),
+        **correlations(est, true),
     }

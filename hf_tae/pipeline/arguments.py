@@ -140,7 +140,7 @@ class EstimationArguments:
             "help": "The affinity that is clustered: 'ntk' (overlap of the tasks' Gauss-Newton "
             "matrices of the projected gradients at θ0: the mean squared empirical NTK between "
             "their examples; label-free), 'fisher' (the same with the empirical Fisher's "
-            "per-row weights σ(-y s)², the default before session 14), 'higher-order' (Grad-TAE: each "
+            "per-row weights σ(-y s)²), 'higher-order' (Grad-TAE: each "
             "task's estimated --affinity_metric over the sampled subsets) or "
             "'gradient-cosine' (cosine between one task's training-loss gradient and another's "
             "validation-loss gradient at θ0). Subsets are estimated either way: they score the "

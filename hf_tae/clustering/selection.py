@@ -22,8 +22,8 @@ mean silhouette (Rousseeuw, 1987) on the affinity (:func:`affinity_silhouette`).
 silhouette compares its mean distance to its own group with that to the nearest other group,
 so it rewards groups that are both tight and apart, and it does not grow with k the way the
 objective does. Distances: D_ij = c − W_ij, W = (T + Tᵀ)/2, with c the affinity of a task with an
-identical copy of itself where the kind has one (1 for cosine-type affinities: the Fisher
-overlap and the gradient cosine, where D is the cosine distance) and otherwise the largest
+identical copy of itself where the kind has one (1 for cosine-type affinities: the NTK and
+Fisher overlaps and the gradient cosine, where D is the cosine distance) and otherwise the largest
 off-diagonal W (the most similar pair at distance 0; unchanged by shifting or positively
 scaling T). Measured on the scenario suite (README: Scenarios), it recovers the planted k
 where the density rule and the payoff over-split.

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from hf_tae.errors import TaeError
 from hf_tae.estimation.schema import METRICS
-from hf_tae.utils.io import artifact_source
+from hf_tae.utils.io import artifact_source, prepare_repo
 
 if TYPE_CHECKING:
     import torch
@@ -430,23 +430,22 @@ def _pipeline_tag(model_type: str | None) -> str | None:
 
 # ---------------------------------------------------------------------------------- publishing
 #: Saved task-data folders: the file that marks one, and the class that loads and pushes it.
-_DATA_FOLDERS = {
-    "graph_info.json": ("hf_tae.families.graph.data", "CommunityGraph"),
-    "image_domains.json": ("hf_tae.families.image.domains", "ImageDomains"),
-    "text_tasks.json": ("hf_tae.families.text.data", "TextTasks"),
-}
+#: The first entry whose paths all exist in a folder names its class; text tasks saved with
+#: their tokenizer (a text run's ``data/``) come before plain ones, so the tokenizer travels.
+_DATA_FOLDERS = (
+    (("graph_info.json",), "hf_tae.families.graph.data", "CommunityGraph"),
+    (("image_domains.json",), "hf_tae.families.image.domains", "ImageDomains"),
+    (("text_tasks.json", "tokenizer"), "hf_tae.families.text.tokenization", "TokenizedTextTasks"),
+    (("text_tasks.json",), "hf_tae.families.text.data", "TextTasks"),
+)
 
 
 def _data_class(folder: Path):
-    """The class of the task data saved in ``folder`` (None when it holds none): text tasks
-    saved with their tokenizer (a text run's ``data/``) load as ``TokenizedTextTasks``, so
-    the tokenizer travels with the rows."""
+    """The class of the task data saved in ``folder`` (None when it holds none)."""
     import importlib
 
-    for marker, (module, name) in _DATA_FOLDERS.items():
-        if (folder / marker).is_file():
-            if name == "TextTasks" and (folder / "tokenizer").is_dir():
-                module, name = "hf_tae.families.text.tokenization", "TokenizedTextTasks"
+    for paths, module, name in _DATA_FOLDERS:
+        if all((folder / p).exists() for p in paths):
             return getattr(importlib.import_module(module), name)
     return None
 
@@ -458,7 +457,8 @@ def load_task_data(path: str | os.PathLike):
     cls = _data_class(folder)
     if cls is None:
         raise TaeError(
-            f"{str(folder)!r} holds no saved task data: expected one of {sorted(_DATA_FOLDERS)}."
+            f"{str(folder)!r} holds no saved task data: expected one of "
+            f"{sorted({paths[0] for paths, _, _ in _DATA_FOLDERS})}."
         )
     return cls.load(folder)
 
@@ -485,16 +485,6 @@ def _detect(folder: Path) -> str:
     )
 
 
-def _prepare_repo(repo_id: str, repo_type: str, revision: str | None, private: bool | None) -> None:
-    """Create the repo (and the branch ``revision``) if missing."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-    if revision is not None:
-        api.create_branch(repo_id, repo_type=repo_type, branch=revision, exist_ok=True)
-
-
 def _publish_model(
     folder: Path,
     repo_id: str,
@@ -509,7 +499,7 @@ def _publish_model(
     The folder's own ``README.md`` is kept unless there are repos to link; then, or when the
     folder has no card, a :func:`meta_init_card` is committed (the folder is not modified).
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd
 
     files = sorted(
         p
@@ -544,8 +534,7 @@ def _publish_model(
         )
         operations = [op for op in operations if op.path_in_repo != "README.md"]
         operations.append(CommitOperationAdd("README.md", str(card).encode()))
-    _prepare_repo(repo_id, "model", revision, private)
-    return HfApi().create_commit(
+    return prepare_repo(repo_id, "model", revision=revision, private=private).create_commit(
         repo_id,
         operations,
         commit_message=commit_message or "Upload meta-initialization with hf_tae",
@@ -566,8 +555,7 @@ def _publish_gradients(
 def _publish_data(
     folder: Path, repo_id: str, revision: str | None, private: bool | None, message: str | None
 ) -> str:
-    data = load_task_data(folder)
-    _prepare_repo(repo_id, "dataset", revision, private)
+    data = load_task_data(folder)  # its push_to_hub creates the repo and the branch
     kwargs = {"commit_message": message} if message else {}
     return data.push_to_hub(repo_id, private=private, revision=revision, **kwargs)
 

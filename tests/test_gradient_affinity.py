@@ -140,21 +140,9 @@ def test_ntk_overlap_reads_neither_labels_nor_fit_where_the_fisher_does(tmp_path
                            atol=1e-3)  # fmt: skip
 
 
-def test_ntk_overlap_closed_forms_and_unknown_kind(tmp_path):
-    """Disjoint coordinates overlap 0; a rescaled copy overlaps 1; a kind that is not read off
-    gradients is refused by name."""
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=(40, 6))
-    left, right = z.copy(), z.copy()
-    left[:, 3:], right[:, :3] = 0.0, 0.0
-    label, score = (rng.random(40) > 0.5).astype(float), rng.normal(size=40)
-    store = _store(tmp_path / "s", [(left, label, score), (right, label, score),
-                                    (3 * left, label, score)])  # fmt: skip
-    values = ntk_affinity(store, zero_diagonal=False).values
-    assert values[0, 1] == pytest.approx(0.0, abs=1e-12)
-    assert values[0, 2] == pytest.approx(1.0, abs=1e-6)
+def test_a_kind_not_read_off_gradients_is_refused_by_name(linear_store):
     with pytest.raises(TaeError, match="'higher-order' is not read off gradients"):
-        gradient_affinity(store, "higher-order")
+        gradient_affinity(linear_store, "higher-order")
 
 
 def _store(path, blocks):
@@ -168,7 +156,8 @@ def _store(path, blocks):
     return store.finalize()
 
 
-def test_fisher_overlap_closed_forms(tmp_path):
+@pytest.mark.parametrize("overlap", [fisher_affinity, ntk_affinity])
+def test_overlap_closed_forms(tmp_path, overlap):
     """Tasks sensitive to disjoint coordinates overlap 0; a task and a rescaled copy of it
     (gradients ×3, the same residuals) overlap 1: the affinity reads directions, not scale."""
     rng = np.random.default_rng(0)
@@ -178,7 +167,7 @@ def test_fisher_overlap_closed_forms(tmp_path):
     label, score = (rng.random(40) > 0.5).astype(float), rng.normal(size=40)
     store = _store(tmp_path / "s", [(left, label, score), (right, label, score),
                                     (3 * left, label, score)])  # fmt: skip
-    values = fisher_affinity(store, zero_diagonal=False).values
+    values = overlap(store, zero_diagonal=False).values
     assert values[0, 1] == pytest.approx(0.0, abs=1e-12)
     assert values[0, 2] == pytest.approx(1.0, abs=1e-6)
     assert np.allclose(np.diag(values), 1.0)

@@ -40,7 +40,13 @@ import pyarrow.parquet as pq
 
 from hf_tae.errors import TaeError
 from hf_tae.tasks.splits import SPLIT_NAMES
-from hf_tae.utils.io import artifact_source, atomic_open, atomic_write_bytes, atomic_write_text
+from hf_tae.utils.io import (
+    artifact_source,
+    atomic_open,
+    atomic_write_bytes,
+    atomic_write_text,
+    prepare_repo,
+)
 from hf_tae.utils.progress import tqdm
 
 if TYPE_CHECKING:
@@ -438,12 +444,7 @@ class GradientStore:
         same commit, so the repo never mixes two stores.
         """
         self._require_finished("push it to the Hub")
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        if revision is not None:
-            api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
+        api = prepare_repo(repo_id, "dataset", revision=revision, private=private)
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=self.path,

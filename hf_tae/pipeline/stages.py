@@ -172,7 +172,8 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
                       grouping_args: GroupingArguments | None = None):  # fmt: skip
     """Stages 3–4: estimated per-(subset, task) scores on every store (one per
     meta-initialization) and their averaged affinity matrix. Returns ``(subsets, affinity,
-    info, members)``, ``members`` the per-meta-initialization matrices that were averaged. ``--sampling adaptive`` draws the subsets round by round, re-clustering with
+    info, members)``, ``members`` the per-meta-initialization matrices that were averaged.
+    ``--sampling adaptive`` draws the subsets round by round, re-clustering with
     ``grouping_args`` (:mod:`hf_tae.pipeline.adaptive`)."""
     from hf_tae.estimation.adaptive import pair_coverage
     from hf_tae.estimation.affinity import AffinityMatrix

@@ -66,6 +66,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def prepare_repo(repo_id: str, repo_type: str = "dataset", *, revision: str | None = None,
+                 private: bool | None = None):  # fmt: skip
+    """Create ``repo_id`` and the branch ``revision`` where missing; returns the ``HfApi``
+    to upload with."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, repo_type=repo_type, branch=revision, exist_ok=True)
+    return api
+
+
 def push_folder_to_hub(
     save: Callable[[Path], Path],
     repo_id: str,
@@ -80,12 +93,7 @@ def push_folder_to_hub(
 
     The artifacts saved as folders (graphs, affinity matrices) publish exactly what they save.
     """
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-    if revision is not None:
-        api.create_branch(repo_id, repo_type=repo_type, branch=revision, exist_ok=True)
+    api = prepare_repo(repo_id, repo_type, revision=revision, private=private)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save(Path(tmp) / "artifact")
         info = api.upload_folder(

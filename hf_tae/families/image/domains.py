@@ -27,7 +27,7 @@ import numpy as np
 
 from hf_tae.errors import TaeError
 from hf_tae.tasks.splits import SPLIT_NAMES
-from hf_tae.utils.io import artifact_source, atomic_folder, push_folder_to_hub
+from hf_tae.utils.io import artifact_folder, atomic_folder, push_folder_to_hub
 
 if TYPE_CHECKING:
     from datasets import Dataset, Features
@@ -270,18 +270,12 @@ class ImageDomains:
         :meth:`push_to_hub` (downloaded at ``revision``)."""
         from datasets import load_from_disk
 
-        source = artifact_source(path_or_repo_id, revision)
-        if Path(source).is_dir():
-            path = Path(source)
-        else:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(source, repo_type="dataset", revision=revision))
+        path = artifact_folder(path_or_repo_id, revision)
         info_file = path / INFO_FILE
         if not info_file.is_file() or not (path / DATA_FOLDER).is_dir():
             found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "no such folder"
             raise TaeError(
-                f"{source} is not an ImageDomains folder: it needs {INFO_FILE} and {DATA_FOLDER}/ "
+                f"{path_or_repo_id} is not an ImageDomains folder: it needs {INFO_FILE} and {DATA_FOLDER}/ "
                 f"as written by ImageDomains.save() (found: {found})."
             )
         info = json.loads(info_file.read_text())

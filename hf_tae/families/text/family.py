@@ -15,6 +15,7 @@ loss (the affinity's default) per task.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -258,7 +259,7 @@ class InstructionFamily(TaskFamily):
         from hf_tae.families.text.templates import load_templates
 
         if args.text_tasks:
-            return data.TextTasks.load(artifact_folder(args.text_tasks))
+            return data.TextTasks.load(args.text_tasks)
         if args.bigbench:
             return bigbench_tasks(args.bigbench, args.bigbench_tasks, args.bigbench_keywords,
                                   args.max_rows_per_task, args.data_seed_text)  # fmt: skip
@@ -289,11 +290,13 @@ class InstructionFamily(TaskFamily):
             )
         if args.adapter not in ADAPTERS:
             raise TaeError(f"--adapter {args.adapter!r} is not one of {list(ADAPTERS)}.")
+        if args.text_tasks:  # a repo id is downloaded once; rows and tokenizer read the copy
+            args = dataclasses.replace(args, text_tasks=str(artifact_folder(args.text_tasks)))
         text_tasks = self.load_text_tasks(args)
         name = args.tokenizer_name_or_path or args.model_name_or_path
-        if name is None and args.text_tasks:  # a run's data/ keeps its tokenizer
-            saved = artifact_folder(args.text_tasks) / TOKENIZER_FOLDER
-            name = str(saved) if saved.is_dir() else None
+        saved = Path(args.text_tasks or "") / TOKENIZER_FOLDER  # a run's data/ keeps its tokenizer
+        if name is None and args.text_tasks and saved.is_dir():
+            name = str(saved)
         tokenizer = tokenizer_for(text_tasks, name, args.vocab_size)
         if args.pad_token is not None:
             tokenizer.pad_token = args.pad_token

@@ -3,8 +3,10 @@
 For every run folder it reloads the saved affinity, the gradient stores of all
 meta-initializations and the λ the run used, and runs stage 5 (``choose_groups``, no training)
 once per rule: ``silhouette`` (the default: the SDP grouping with the best mean silhouette on
-the affinity, scored by predicted payoff against all tasks and single tasks), ``payoff`` (the
-SDP grouping of every k scored that way) and ``density`` (the k whose SDP objective gains most
+the affinity, its groups that are not cohesive on the meta-initializations split into single
+tasks, scored by predicted payoff against all tasks and single tasks), ``silhouette-nosplit``
+(the same without the split, ``--split_incoherent_groups false``), ``payoff`` (the SDP
+grouping of every k scored that way) and ``density`` (the k whose SDP objective gains most
 over a shuffled null). Per run and rule it prints the groups it would train (k) and their
 adjusted Rand index against the planted partition, so a rule can be checked on data it was
 not chosen on (``benchmarks/scenarios.py --data_seed 1`` builds fresh instances of the suite's
@@ -29,7 +31,13 @@ import sys
 import time
 from pathlib import Path
 
-RULES = ("silhouette", "payoff", "density")
+#: rule name → the GroupingArguments it sets
+RULES = {
+    "silhouette": {"partition_choice": "silhouette"},
+    "silhouette-nosplit": {"partition_choice": "silhouette", "split_incoherent_groups": False},
+    "payoff": {"partition_choice": "payoff"},
+    "density": {"partition_choice": "density"},
+}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -79,7 +87,7 @@ def choose(loaded: dict, rule: str, planted) -> dict:
     from hf_tae.pipeline.arguments import GroupingArguments
 
     kmax = max(row["k"] for row in loaded["results"]["grouping"]["sweep"])
-    grouping = GroupingArguments(max_task_groups=kmax, partition_choice=rule)
+    grouping = GroupingArguments(max_task_groups=kmax, **RULES[rule])
     return stages.choose_groups(loaded["affinity"], grouping, planted, loaded["stores"],
                                 loaded["est"])  # fmt: skip
 

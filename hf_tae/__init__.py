@@ -102,7 +102,9 @@ _LAZY_ATTRS: dict[str, str] = {
     "sweep_k": "hf_tae.clustering",
     "recommend_k": "hf_tae.clustering",
     "affinity_silhouette": "hf_tae.clustering",
+    "affinity_silhouette_samples": "hf_tae.clustering",
     "silhouettes_by_member": "hf_tae.clustering",
+    "split_incoherent_groups": "hf_tae.clustering",
     # pipeline
     "run_pipeline": "hf_tae.pipeline.run",
     "PipelineArguments": "hf_tae.pipeline.arguments",
@@ -175,6 +177,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
         Grouping,
         SdpSolution,
         affinity_silhouette,
+        affinity_silhouette_samples,
         exhaustive_cluster,
         kmeans_cluster,
         kmeans_rounding,
@@ -184,6 +187,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
         sdp_relaxation,
         silhouettes_by_member,
         spectral_cluster,
+        split_incoherent_groups,
         sweep_k,
         threshold_rounding,
     )

@@ -13,6 +13,7 @@ from sklearn.metrics import adjusted_rand_score
 from hf_tae.clustering import (
     Grouping,
     affinity_silhouette,
+    affinity_silhouette_samples,
     exhaustive_cluster,
     kmeans_cluster,
     kmeans_rounding,
@@ -23,6 +24,7 @@ from hf_tae.clustering import (
     shuffled_null,
     silhouettes_by_member,
     spectral_cluster,
+    split_incoherent_groups,
     sweep_k,
     threshold_rounding,
 )
@@ -283,6 +285,62 @@ def test_affinity_silhouette_matches_sklearn_on_its_distance():
         cosine = silhouette_score(np.where(off, 1 - (C + C.T) / 2, 0.0), labels,
                                   metric="precomputed")  # fmt: skip
         assert affinity_silhouette(C, labels, ceiling=1.0) == pytest.approx(cosine, abs=1e-12)
+
+
+def test_affinity_silhouette_samples_match_sklearn_per_task():
+    """Per-task silhouettes equal scikit-learn's ``silhouette_samples`` on the same distance
+    (lone tasks 0); one group has none (NaN)."""
+    from sklearn.metrics import silhouette_samples
+
+    rng = np.random.default_rng(1)
+    for n, groups in [(6, 2), (10, 4), (8, 7)]:
+        T = np.tanh(rng.normal(size=(n, n))) * 0.9
+        labels = rng.permutation(np.arange(n) % groups)
+        off = ~np.eye(n, dtype=bool)
+        D = np.where(off, 1 - (T + T.T) / 2, 0.0)
+        expected = silhouette_samples(D, labels, metric="precomputed")
+        np.testing.assert_allclose(affinity_silhouette_samples(T, labels, 1.0), expected,
+                                   atol=1e-12)  # fmt: skip
+    assert np.isnan(affinity_silhouette_samples(T, np.zeros(n))).all()
+
+
+def test_split_incoherent_groups_against_sklearn_member_silhouettes():
+    """A group is split into single tasks exactly when its tasks' silhouette, computed by
+    scikit-learn on each member's cosine distance and averaged over tasks and members, is
+    <= 0; the other groups keep their tasks together."""
+    from sklearn.metrics import silhouette_samples
+
+    rng = np.random.default_rng(7)
+    n = 12
+    # two families (0-3, 4-7) and four unrelated tasks (8-11) that the grouping puts together;
+    # each of those leans a little to one family (0.25), so it sits nearer that family than
+    # the others of its group (silhouette about (0.75 - 0.9) / 0.9 < 0)
+    family = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 3, 4, 5])
+    base = np.where(family[:, None] == family[None, :], 0.7, 0.1)
+    for task, near in [(8, 0), (9, 0), (10, 1), (11, 1)]:
+        base[task, family == near] = base[family == near, task] = 0.25
+    members = []
+    for _ in range(4):
+        e = rng.normal(scale=0.15, size=(n, n))
+        members.append(np.clip(base + (e + e.T) / 2, -0.99, 0.99))
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    new, table = split_incoherent_groups(labels, members, ceiling=1.0)
+    off = ~np.eye(n, dtype=bool)
+    samples = np.array([silhouette_samples(np.where(off, 1 - (M + M.T) / 2, 0.0), labels,
+                                           metric="precomputed") for M in members])  # fmt: skip
+    for row in table.itertuples():
+        per_member = samples[:, labels == row.group].mean(1)
+        assert row.tasks == np.flatnonzero(labels == row.group).tolist()
+        assert row.coherence == pytest.approx(per_member.mean(), abs=1e-12)
+        assert row.coherence_std == pytest.approx(per_member.std(ddof=1), abs=1e-12)
+        assert row.split == (per_member.mean() <= 0)
+    assert table["split"].tolist() == [False, False, True]  # the unrelated tasks are split
+    assert new.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 3, 4, 5]
+    # a threshold above every group's coherence splits everything into single tasks
+    everything, _ = split_incoherent_groups(labels, members, ceiling=1.0, min_coherence=1.0)
+    assert everything.tolist() == list(range(n))
+    with pytest.raises(TaeError, match="members is empty"):
+        split_incoherent_groups(labels, [])
 
 
 def test_silhouettes_by_member_scores_fixed_groupings_on_each_member():

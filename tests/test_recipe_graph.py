@@ -210,22 +210,46 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     rebuilt = member_affinities(affinity, [], EstimationArguments(affinity_metric="log_loss"))
     for M, R in zip(members, rebuilt, strict=True):
         np.testing.assert_allclose(np.nan_to_num(R.to_numpy()), np.nan_to_num(M), atol=1e-12)
+    # --split_incoherent_groups (default): a group of the best-k grouping whose tasks' mean
+    # silhouette (scikit-learn's silhouette_samples on each member's own distance, averaged
+    # over the members) is <= 0 becomes single tasks
+    from sklearn.metrics import silhouette_samples
+
+    labels = np.asarray(sweep[best_k]["labels"])
+    per_task = np.mean([silhouette_samples(np.where(off, (M + M.T)[off].max() / 2 - (M + M.T) / 2,
+                                                    0.0), labels, metric="precomputed")
+                        for M in members], axis=0)  # fmt: skip
+    incoherent = [g for g in set(labels.tolist())
+                  if (labels == g).sum() > 1 and per_task[labels == g].mean() <= 0]  # fmt: skip
+    kept = [i for i in range(len(tasks)) if labels[i] not in incoherent]
+    expected_groups = {frozenset(tasks[i] for i in kept if labels[i] == g) for g in labels[kept]}
+    expected_groups |= {frozenset([t]) for t, g in zip(tasks, labels, strict=True)
+                        if g in incoherent}  # fmt: skip
+    assert [g["tasks"] for g in grouping["coherence"]["split"]] == [
+        [t for t, g in zip(tasks, labels, strict=True) if g == h] for h in
+        dict.fromkeys(labels.tolist()) if h in incoherent]  # fmt: skip
+    name = f"SDP k={best_k}" + (f", split to k={len(expected_groups)}" if incoherent else "")
     candidates = grouping["candidates"]
-    assert [c["candidate"] for c in candidates] == [
-        "all tasks (k=1)", f"SDP k={best_k}", "single tasks (k=n)"]  # fmt: skip
+    assert [c["candidate"] for c in candidates] == (
+        ["all tasks (k=1)", name, "single tasks (k=n)"] if len(expected_groups) < len(tasks)
+        else ["all tasks (k=1)", "single tasks (k=n)"])  # fmt: skip
     chosen = [c for c in candidates if c["chosen"]]
     assert len(chosen) == 1 and chosen[0]["num_groups"] == grouping["k"]
     trivial = ("all tasks (k=1)", "single tasks (k=n)")
+    split_text = ("; split into single tasks (not cohesive on the meta-initializations): "
+                  if incoherent else "")  # fmt: skip
     prefix = (f"best silhouette k={best_k} ({silhouettes[best_k]:.2f}, the best on "
-              f"{member_best.count(best_k)} of 2 meta-initializations); predicted payoff: ")
-    assert grouping["k_choice"].startswith(prefix)
+              f"{member_best.count(best_k)} of 2 meta-initializations){split_text}")
+    assert grouping["k_choice"].startswith(prefix) and "; predicted payoff: " in grouping["k_choice"]
+    if chosen[0]["candidate"] == name:
+        assert {frozenset(g) for g in grouping["groups"]} == expected_groups
     if "trained instead" in grouping["k_choice"]:
-        assert grouping["k_choice"].startswith(tuple(f"{prefix}{t};" for t in trivial))
-        assert chosen[0]["candidate"] == f"SDP k={best_k}"
+        assert chosen[0]["candidate"] == name
+        assert grouping["k_choice"].split("; predicted payoff: ")[1].startswith(trivial)
     else:
         best = min(c["payoff"] for c in candidates)
         assert chosen[0]["payoff"] - best <= chosen[0]["vs_best_se"] + 1e-12
-        assert grouping["k_choice"] == prefix + chosen[0]["candidate"]
+        assert grouping["k_choice"].endswith("; predicted payoff: " + chosen[0]["candidate"])
     assert {c["candidate"] for c in candidates} >= {"all tasks (k=1)", "single tasks (k=n)"}
     T = np.nan_to_num(affinity.to_numpy())
     ids = [[tasks.index(t) for t in g] for g in grouping["groups"]]

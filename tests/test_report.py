@@ -176,3 +176,17 @@ def test_sweep_shows_each_meta_initializations_silhouettes_and_whether_they_agre
     results["grouping"]["silhouette_k_votes"]["best_on"] = 2
     text = render_report(results)
     assert "is the best on 2 of 2." in text and "fragile" not in text
+
+
+def test_report_lists_each_groups_coherence_and_which_were_split():
+    results = _grouped_run(planted=False)
+    results["grouping"]["coherence"] = {
+        "kept": [{"tasks": ["a", "b"], "coherence": 0.41, "coherence_std": 0.05}],
+        "split": [{"tasks": ["c", "d"], "coherence": -0.1, "coherence_std": None}],
+    }
+    text = render_report(results)
+    assert "| a, b | 0.410 ± 0.050 |  |" in text
+    assert "| c, d | -0.100 ± n/a | **yes** |" in text
+    assert "`--split_incoherent_groups`" in text
+    results["grouping"]["coherence"] = None  # --partition_choice payoff / density, or k given
+    assert "Coherence of the best-silhouette" not in render_report(results)

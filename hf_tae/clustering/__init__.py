@@ -5,7 +5,8 @@ objective (:func:`partition_objective`) with SCS and rounds it (k-means, always 
 groups, or the reference threshold-and-scan); :func:`spectral_cluster`,
 :func:`kmeans_cluster` and :func:`exhaustive_cluster` (exact, n ≤ 10) are baselines;
 :func:`sweep_k` / :func:`recommend_k` choose k against a shuffled-T null or by
-:func:`affinity_silhouette`.
+:func:`affinity_silhouette`; :func:`split_incoherent_groups` splits the groups the
+meta-initializations do not see as cohesive.
 """
 
 from hf_tae.clustering.baselines import exhaustive_cluster, kmeans_cluster, spectral_cluster
@@ -18,9 +19,11 @@ from hf_tae.clustering.rounding import (
 from hf_tae.clustering.sdp import SdpSolution, sdp_cluster, sdp_relaxation
 from hf_tae.clustering.selection import (
     affinity_silhouette,
+    affinity_silhouette_samples,
     recommend_k,
     shuffled_null,
     silhouettes_by_member,
+    split_incoherent_groups,
     sweep_k,
 )
 
@@ -28,6 +31,7 @@ __all__ = [
     "Grouping",
     "SdpSolution",
     "affinity_silhouette",
+    "affinity_silhouette_samples",
     "exhaustive_cluster",
     "kmeans_cluster",
     "kmeans_rounding",
@@ -38,6 +42,7 @@ __all__ = [
     "shuffled_null",
     "silhouettes_by_member",
     "spectral_cluster",
+    "split_incoherent_groups",
     "sweep_k",
     "threshold_rounding",
 ]

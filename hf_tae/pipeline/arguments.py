@@ -169,6 +169,15 @@ class GroupingArguments:
             "a shuffled null."
         },
     )
+    split_incoherent_groups: bool = field(
+        default=True,
+        metadata={
+            "help": "With --partition_choice silhouette, split into single tasks every group "
+            "of the chosen grouping whose mean silhouette on the meta-initializations' own "
+            "affinities is <= 0 (tasks that only look alike on the average, e.g. unrelated "
+            "lone tasks put together; README: Scenarios)."
+        },
+    )
     propose_groups: bool = field(
         default=True,
         metadata={

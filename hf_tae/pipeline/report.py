@@ -225,6 +225,21 @@ def render_report(results: Mapping[str, Any]) -> str:
                          "**yes**" if c["chosen"] else ""] for c in groups["candidates"]]),
                 "",
             ]  # fmt: skip
+        coherence = groups.get("coherence")
+        if coherence and (coherence["kept"] or coherence["split"]):
+            out += [
+                "Coherence of the best-silhouette grouping's groups: their tasks' mean "
+                "silhouette on each meta-initialization's own affinity, averaged (± sd over "
+                "them). Groups at or below 0 look alike only on the average and are split into "
+                "single tasks (`--split_incoherent_groups`).",
+                "",
+                _table(["group", "coherence", "split"],
+                       [[", ".join(g["tasks"]),
+                         f"{format_number(g['coherence'], '.3f')} ± "
+                         f"{format_number(g['coherence_std'], '.3f')}", "**yes**" if split else ""]
+                        for split in (False, True) for g in coherence["split" if split else "kept"]]),
+                "",
+            ]  # fmt: skip
         if groups.get("sweep"):
             keys = ["k", "objective", "null_objective", "gain", "significant", "silhouette"]
             rows = [[format_number(row.get(k), ".4f") if k in ("objective", "null_objective",

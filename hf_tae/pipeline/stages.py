@@ -299,11 +299,13 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
     :func:`member_affinities` when not given).
     """
     from hf_tae.clustering import (
+        affinity_silhouette,
         partition_objective,
         recommend_k,
         sdp_cluster,
         silhouettes_by_member,
         spectral_cluster,
+        split_incoherent_groups,
         sweep_k,
     )
     from hf_tae.estimation.affinity import COSINE_KINDS
@@ -319,7 +321,7 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
     T = np.nan_to_num(affinity.to_numpy(), nan=0.0)  # pairs no subset covered: no evidence
     names = affinity.task_names
     n = len(T)
-    sweep = candidates = k_votes = None
+    sweep = candidates = k_votes = split_info = None
     k = grouping_args.num_task_groups
     if k > n:
         raise TaeError(f"--num_task_groups {k} exceeds the {n} tasks; use at most {n}.")
@@ -359,10 +361,21 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
             structure = {}
             for row in rows.itertuples():
                 name = f"SDP k={row.k}" if method == "sdp" else f"{method} k={row.k}"
-                if 1 < row.n_groups < n and list(row.labels) not in options.values():
-                    options[name] = list(row.labels)
-                    score = row.silhouette if by_silhouette else (row.gain if row.significant
-                                                                   else 0.0)  # fmt: skip
+                row_labels, score = list(row.labels), row.silhouette
+                if by_silhouette and grouping_args.split_incoherent_groups and row.n_groups > 1:
+                    matrices = ([np.nan_to_num(m.to_numpy(), nan=0.0) for m in members]
+                                if len(members) > 1 else [T])  # fmt: skip
+                    split_labels, coherence = split_incoherent_groups(row_labels, matrices,
+                                                                      ceiling)  # fmt: skip
+                    split_info = _split_summary(coherence, names)
+                    if split_info["split"]:
+                        row_labels = split_labels.tolist()
+                        name += f", split to k={len(set(row_labels))}"
+                        score = affinity_silhouette(T, row_labels, ceiling)
+                if 1 < len(set(row_labels)) < n and row_labels not in options.values():
+                    options[name] = row_labels
+                    if not by_silhouette:
+                        score = row.gain if row.significant else 0.0
                     structure[name] = float(score)
             options["single tasks (k=n)"] = list(range(n))
             l2 = fixed_l2(est_args)
@@ -397,7 +410,15 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
                     agree = int(best_row["preferred_by_members"])
                     votes = f", the best on {agree} of {len(stores)} meta-initializations"
                     k_votes = {"k": int(best_k), "best_on": agree, "meta_inits": len(stores)}
-                k_choice = (f"best silhouette k={best_k} ({best:.2f}{votes}); {k_choice}"
+                split = ""
+                if split_info and split_info["split"]:
+                    shown = split_info["split"][:3]
+                    split = "; split into single tasks (not cohesive on the meta-initializations): "
+                    split += ", ".join(f"{{{', '.join(g['tasks'])}}} ({g['coherence']:.2f})"
+                                       for g in shown)  # fmt: skip
+                    if len(split_info["split"]) > len(shown):
+                        split += f" and {len(split_info['split']) - len(shown)} more groups"
+                k_choice = (f"best silhouette k={best_k} ({best:.2f}{votes}){split}; {k_choice}"
                             if np.isfinite(best)
                             else f"no grouping of 1 < k < n to score; {k_choice}")  # fmt: skip
             labels = options[chosen]
@@ -415,12 +436,25 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
         "candidates": None if candidates is None else json.loads(
             candidates.to_json(orient="records")),
         "silhouette_k_votes": k_votes,
+        "coherence": split_info,
     }
     if planted is not None:
         from sklearn.metrics import adjusted_rand_score
 
         info["adjusted_rand_vs_planted"] = float(adjusted_rand_score(planted, labels))
     return info
+
+
+def _split_summary(coherence: Any, names: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """The groups :func:`~hf_tae.split_incoherent_groups` kept and split, by task name, for
+    results.json."""
+    out: dict[str, list[dict[str, Any]]] = {"kept": [], "split": []}
+    for row in coherence.itertuples():
+        std = None if np.isnan(row.coherence_std) else float(row.coherence_std)
+        out["split" if row.split else "kept"].append(
+            {"tasks": [names[t] for t in row.tasks], "coherence": float(row.coherence),
+             "coherence_std": std})  # fmt: skip
+    return out
 
 
 def member_affinities(affinity, stores: Sequence[Any],

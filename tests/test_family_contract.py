@@ -319,6 +319,31 @@ def test_capacity_options_are_flags_of_each_family():
         assert set(options) <= flags, (name, options)
 
 
+def test_widen_doubles_the_models_built_from_config_and_only_those(tiny_graph):
+    """``widen`` doubles the capacity flags of a model built from config (the graph's SIGN
+    model then has more parameters), and returns None for a pretrained backbone and the text
+    families (a LoRA rank or a pretrained LM is not the user's width to change)."""
+    from hf_tae.families import get_family
+    from hf_tae.families.graph.family import GraphArguments
+    from hf_tae.families.image.family import ImageArguments
+    from hf_tae.families.text.family import InstructionArguments
+
+    graph = get_family("graph")
+    wide = graph.widen(GraphArguments(hidden_size=8))
+    assert wide.hidden_size == 16 and wide.num_mlp_layers == 2
+    tasks = tiny_graph.task_set(3)
+
+    def size(args):
+        return sum(p.numel() for p in graph.model_init(args, tasks).parameters())
+
+    assert size(wide) > size(GraphArguments(hidden_size=8))
+    images = get_family("images")
+    wide = images.widen(ImageArguments(hidden_sizes=[16, 32], embedding_size=16))
+    assert wide.hidden_sizes == [32, 64] and wide.embedding_size == 32
+    assert images.widen(ImageArguments(model_name_or_path="microsoft/resnet-18")) is None
+    assert get_family("instructions").widen(InstructionArguments()) is None
+
+
 def test_truth_starts_give_each_member_every_num_members_th_seed(tmp_path):
     """``--ground_truth_init members`` with 4 seeds and 2 meta-initializations: member m runs
     seeds m and m + 2 in its own folder, from its own θ0; ``group`` keeps one folder and

@@ -380,6 +380,7 @@ def test_cli_run_rejects_bad_options_before_training(tmp_path):
         ("--estimator_l2", "big", "--estimator_l2 'big' is neither a number nor 'auto'"),
         ("--estimator_l2", "-1", "--estimator_l2 must be a number > 0 or 'auto'"),
         ("--run_steps", "0", "--run_steps must be >= 1"),
+        ("--meta_init_widenings", "-1", "--meta_init_widenings must be >= 0"),
         ("--generation_metrics", "true", "needs a family whose trainer generates text"),
     ):
         cmd = [str(cli), "run", "--output_dir", str(tmp_path / "x"), flag, value]
@@ -462,3 +463,64 @@ def test_meta_init_below_the_label_frequency_baseline_is_flagged(tiny_graph, tmp
     assert f"test f1 {info['test_avg']:.3f}" in info["below_baseline"]
     assert "label-frequency baseline's 1.000" in info["below_baseline"]
     assert "(--hidden_size or --num_mlp_layers)" in info["below_baseline"]  # how to widen it
+
+
+def test_a_meta_init_that_learns_nothing_is_retrained_wider(tiny_graph, tmp_path):
+    """--meta_init_widenings: θ0 below the label-frequency baseline is retrained with
+    --hidden_size doubled until one learns (at most the given number of times); the saved θ0
+    is the wide one, and a resumed job goes straight to it without training the narrow one."""
+    import json
+
+    from hf_tae import MultitaskTrainingArguments
+    from hf_tae.families.graph.family import GraphArguments, GraphFamily
+    from hf_tae.pipeline.arguments import PipelineArguments
+    from hf_tae.pipeline.stages import WIDENING_FILE, train_meta_init_that_learns
+
+    class LearnsFrom(GraphFamily):
+        """Pretends θ0 learns only from width ``needed`` on: an unreachable baseline (F1 1.0)
+        below it, an F1 of -1 from it on; counts the models built (trainings)."""
+
+        def __init__(self, needed):
+            self.needed, self.width, self.built = needed, None, []
+
+        def model_init(self, args, tasks):
+            self.width = args.hidden_size
+            self.built.append(args.hidden_size)
+            return super().model_init(args, tasks)
+
+        def baseline(self, tasks, split="test"):
+            learned = self.width is None or self.width >= self.needed
+            return {name: -1.0 if learned else 1.0 for name in tasks.task_names}
+
+    tasks = tiny_graph.task_set(3)
+    args = MultitaskTrainingArguments(output_dir=str(tmp_path), num_train_epochs=1,
+                                      disable_tqdm=True, report_to=[])  # fmt: skip
+    family = LearnsFrom(needed=16)
+    _, info, kept = train_meta_init_that_learns(family, GraphArguments(hidden_size=4), tasks,
+                                                PipelineArguments(), args, tmp_path)  # fmt: skip
+    assert family.built == [4, 8, 16] and kept.hidden_size == 16
+    assert info["below_baseline"] is None
+    assert [t["capacity"] for t in info["widening"]["tried"]] == [
+        {"--hidden_size": 4, "--num_mlp_layers": 2}, {"--hidden_size": 8, "--num_mlp_layers": 2}]  # fmt: skip
+    assert all(0 <= t["test_avg"] <= 1 for t in info["widening"]["tried"])
+    assert info["widening"]["kept"]["capacity"]["--hidden_size"] == 16
+    saved = json.loads((tmp_path / "meta_init" / "config.json").read_text())
+    assert saved["hidden_size"] == 16
+    # resumed: straight to width 16, reused from disk, nothing trained
+    again = LearnsFrom(needed=16)
+    _, info, kept = train_meta_init_that_learns(again, GraphArguments(hidden_size=4), tasks,
+                                                PipelineArguments(), args, tmp_path)  # fmt: skip
+    assert again.built == [] and info["reused"] and kept.hidden_size == 16
+    assert [t["capacity"]["--hidden_size"] for t in info["widening"]["tried"]] == [4, 8]
+    # the limit: never more than --meta_init_widenings retrainings; 0 keeps the user's model
+    capped = LearnsFrom(needed=1024)
+    _, info, kept = train_meta_init_that_learns(
+        capped, GraphArguments(hidden_size=4), tasks,
+        PipelineArguments(meta_init_widenings=1, reuse_meta_init=False), args, tmp_path / "c")  # fmt: skip
+    assert capped.built == [4, 8] and kept.hidden_size == 8 and info["below_baseline"]
+    off = LearnsFrom(needed=1024)
+    _, info, kept = train_meta_init_that_learns(
+        off, GraphArguments(hidden_size=4), tasks, PipelineArguments(meta_init_widenings=0),
+        args, tmp_path / "off")  # fmt: skip
+    assert off.built == [4] and kept.hidden_size == 4 and info["widening"] is None
+    assert not (tmp_path / "off" / WIDENING_FILE).exists()

@@ -190,3 +190,14 @@ def test_report_lists_each_groups_coherence_and_which_were_split():
     assert "`--split_incoherent_groups`" in text
     results["grouping"]["coherence"] = None  # --partition_choice payoff / density, or k given
     assert "Coherence of the best-silhouette" not in render_report(results)
+
+
+def test_report_says_the_meta_initialization_was_widened():
+    widening = {"tried": [{"capacity": {"--hidden_size": 8}, "test_avg": 0.101},
+                          {"capacity": {"--hidden_size": 16}, "test_avg": 0.11}],
+                "kept": {"capacity": {"--hidden_size": 32}, "test_avg": 0.66}}  # fmt: skip
+    text = render_report({**BASE, "meta_init": {**BASE["meta_init"], "widening": widening}})
+    assert ("no better than the baseline with --hidden_size 8: 0.101; --hidden_size 16: 0.110, "
+            "so it was retrained twice as wide") in text
+    assert "(--hidden_size 32) is used for the gradients" in text
+    assert "retrained twice as wide" not in render_report(BASE)

@@ -138,6 +138,12 @@ class TaskFamily:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ optional
+    def widen(self, args: Any) -> Any | None:
+        """``args`` with the model built from config twice as wide (the ``capacity_options``),
+        for a meta-initialization that learned no task (``--meta_init_widenings``); None when
+        the model cannot be widened (the default, and pretrained models)."""
+        return None
+
     def private_parameters(self, model: PreTrainedModel) -> list[str]:
         """Regular expressions of task-private parameters (e.g. per-task heads), left out of the
         gradients: they carry no transfer between tasks and would leak into shared

@@ -34,6 +34,16 @@ class PipelineArguments:
             "on the same data with the same model and training arguments (resumed runs)."
         },
     )
+    meta_init_widenings: int = field(
+        default=2,
+        metadata={
+            "help": "When the meta-initialization scores no better than the label-frequency "
+            "baseline (it learned no task, so its gradients carry no task structure), retrain it "
+            "with the family's model twice as wide, at most this many times, and estimate with "
+            "the first that learns. Groups trained from scratch keep your model. 0: never "
+            "(README: Scenarios, `many`)."
+        },
+    )
 
 
 @dataclass

@@ -125,6 +125,19 @@ def render_report(results: Mapping[str, Any]) -> str:
     out += ["## Meta-initialization (all tasks)", "", line + ".", ""]
     if meta.get("below_baseline"):
         out += [f"**Warning:** {meta['below_baseline']}", ""]
+    if meta.get("widening"):  # --meta_init_widenings: the user's model learned no task
+
+        def flags(capacity: Mapping[str, Any]) -> str:
+            return " ".join(f"{flag} {value}" for flag, value in capacity.items())
+
+        tried = "; ".join(f"{flags(t['capacity'])}: {format_number(t['test_avg'])}"
+                          for t in meta["widening"]["tried"])  # fmt: skip
+        kept = meta["widening"]["kept"]
+        out += [f"The meta-initialization scored no better than the baseline with {tried}, so it "
+                f"was retrained twice as wide (`--meta_init_widenings`); the one above "
+                f"({flags(kept['capacity'])}) is used for the gradients and every "
+                "meta-initialization of the ensemble. Groups trained from scratch use your "
+                "model.", ""]  # fmt: skip
     if results.get("ensemble"):
         scores = ", ".join(f"{format_number(m['test_avg'])} (seed {m['seed']})" for m in results["ensemble"])
         out += [f"Other meta-initializations of the ensemble: test average {sel} {scores}.", ""]

@@ -150,6 +150,9 @@ def _run_pipeline(
     family = get_family(family)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_arguments(est_args, grouping_args)
+    if not pipeline_args.meta_init_widenings >= 0:
+        raise TaeError(f"--meta_init_widenings must be >= 0 (0: never widen), got "
+                       f"{pipeline_args.meta_init_widenings}.")  # fmt: skip
     if grouping_args.generation_metrics and not trainer_generates(family.trainer_class):
         raise TaeError(f"--generation_metrics needs a family whose trainer generates text (the "
                        f"text families); {family.name!r} does not. Drop the flag.")  # fmt: skip
@@ -209,14 +212,19 @@ def _run_pipeline(
 
     members = 1 if pipeline_args.meta_init or not est_args.estimate else est_args.num_meta_inits
     stores = []
+    meta_args = family_args  # the model of every θ0: the user's, or wider if that learned nothing
     for member in range(members):
         # the members other than 0 only feed the averaged affinity (ensembles)
         run_dir, member_args = stages.member_run(output_dir, training_args, member)
         with _stage(timings, "meta-initialization"):
-            trainer, meta = stages.train_meta_init(
-                family, family_args, tasks, pipeline_args, member_args, run_dir,
-                save_data=member == 0,
-            )  # fmt: skip
+            if member == 0:
+                trainer, meta, meta_args = stages.train_meta_init_that_learns(
+                    family, family_args, tasks, pipeline_args, member_args, run_dir)  # fmt: skip
+            else:
+                trainer, meta = stages.train_meta_init(
+                    family, meta_args, tasks, pipeline_args, member_args, run_dir,
+                    save_data=False,
+                )  # fmt: skip
         if member == 0:
             results["meta_init"] = meta
             save_results()
@@ -233,7 +241,7 @@ def _run_pipeline(
         if not (grad_args.collect_gradients or est_args.estimate):
             continue
         with _stage(timings, "gradients"):
-            store, exclude = stages.collect_member_gradients(trainer, family, family_args,
+            store, exclude = stages.collect_member_gradients(trainer, family, meta_args,
                                                              grad_args, run_dir, member)  # fmt: skip
             stores.append(store)
         if member == 0:

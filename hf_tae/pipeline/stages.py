@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "meta_init.fingerprint.json"
+WIDENING_FILE = "meta_init.widening.json"
 
 
 def meta_init_fingerprint(family: TaskFamily, family_args: Any, tasks: TaskSet,
@@ -120,6 +121,61 @@ def train_meta_init(
         "baseline_avg": baseline_avg,
         "below_baseline": below,
     }
+
+
+def _capacity(family: TaskFamily, family_args: Any) -> dict[str, Any]:
+    """The values of the family's capacity flags in ``family_args`` (for results.json)."""
+    return {flag: getattr(family_args, flag.lstrip("-"), None) for flag in family.capacity_options}
+
+
+def train_meta_init_that_learns(
+    family: TaskFamily,
+    family_args: Any,
+    tasks: TaskSet,
+    pipeline_args: PipelineArguments,
+    training_args: MultitaskTrainingArguments,
+    output_dir: Path,
+    save_data: bool = True,
+) -> tuple[Any, dict[str, Any], Any]:
+    """Stage 1 with a fallback: a meta-initialization that scores no better than the
+    label-frequency baseline learned no task, and its gradients carry no task structure (the
+    suite's ``many``: 50 tasks in a width-8 model). Then the family's model is widened
+    (:meth:`~hf_tae.families.TaskFamily.widen`) and θ0 retrained, at most
+    ``--meta_init_widenings`` times, until one learns.
+
+    Returns ``(trainer, info, family_args)``: the arguments of the θ0 kept, which the other
+    meta-initializations and the gradients use. ``info["widening"]`` lists every θ0 tried.
+    The decision is saved in ``output_dir/meta_init.widening.json``, so a resumed job goes
+    straight to the width it settled on.
+    """
+    record = output_dir / WIDENING_FILE
+    base = meta_init_fingerprint(family, family_args, tasks, training_args)
+    args, tried = family_args, []
+    if pipeline_args.reuse_meta_init and record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("base_fingerprint") == base:
+            tried = saved["tried"]
+            for _ in tried:
+                args = family.widen(args)
+    while True:  # a copy each time: the Trainer fills in fields the fingerprint reads
+        trainer, meta = train_meta_init(family, args, tasks, pipeline_args,
+                                        copy.deepcopy(training_args), output_dir, save_data)  # fmt: skip
+        wider = family.widen(args) if meta["below_baseline"] else None
+        if (wider is None or pipeline_args.meta_init
+                or len(tried) >= pipeline_args.meta_init_widenings):  # fmt: skip
+            break
+        tried.append({"capacity": _capacity(family, args), "test_avg": meta["test_avg"]})
+        logger.warning("retraining the meta-initialization twice as wide: %s",
+                       _capacity(family, wider))  # fmt: skip
+        args = wider
+        if trainer.is_world_process_zero():
+            atomic_write_text(record, json.dumps({"base_fingerprint": base, "tried": tried}))
+    if not tried:
+        record.unlink(missing_ok=True)
+    meta["widening"] = None if not tried else {
+        "tried": tried, "kept": {"capacity": _capacity(family, args),
+                                 "test_avg": meta["test_avg"]}}  # fmt: skip
+    return trainer, meta, args
 
 
 def member_run(output_dir: Path, training_args: MultitaskTrainingArguments,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -184,6 +184,10 @@ class GraphFamily(TaskFamily):
             input_dropout=args.input_dropout,
         )
         return SignForMultiTaskNodeClassification(config)
+
+    def widen(self, args: GraphArguments) -> GraphArguments:
+        """Twice the width of the per-hop MLPs and the head (``--hidden_size``)."""
+        return replace(args, hidden_size=2 * args.hidden_size)
 
     def score_function(self, args: GraphArguments):
         from hf_tae.models.scores import TaskLogitScore

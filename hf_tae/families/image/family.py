@@ -12,7 +12,7 @@ Metrics: accuracy (selection), macro-F1 and cross-entropy (the affinity's defaul
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from hf_tae.errors import TaeError
@@ -201,6 +201,14 @@ class ImageFamily(TaskFamily):
             **labels,
         )
         return VisionForMultiTaskImageClassification(config)
+
+    def widen(self, args: ImageArguments) -> ImageArguments | None:
+        """Twice the channels of every stage and of the stem (``--hidden_sizes``,
+        ``--embedding_size``); None for a pretrained backbone."""
+        if args.model_name_or_path:
+            return None
+        return replace(args, hidden_sizes=[2 * h for h in args.hidden_sizes],
+                       embedding_size=2 * args.embedding_size)  # fmt: skip
 
     @staticmethod
     def backbone_config(args: ImageArguments, image_size: int, num_channels: int):

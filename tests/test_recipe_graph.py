@@ -512,6 +512,12 @@ def test_a_meta_init_that_learns_nothing_is_retrained_wider(tiny_graph, tmp_path
                                                 PipelineArguments(), args, tmp_path)  # fmt: skip
     assert again.built == [] and info["reused"] and kept.hidden_size == 16
     assert [t["capacity"]["--hidden_size"] for t in info["widening"]["tried"]] == [4, 8]
+    # a resume with a lower limit keeps to it: width 8, the one widening it allows
+    lower = LearnsFrom(needed=16)
+    _, info, kept = train_meta_init_that_learns(lower, GraphArguments(hidden_size=4), tasks,
+                                                PipelineArguments(meta_init_widenings=1), args,
+                                                tmp_path)  # fmt: skip
+    assert kept.hidden_size == 8 and lower.built == [8] and info["below_baseline"]
     # the limit: never more than --meta_init_widenings retrainings; 0 keeps the user's model
     capped = LearnsFrom(needed=1024)
     _, info, kept = train_meta_init_that_learns(

@@ -153,8 +153,8 @@ def train_meta_init_that_learns(
     args, tried = family_args, []
     if pipeline_args.reuse_meta_init and record.is_file():
         saved = json.loads(record.read_text())
-        if saved.get("base_fingerprint") == base:
-            tried = saved["tried"]
+        if saved.get("base_fingerprint") == base:  # within today's --meta_init_widenings
+            tried = saved["tried"][: pipeline_args.meta_init_widenings]
             for _ in tried:
                 args = family.widen(args)
     while True:  # a copy each time: the Trainer fills in fields the fingerprint reads
@@ -393,8 +393,8 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
                         min_z=grouping_args.null_min_z, silhouette_ceiling=ceiling)  # fmt: skip
         if members is None:
             members = member_affinities(affinity, stores, est_args) if len(stores) > 1 else []
-        if len(members) > 1:  # is the k choice a near tie that the meta-initializations split?
-            matrices = [np.nan_to_num(m.to_numpy(), nan=0.0) for m in members]
+        matrices = [np.nan_to_num(m.to_numpy(), nan=0.0) for m in members]
+        if len(matrices) > 1:  # is the k choice a near tie that the meta-initializations split?
             by_member = silhouettes_by_member(sweep, matrices, ceiling)
             columns = [c for c in by_member if c.startswith("member_")]
             sweep["silhouette_members"] = by_member[columns].to_numpy().tolist()
@@ -419,10 +419,8 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
                 name = f"SDP k={row.k}" if method == "sdp" else f"{method} k={row.k}"
                 row_labels, score = list(row.labels), row.silhouette
                 if by_silhouette and grouping_args.split_incoherent_groups and row.n_groups > 1:
-                    matrices = ([np.nan_to_num(m.to_numpy(), nan=0.0) for m in members]
-                                if len(members) > 1 else [T])  # fmt: skip
-                    split_labels, coherence = split_incoherent_groups(row_labels, matrices,
-                                                                      ceiling)  # fmt: skip
+                    split_labels, coherence = split_incoherent_groups(
+                        row_labels, matrices if len(matrices) > 1 else [T], ceiling)  # fmt: skip
                     split_info = _split_summary(coherence, names)
                     if split_info["split"]:
                         row_labels = split_labels.tolist()

@@ -320,12 +320,13 @@ def test_capacity_options_are_flags_of_each_family():
 
 
 def test_widen_doubles_the_models_built_from_config_and_only_those(tiny_graph):
-    """``widen`` doubles the capacity flags of a model built from config (the graph's SIGN
-    model then has more parameters), and returns None for a pretrained backbone and the text
-    families (a LoRA rank or a pretrained LM is not the user's width to change)."""
+    """``widen`` doubles the width of a model built from config (the graph's SIGN model then
+    has more parameters) and returns None for a pretrained one (its width is not ours to
+    change)."""
     from hf_tae.families import get_family
     from hf_tae.families.graph.family import GraphArguments
     from hf_tae.families.image.family import ImageArguments
+    from hf_tae.families.text.causal import CausalInstructionArguments
     from hf_tae.families.text.family import InstructionArguments
 
     graph = get_family("graph")
@@ -341,7 +342,12 @@ def test_widen_doubles_the_models_built_from_config_and_only_those(tiny_graph):
     wide = images.widen(ImageArguments(hidden_sizes=[16, 32], embedding_size=16))
     assert wide.hidden_sizes == [32, 64] and wide.embedding_size == 32
     assert images.widen(ImageArguments(model_name_or_path="microsoft/resnet-18")) is None
-    assert get_family("instructions").widen(InstructionArguments()) is None
+    for name, arguments in (("instructions", InstructionArguments),
+                            ("instructions_causal", CausalInstructionArguments)):  # fmt: skip
+        text = get_family(name)
+        wide = text.widen(arguments(d_model=128, d_ff=256, num_heads=4, lora_r=8))
+        assert (wide.d_model, wide.d_ff, wide.num_heads, wide.lora_r) == (256, 512, 4, 8)
+        assert text.widen(arguments(model_name_or_path="google-t5/t5-small")) is None
 
 
 def test_truth_starts_give_each_member_every_num_members_th_seed(tmp_path):

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -301,6 +301,13 @@ class InstructionFamily(TaskFamily):
         if args.pad_token is not None:
             tokenizer.pad_token = args.pad_token
         return self.tokenize(text_tasks, tokenizer, args.max_source_length, args.max_target_length)
+
+    def widen(self, args: InstructionArguments) -> InstructionArguments | None:
+        """The tiny base built from config twice as wide (``--d_model``, ``--d_ff``; the LoRA
+        rank stays); None for a pretrained ``--model_name_or_path``."""
+        if args.model_name_or_path:
+            return None
+        return replace(args, d_model=2 * args.d_model, d_ff=2 * args.d_ff)
 
     def model_init(self, args: InstructionArguments, tasks: TaskSet):
         from transformers import AutoModelForSeq2SeqLM

@@ -94,7 +94,7 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 NUM_FEATURES = 32
 SPLIT_FRACTIONS = (0.2, 0.2, 0.6)
-STRATEGIES = ("grouped", "all tasks", "single task", "planted groups")
+STRATEGIES = ("grouped", "validated groups", "all tasks", "single task", "planted groups")
 
 
 # --------------------------------------------------------------------------- constructions
@@ -607,6 +607,9 @@ def per_seed_scores(run_dir: Path, results: dict[str, Any], metric: str) -> dict
         "all tasks": [names],
         "single task": [[t] for t in names],
     }
+    validated = results.get("group_training", {}).get("validated_groups")
+    if validated is not None:  # the job split groups that validated worse than their tasks alone
+        partitions["validated groups"] = validated
     planted = results.get("planted_groups")
     if planted is not None:
         partitions["planted groups"] = planted

@@ -149,3 +149,25 @@ def test_init_fingerprint_follows_the_saved_meta_initialization(tiny_graph, task
     model.save_pretrained(tmp_path / "meta_init")
     assert init_fingerprint(family, None, task_set, tmp_path, "meta") != first
     assert init_fingerprint(family, None, task_set, tmp_path / "nowhere", "meta") != first
+
+
+def test_validated_groups_split_the_groups_that_validate_better_alone():
+    """A group is split into single tasks exactly when the mean over its tasks of the metric is
+    better under the single-task models than under the group's model (lower is better for
+    log_loss; a tie keeps the group); None when no group is split."""
+    import pandas as pd
+
+    from hf_tae.pipeline.stages import validated_groups
+
+    groups = [["a", "b"], ["c", "d"], ["e"]]
+    together = {"a": 0.8, "b": 0.6, "c": 0.5, "d": 0.5, "e": 0.9}
+    alone = {"a": 0.5, "b": 0.8, "c": 0.7, "d": 0.4, "e": 0.1}  # a, b: 0.65 < 0.7; c, d: 0.55 > 0.5
+    rows = [{"strategy": "grouped", "task_name": t, "f1": v, "log_loss": 1 - v}
+            for t, v in together.items()]
+    rows += [{"strategy": "single task", "task_name": t, "f1": v, "log_loss": 1 - v}
+             for t, v in alone.items()]
+    table = pd.DataFrame(rows)
+    assert validated_groups(table, groups, "f1") == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert validated_groups(table, groups, "log_loss") == [["a", "b"], ["c"], ["d"], ["e"]]
+    tie = table.assign(f1=[0.7, 0.6, 0.5, 0.5, 0.9, 0.7, 0.6, 0.5, 0.5, 0.1])
+    assert validated_groups(tie, groups, "f1") is None

@@ -257,7 +257,9 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     assert grouping["objective"] == pytest.approx(density, rel=1e-6)
     # group training: every strategy scores every task; averages are the per-task means
     training = results["group_training"]
-    assert set(training["summary"]) == {"grouped", "all tasks", "single task", "planted groups"}
+    validated = training["validated_groups"]
+    assert set(training["summary"]) == {"grouped", "all tasks", "single task", "planted groups",
+                                        *(["validated groups"] if validated else [])}  # fmt: skip
     for name, summary in training["summary"].items():
         per_task = [training["per_task"][t][name] for t in tasks]
         assert summary["f1"] == pytest.approx(np.mean(per_task), abs=1e-9)
@@ -276,14 +278,26 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
             for row in r["rows"]:
                 val.setdefault((tuple(r["subset"]), row["task_name"]), []).append(row["f1"])
     index = {t: i for i, t in enumerate(tasks)}
+
+    def val_mean(group, t):
+        return np.mean(val[(tuple(sorted(index[x] for x in group)), t)])
+
+    # the validated groups: every group whose tasks' mean validation F1 is higher alone than
+    # together is split into single tasks (None when none is)
+    expected_validated = []
+    for g in grouping["groups"]:
+        alone = np.mean([val_mean([t], t) for t in g])
+        together = np.mean([val_mean(g, t) for t in g])
+        expected_validated += [[t] for t in g] if len(g) > 1 and alone > together else [list(g)]
+    if len(expected_validated) in (len(grouping["groups"]), len(tasks)):  # none split, or all
+        expected_validated = None
+    assert validated == expected_validated
     partitions = {"grouped": grouping["groups"], "all tasks": [tasks],
                   "single task": [[t] for t in tasks]}  # fmt: skip
-    expected = {
-        name: np.mean(
-            [np.mean(val[(tuple(sorted(index[x] for x in g)), t)]) for g in groups for t in g]
-        )  # fmt: skip
-        for name, groups in partitions.items()
-    }
+    if validated:
+        partitions["validated groups"] = validated
+    expected = {name: np.mean([val_mean(g, t) for g in groups for t in g])
+                for name, groups in partitions.items()}  # fmt: skip
     rec = training["recommended"]
     assert rec["validation"] == pytest.approx(expected, abs=1e-9)
     assert rec["strategy"] == max(expected, key=expected.get)

@@ -201,3 +201,12 @@ def test_report_says_the_meta_initialization_was_widened():
             "so it was retrained twice as wide") in text
     assert "(--hidden_size 32) is used for the gradients" in text
     assert "retrained twice as wide" not in render_report(BASE)
+
+
+def test_report_names_the_groups_validation_split():
+    results = _grouped_run(planted=False)
+    results["group_training"]["validated_groups"] = [["a", "b"], ["c"], ["d"]]
+    text = render_report(results)
+    assert "Validated groups: the estimate's groups, except that {c, d} scored better" in text
+    results["group_training"]["validated_groups"] = None
+    assert "Validated groups" not in render_report(results)

@@ -333,6 +333,17 @@ def render_report(results: Mapping[str, Any]) -> str:
                 f"statistics from each group model on its group's training rows. Merges: {costs}.",
                 "",
             ]
+        validated = training.get("validated_groups")
+        if validated:  # groups that scored better alone on validation, split
+            kept = {frozenset(g) for g in validated}
+            split = [g for g in results["grouping"]["groups"] if frozenset(g) not in kept]
+            out += [
+                "Validated groups: the estimate's groups, except that "
+                + "; ".join("{" + ", ".join(g) + "}" for g in split)
+                + " scored better on validation trained alone, so they are split into single "
+                "tasks (no new training: those models are the single-task comparison's).",
+                "",
+            ]
         rec = training.get("recommended")
         if rec:  # the estimate proposes, validation decides
             val = ", ".join(f"{s} {format_number(v)}" for s, v in rec["validation"].items())

@@ -586,9 +586,11 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
                  private_parameters: Callable[[Any], list[str]] | None = None,
                  ) -> dict[str, Any]:  # fmt: skip
     """Stage 6: the group models against one model on all tasks, one per task and the planted
-    groups; scored per task on the test split by every metric, compared by ``metric``. The
-    recommendation is whichever of the groups, all tasks and single tasks scores best on the
-    validation split (the same runs, scored twice): the estimate proposes, validation decides.
+    groups; scored per task on the test split by every metric, compared by ``metric``. Groups
+    that validate worse than their tasks alone are split (:func:`validated_groups`, strategy
+    ``"validated groups"`` when any is). The recommendation is whichever of the groups, the
+    validated groups, all tasks and single tasks scores best on the validation split (the same
+    runs, scored twice): the estimate proposes, validation decides.
     ``fingerprint``: :func:`init_fingerprint` of ``model_init``, recorded with the runs.
     With ``--merge_methods``, the group models are also merged (:func:`merge_groups`) and each
     merged model joins the comparison as strategy ``"merged (<label>)"`` (one model for all
@@ -625,6 +627,12 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
         )  # fmt: skip
 
     table = compare("test", ("validation",))  # each run is scored on both splits once
+    validation_table = compare("validation")
+    validated = (validated_groups(validation_table, groups, metric)
+                 if "single task" in strategies else None)  # fmt: skip
+    if validated is not None and len(validated) < len(names):  # not every group split
+        strategies["validated groups"] = validated  # its runs exist: nothing is trained
+        table, validation_table = compare("test"), compare("validation")
     merged = None
     if grouping_args.merge_methods:
         import pandas as pd
@@ -639,9 +647,10 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
     wide = table.pivot(index="task_name", columns="strategy", values=metric).loc[names]
     # the recommendation: the estimate's groups, all tasks, single tasks or a merged model,
     # whichever scores best on validation rows (ties: the earlier one, the estimate's groups first)
-    validation = summarize_group_training(compare("validation"), reference="all tasks",
+    validation = summarize_group_training(validation_table, reference="all tasks",
                                           metric=metric)  # fmt: skip
-    options = [s for s in ("grouped", "all tasks", "single task") if s in strategies]
+    options = [s for s in ("grouped", "validated groups", "all tasks", "single task")
+               if s in strategies]  # fmt: skip
     scores = {s: float(validation.loc[s, metric]) for s in options}
     merged_scores = merged_validation(merged or {}, metric)
     if grouping_args.recommend_merged:
@@ -656,6 +665,7 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
         "metric": metric,
         "summary": json.loads(summary.to_json(orient="index")),
         "per_task": {t: {s: float(wide.loc[t, s]) for s in columns} for t in names},
+        "validated_groups": strategies.get("validated groups"),
         "recommended": {
             "strategy": best,
             "groups": [list(g) for g in strategies.get(best, [list(names)])],
@@ -681,6 +691,34 @@ def merged_validation(merged: dict[str, Any], metric: str) -> dict[str, float]:
         m: float(np.mean([r[metric] for r in v["scores"]["validation"]]))
         for m, v in merged.items()
     }
+
+
+def validated_groups(validation_table: Any, groups: Sequence[Sequence[str]],
+                     metric: str) -> list[list[str]] | None:  # fmt: skip
+    """The estimate's groups with every group whose tasks score better alone than together on
+    validation rows split into single tasks; None when every group holds.
+
+    ``validation_table`` is :func:`~hf_tae.compare_group_training`'s table on the validation
+    split with the strategies ``"grouped"`` and ``"single task"``; a group is split when the
+    mean of ``metric`` over its tasks under the single-task models beats the mean under the
+    group's model (strictly: a tie keeps the group). Both kinds of model are trained for the
+    comparison anyway, so this per-group decision costs no training: the estimate proposes
+    the groups, validation keeps those that pay (the suite's ``unequal`` at data seed 2: a
+    pair of unrelated tasks the affinity groups, README: Scenarios).
+    """
+    from hf_tae.estimation.schema import higher_is_better
+
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    scores = validation_table.pivot_table(index="task_name", columns="strategy", values=metric)
+    out: list[list[str]] = []
+    for group in groups:
+        alone = scores.loc[list(group), "single task"].mean()
+        together = scores.loc[list(group), "grouped"].mean()
+        if len(group) > 1 and sign * (alone - together) > 0:
+            out += [[t] for t in group]
+        else:
+            out.append(list(group))
+    return None if len(out) == len(groups) else out
 
 
 def best_strategy(scores: dict[str, float], higher_is_better: bool) -> str:

@@ -254,6 +254,18 @@ def test_per_seed_scores_and_verdict(scen, tmp_path):
     assert "| toy | 4 | planted | 2 | 100 | 2 |" in table and "better" in table
     assert "error: ValueError: x" in table
 
+    # the job's validated groups ({c, d} split): per seed from the pair (a, b) and the singles
+    training = results["group_training"]
+    training["validated_groups"] = [["a", "b"], ["c"], ["d"]]
+    summary["validated groups"] = {"f1": 0.685}
+    training["recommended"] = {"strategy": "validated groups"}
+    row = scen.summarize(built, results, tmp_path, seconds=12.0)
+    assert row["validated groups per seed"] == pytest.approx([0.675, 0.695])
+    assert row["recommended"] == "validated groups" and row["recommended_score"] == 0.685
+    assert "| 1.00 | 0.710 | 0.685 | 0.510 | 0.610 | 0.710 |" in scen.markdown_table([row])
+    training.pop("validated_groups"), summary.pop("validated groups")
+    training["recommended"] = {"strategy": "single task"}
+
     # a chosen grouping below the best trivial answer by more than the noise is "worse"
     results["grouping"]["groups"] = [["a", "c"], ["b", "d"]]
     runs = {k: v for k, v in runs.items() if len(k[0]) != 2}

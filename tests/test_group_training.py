@@ -72,14 +72,22 @@ def test_each_task_is_scored_by_its_own_groups_model_and_runs_are_shared(
     raw = {}
     for r in records:
         for row in r["rows"]:
-            raw.setdefault((tuple(r["subset"]), row["task_name"]), []).append(row["f1"])
+            raw.setdefault((tuple(r["subset"]), row["task_name"]), {})[r["seed"]] = row["f1"]
+    # by_seed: the same runs, one row per seed (nothing trained again)
+    per_seed = compare_group_training(_model_init(tiny_graph), task_set, strategies,
+                                      _args(tmp_path / "r"), tmp_path, seeds=(0, 1),
+                                      split="test", show_progress=False, by_seed=True)  # fmt: skip
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 14
     for strategy, groups in strategies.items():
         for group in groups:
             key = tuple(sorted(names.index(t) for t in group))
             for task in group:
                 got = table[(table.strategy == strategy) & (table.task_name == task)]
                 assert len(got) == 1 and got["group"].iloc[0] == [names[t] for t in key]
-                assert got["f1"].iloc[0] == pytest.approx(sum(raw[key, task]) / 2, abs=1e-12)
+                expected = sum(raw[key, task].values()) / 2
+                assert got["f1"].iloc[0] == pytest.approx(expected, abs=1e-12)
+                rows = per_seed[(per_seed.strategy == strategy) & (per_seed.task_name == task)]
+                assert rows.set_index("seed")["f1"].to_dict() == pytest.approx(raw[key, task])
 
 
 def test_summary_means_gains_and_wins_by_hand():
@@ -171,3 +179,12 @@ def test_validated_groups_split_the_groups_that_validate_better_alone():
     assert validated_groups(table, groups, "log_loss") == [["a", "b"], ["c"], ["d"], ["e"]]
     tie = table.assign(f1=[0.7, 0.6, 0.5, 0.5, 0.9, 0.7, 0.6, 0.5, 0.5, 0.1])
     assert validated_groups(tie, groups, "f1") is None
+    # per seed (compare_group_training(..., by_seed=True)): split only when every seed agrees;
+    # seed 1 has {c, d} better together (0.6 > 0.55), so only {a, b}'s verdict could change
+    seed1 = table.assign(seed=1)
+    seed1.loc[seed1["task_name"].isin(["c", "d"]) & (seed1["strategy"] == "grouped"), "f1"] = 0.6
+    both = pd.concat([table.assign(seed=0), seed1], ignore_index=True)
+    assert validated_groups(both, groups, "f1") is None  # the mean over seeds would still split
+    seed1.loc[seed1["task_name"].isin(["c", "d"]) & (seed1["strategy"] == "grouped"), "f1"] = 0.54
+    both = pd.concat([table.assign(seed=0), seed1], ignore_index=True)
+    assert validated_groups(both, groups, "f1") == [["a", "b"], ["c"], ["d"], ["e"]]

@@ -276,19 +276,20 @@ def test_full_pipeline_report_groups_and_ground_truth(tmp_path):
     for r in runs:
         if r["split"] == "validation":
             for row in r["rows"]:
-                val.setdefault((tuple(r["subset"]), row["task_name"]), []).append(row["f1"])
+                val.setdefault((tuple(r["subset"]), row["task_name"]), {})[r["seed"]] = row["f1"]
     index = {t: i for i, t in enumerate(tasks)}
 
-    def val_mean(group, t):
-        return np.mean(val[(tuple(sorted(index[x] for x in group)), t)])
+    def val_mean(group, t, seed=None):
+        scores = val[(tuple(sorted(index[x] for x in group)), t)]
+        return np.mean(list(scores.values())) if seed is None else scores[seed]
 
     # the validated groups: every group whose tasks' mean validation F1 is higher alone than
-    # together is split into single tasks (None when none is)
+    # together with every seed is split into single tasks (None when none is)
     expected_validated = []
     for g in grouping["groups"]:
-        alone = np.mean([val_mean([t], t) for t in g])
-        together = np.mean([val_mean(g, t) for t in g])
-        expected_validated += [[t] for t in g] if len(g) > 1 and alone > together else [list(g)]
+        alone_wins = all(np.mean([val_mean([t], t, s) for t in g])
+                         > np.mean([val_mean(g, t, s) for t in g]) for s in (0, 1))  # fmt: skip
+        expected_validated += [[t] for t in g] if len(g) > 1 and alone_wins else [list(g)]
     if len(expected_validated) in (len(grouping["groups"]), len(tasks)):  # none split, or all
         expected_validated = None
     assert validated == expected_validated

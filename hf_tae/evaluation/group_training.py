@@ -63,6 +63,7 @@ def compare_group_training(
     fingerprint: str | None = None,
     keep_models: Sequence[Sequence[int | str]] = (),
     generate_splits: Sequence[str] = (),
+    by_seed: bool = False,
 ) -> pd.DataFrame:
     """Train every group of every strategy and score each task with its own group's model.
 
@@ -86,11 +87,12 @@ def compare_group_training(
             (:meth:`~hf_tae.SubsetFineTuner.model_path`), e.g. to merge them afterwards.
         generate_splits: splits also scored by greedy generation (text trainers): the rows
             of ``split`` then carry ``rougeL`` and ``generated_exact_match`` too.
+        by_seed: one row per seed instead of the mean over seeds (with a ``seed`` column).
 
     Returns:
-        One row per (strategy, task): ``strategy``, ``task``, ``task_name``, ``group`` (the
-        task names trained together), ``group_size`` and the mean ``f1``, ``accuracy`` and
-        ``log_loss`` (and the generation metrics) over seeds.
+        One row per (strategy, task) (per seed too with ``by_seed``): ``strategy``, ``task``,
+        ``task_name``, ``group`` (the task names trained together), ``group_size`` and the mean
+        ``f1``, ``accuracy`` and ``log_loss`` (and the generation metrics) over seeds.
     """
     import pandas as pd
 
@@ -111,7 +113,7 @@ def compare_group_training(
     scored = _scored_metrics(table)
     means = (
         table.assign(subset=[tuple(s) for s in table["subset"]])
-        .groupby(["subset", "task", "task_name"], sort=False)[scored]
+        .groupby(["subset", "task", "task_name", *(["seed"] if by_seed else [])], sort=False)[scored]
         .mean()
     )
     names = task_set.all_task_names
@@ -119,18 +121,21 @@ def compare_group_training(
     for strategy, groups in partitions.items():
         for group in groups:
             for task in group:
-                scores = means.loc[(group, task, names[task])]
-                rows.append(
-                    {
-                        "strategy": strategy,
-                        "task": task,
-                        "task_name": names[task],
-                        "group": [names[t] for t in group],
-                        "group_size": len(group),
-                        **{m: float(scores[m]) for m in scored},
-                    }
-                )
-    return pd.DataFrame(rows).sort_values(["strategy", "task"], ignore_index=True)
+                found = means.loc[(group, task, names[task])]
+                for seed, scores in (found.iterrows() if by_seed else [(None, found)]):
+                    rows.append(
+                        {
+                            "strategy": strategy,
+                            "task": task,
+                            "task_name": names[task],
+                            "group": [names[t] for t in group],
+                            "group_size": len(group),
+                            **({"seed": int(seed)} if by_seed else {}),
+                            **{m: float(scores[m]) for m in scored},
+                        }
+                    )
+    order = ["strategy", "task", *(["seed"] if by_seed else [])]
+    return pd.DataFrame(rows).sort_values(order, ignore_index=True)
 
 
 def summarize_group_training(

@@ -114,6 +114,7 @@ _LAZY_ATTRS: dict[str, str] = {
     # evaluation
     "compare_group_training": "hf_tae.evaluation.group_training",
     "summarize_group_training": "hf_tae.evaluation.group_training",
+    "validated_groups": "hf_tae.evaluation.group_training",
     # data selection
     "Sources": "hf_tae.selection.sources",
     "sources_from_tasks": "hf_tae.selection.sources",
@@ -221,7 +222,11 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the real imports
     )
     from hf_tae.evaluation.first_order import first_order_check
     from hf_tae.evaluation.ground_truth import SubsetFineTuner, average_seeds, read_runs
-    from hf_tae.evaluation.group_training import compare_group_training, summarize_group_training
+    from hf_tae.evaluation.group_training import (
+        compare_group_training,
+        summarize_group_training,
+        validated_groups,
+    )
     from hf_tae.evaluation.lifted import evaluate_lifted
     from hf_tae.families import family_names, get_family, register_family
     from hf_tae.families.base import TaskFamily, TaskMetrics

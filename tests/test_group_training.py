@@ -165,7 +165,7 @@ def test_validated_groups_split_the_groups_that_validate_better_alone():
     log_loss; a tie keeps the group); None when no group is split."""
     import pandas as pd
 
-    from hf_tae.pipeline.stages import validated_groups
+    from hf_tae import validated_groups
 
     groups = [["a", "b"], ["c", "d"], ["e"]]
     together = {"a": 0.8, "b": 0.6, "c": 0.5, "d": 0.5, "e": 0.9}

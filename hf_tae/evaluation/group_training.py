@@ -113,9 +113,9 @@ def compare_group_training(
     scored = _scored_metrics(table)
     means = (
         table.assign(subset=[tuple(s) for s in table["subset"]])
-        .groupby(["subset", "task", "task_name", *(["seed"] if by_seed else [])], sort=False)[scored]
+        .groupby(["subset", "task", "task_name", *(["seed"] if by_seed else [])])[scored]
         .mean()
-    )
+    )  # sorted: a partial key (the seeds of one run) is then a fast lookup
     names = task_set.all_task_names
     rows = []
     for strategy, groups in partitions.items():
@@ -167,6 +167,37 @@ def summarize_group_training(
             int((sign * (wide[s] - wide[reference]) > 0).sum()) for s in summary.index
         ]
     return summary
+
+
+def validated_groups(
+    validation_table: pd.DataFrame, groups: Sequence[Sequence[str]], metric: str
+) -> list[list[str]] | None:
+    """The estimate's groups with every group whose tasks score better alone than together on
+    validation rows, with every seed, split into single tasks; None when every group holds.
+
+    ``validation_table`` is :func:`~hf_tae.compare_group_training`'s table on the validation
+    split with the strategies ``"grouped"`` and ``"single task"``, per seed (``by_seed=True``;
+    without a ``seed`` column it counts as one seed). A group is split when, for every seed,
+    the mean of ``metric`` over its tasks under the single-task models beats the mean under
+    the group's model (strictly: a tie keeps it). Every seed, not the mean over seeds: a
+    task's validation score is noisy (a few positives), and the mean split more true groups
+    on the scenario suite. Both kinds of model are trained for the
+    comparison anyway, so this costs no training: the estimate proposes the groups and
+    validation keeps those that pay (README: Scenarios, ``unequal`` at data seed 2).
+    """
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    table = validation_table if "seed" in validation_table else validation_table.assign(seed=0)
+    scores = table.pivot_table(index=["task_name", "seed"], columns="strategy", values=metric)
+    out: list[list[str]] = []
+    for group in groups:
+        rows = scores.loc[list(group)]
+        by_seed = rows.groupby(level="seed")[["single task", "grouped"]].mean()
+        alone_wins = (sign * (by_seed["single task"] - by_seed["grouped"]) > 0).all()
+        if len(group) > 1 and alone_wins:
+            out += [[t] for t in group]
+        else:
+            out.append(list(group))
+    return None if len(out) == len(groups) else out
 
 
 def _scored_metrics(table: pd.DataFrame) -> list[str]:

@@ -598,7 +598,11 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
     score unless ``--recommend_merged false``); ``private_parameters(model)`` names the
     task-private parameters (the family's)."""
     from hf_tae.estimation.schema import higher_is_better
-    from hf_tae.evaluation.group_training import compare_group_training, summarize_group_training
+    from hf_tae.evaluation.group_training import (
+        compare_group_training,
+        summarize_group_training,
+        validated_groups,
+    )
 
     names = tasks.task_names
     strategies = {"grouped": groups, "all tasks": [list(names)]}
@@ -692,38 +696,6 @@ def merged_validation(merged: dict[str, Any], metric: str) -> dict[str, float]:
         m: float(np.mean([r[metric] for r in v["scores"]["validation"]]))
         for m, v in merged.items()
     }
-
-
-def validated_groups(validation_table: Any, groups: Sequence[Sequence[str]],
-                     metric: str) -> list[list[str]] | None:  # fmt: skip
-    """The estimate's groups with every group whose tasks score better alone than together on
-    validation rows, with every seed, split into single tasks; None when every group holds.
-
-    ``validation_table`` is :func:`~hf_tae.compare_group_training`'s table on the validation
-    split with the strategies ``"grouped"`` and ``"single task"``, per seed (``by_seed=True``;
-    without a ``seed`` column it counts as one seed). A group is split when, for every seed,
-    the mean of ``metric`` over its tasks under the single-task models beats the mean under
-    the group's model (strictly: a tie keeps it). Every seed, not the mean over seeds: a
-    task's validation score is noisy (a few positives), and the mean split more true groups
-    on the scenario suite. Both kinds of model are trained for the
-    comparison anyway, so this costs no training: the estimate proposes the groups and
-    validation keeps those that pay (README: Scenarios, ``unequal`` at data seed 2).
-    """
-    from hf_tae.estimation.schema import higher_is_better
-
-    sign = 1.0 if higher_is_better(metric) else -1.0
-    table = validation_table if "seed" in validation_table else validation_table.assign(seed=0)
-    scores = table.pivot_table(index=["task_name", "seed"], columns="strategy", values=metric)
-    out: list[list[str]] = []
-    for group in groups:
-        rows = scores.loc[list(group)]
-        by_seed = rows.groupby(level="seed")[["single task", "grouped"]].mean()
-        alone_wins = (sign * (by_seed["single task"] - by_seed["grouped"]) > 0).all()
-        if len(group) > 1 and alone_wins:
-            out += [[t] for t in group]
-        else:
-            out.append(list(group))
-    return None if len(out) == len(groups) else out
 
 
 def best_strategy(scores: dict[str, float], higher_is_better: bool) -> str:

@@ -799,7 +799,8 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel(f"test {rows[0]['metric'].upper()} (mean over tasks and seeds)")
     ax.set_ylim(0, 1.05)
     ax.set_xlim(-0.6, len(rows) - 0.4)
-    ax.set_title("One model per chosen group vs all tasks vs single tasks vs planted groups\n"
+    ax.set_title("One model per chosen group (and per validated group) vs all tasks vs single tasks "
+                 "vs planted groups\n"
                  "(real training, test split; error bars: sd over seeds)", fontsize=9)  # fmt: skip
     ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     fig.tight_layout()

@@ -669,7 +669,7 @@ def summarize(built: Built, results: dict[str, Any], run_dir: Path, seconds: flo
         gap = row["grouped"] - trivial[best]
         row.update(best_trivial=best, best_trivial_score=trivial[best], gap=gap, noise=noise,
                    verdict="better" if gap > noise else "ok" if gap >= -noise else "worse")  # fmt: skip
-        # the job's recommendation: whichever of grouped / all / single validates best
+        # the job's recommendation: whichever of grouped / validated / all / single validates best
         rec = results.get("group_training", {}).get("recommended")
         if rec is not None:
             strategy = rec["strategy"]

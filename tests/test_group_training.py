@@ -188,3 +188,33 @@ def test_validated_groups_split_the_groups_that_validate_better_alone():
     seed1.loc[seed1["task_name"].isin(["c", "d"]) & (seed1["strategy"] == "grouped"), "f1"] = 0.54
     both = pd.concat([table.assign(seed=0), seed1], ignore_index=True)
     assert validated_groups(both, groups, "f1") == [["a", "b"], ["c"], ["d"], ["e"]]
+
+
+def test_validate_groups_flag_offers_the_validated_groups_or_leaves_them_out(
+    tiny_graph, task_set, tmp_path, monkeypatch
+):
+    """--validate_groups (default) adds the split that ``validated_groups`` returns as a
+    strategy and a recommendation candidate, scored from the runs already trained (the pair's
+    tasks by their single-task models); ``--validate_groups false`` leaves it out."""
+    from hf_tae.evaluation import group_training
+    from hf_tae.pipeline.arguments import GroupingArguments
+    from hf_tae.pipeline.stages import train_groups
+
+    names = tiny_graph.task_names
+    groups = [names[:2], names[2:]]
+    split = [names[:2], [names[2]], [names[3]]]
+    monkeypatch.setattr(group_training, "validated_groups", lambda table, groups, metric: split)
+
+    def run(validate):
+        args = GroupingArguments(group_seeds=[0], validate_groups=validate)
+        return train_groups(_model_init(tiny_graph), task_set, groups, _args(tmp_path / "r"),
+                            args, tmp_path, None, "f1")  # fmt: skip
+
+    on = run(True)
+    assert on["validated_groups"] == split and "validated groups" in on["recommended"]["validation"]
+    for t in names:  # each task scored by the model of its validated group: no new run
+        source = "grouped" if t in names[:2] else "single task"
+        assert on["per_task"][t]["validated groups"] == pytest.approx(on["per_task"][t][source])
+    off = run(False)
+    assert off["validated_groups"] is None and "validated groups" not in off["summary"]
+    assert set(off["recommended"]["validation"]) == {"grouped", "all tasks", "single task"}

@@ -219,6 +219,14 @@ class GroupingArguments:
     compare_single_tasks: bool = field(
         default=True, metadata={"help": "Also train one model per task for the comparison."}
     )
+    validate_groups: bool = field(
+        default=True,
+        metadata={
+            "help": "After group training, also offer the groups with every group whose tasks "
+            "validate better alone (with every seed) split into single tasks ('validated "
+            "groups', no new training; needs --compare_single_tasks) to the recommendation."
+        },
+    )
     generation_metrics: bool = field(
         default=False,
         metadata={

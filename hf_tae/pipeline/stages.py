@@ -633,7 +633,8 @@ def train_groups(model_init, tasks: TaskSet, groups, training_args, grouping_arg
 
     table = compare("test", ("validation",))  # each run is scored on both splits once
     validated = (validated_groups(compare("validation", by_seed=True), groups, metric)
-                 if "single task" in strategies else None)  # fmt: skip
+                 if grouping_args.validate_groups and "single task" in strategies
+                 else None)  # fmt: skip
     if validated is not None and len(validated) < len(names):  # not every group split
         strategies["validated groups"] = validated  # its runs exist: nothing is trained
         table = compare("test")

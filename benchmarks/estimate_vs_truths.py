@@ -17,9 +17,11 @@ What it measures
     affinity itself holds the planted structure, and which k the silhouette rule would take
     on it.
 
-    Per (run, truth, λ, and the NTK and Fisher overlaps the job can cluster instead of the
-    subsets, ``--affinity_kind ntk`` (default) / ``fisher``): the observed Spearman of the estimate averaged over the run's
-    meta-initializations against the truth averaged over its repeats, the members' agreement
+    Per (run, truth, λ: on the stores the run estimated its subsets on, the early
+    meta-initializations' under ``--early_meta_init_fraction`` < 1; and the NTK and Fisher
+    overlaps the job can cluster instead of the subsets, read off the trained θ0s,
+    ``--affinity_kind ntk`` (default) / ``fisher``): the observed Spearman of the estimate
+    averaged over the run's meta-initializations against the truth averaged over its repeats, the members' agreement
     and the truth's (mean Spearman, and the reliability of their means), and the Spearman
     corrected for both sides' noise (``corrected_spearman``; it is unstable, even above 1,
     where a reliability is near 0). The λ the job chose (``--estimator_l2 auto``) is marked.
@@ -47,13 +49,17 @@ import numpy as np
 from hf_tae.utils.io import atomic_write_text
 
 
-def member_stores(run: Path) -> list:
+def member_stores(run: Path, overlap: bool = False) -> list:
+    """The meta-initializations' gradient stores: those the run's subsets were estimated on
+    (the early θ0s' with ``--early_meta_init_fraction`` < 1), or with ``overlap`` the trained
+    θ0s' (what the NTK and Fisher overlaps are read off)."""
     from hf_tae import GradientStore
 
     results = json.loads((run / "results.json").read_text())
-    return [GradientStore.load(run / "gradients" if m == 0 else
-                               run / "ensemble" / f"member_{m}" / "gradients")
-            for m in range(results["estimation"]["num_meta_inits"])]  # fmt: skip
+    trained = [run / "gradients" if m == 0 else run / "ensemble" / f"member_{m}" / "gradients"
+               for m in range(results["estimation"]["num_meta_inits"])]  # fmt: skip
+    paths = trained if overlap else results["estimation"].get("subset_gradients", trained)
+    return [GradientStore.load(p) for p in paths]
 
 
 #: The affinities read off the gradients (no subsets, no λ), as the rows name them.
@@ -113,9 +119,10 @@ def compare_run(run: Path, grid: list[float]) -> list[dict]:
         mean = average_seeds(table)
         truth = build(mean)
         subsets = [tuple(s) for s in mean.drop_duplicates("subset_id")["subset"]]
-        stores = member_stores(run)
+        stores, overlap_stores = member_stores(run), member_stores(run, overlap=True)
         for l2 in [*grid, *OVERLAPS]:
-            members = estimate_members(stores, subsets, l2, metric, names)
+            members = estimate_members(overlap_stores if l2 in OVERLAPS else stores, subsets, l2,
+                                       metric, names)  # fmt: skip
             agree = self_agreement(members)
             observed = compare_affinities(AffinityMatrix.average(members), truth)["spearman"]
             rows.append({

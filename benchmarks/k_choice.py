@@ -69,10 +69,13 @@ def load_run(run: Path) -> dict:
 
     results = json.loads((run / "results.json").read_text())
     paths = [run / "gradients", *sorted(run.glob("ensemble/member_*/gradients"))]
+    subset_paths = results["estimation"].get("subset_gradients", paths)
     return {
         "results": results,
         "affinity": AffinityMatrix.load(run / "affinity"),
         "stores": [GradientStore.load(p) for p in paths],
+        # the payoffs: the stores the run estimated its subsets on (early θ0s, if any)
+        "subset_stores": [GradientStore.load(p) for p in subset_paths],
         "est": EstimationArguments(
             estimator_l2=str(results["estimation"]["estimator_l2"]),
             affinity_metric=results["metrics"]["affinity"],
@@ -89,7 +92,7 @@ def choose(loaded: dict, rule: str, planted) -> dict:
     kmax = max(row["k"] for row in loaded["results"]["grouping"]["sweep"])
     grouping = GroupingArguments(max_task_groups=kmax, **RULES[rule])
     return stages.choose_groups(loaded["affinity"], grouping, planted, loaded["stores"],
-                                loaded["est"])  # fmt: skip
+                                loaded["est"], subset_stores=loaded["subset_stores"])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -396,6 +396,8 @@ def test_cli_run_rejects_bad_options_before_training(tmp_path):
         ("--estimator_l2", "-1", "--estimator_l2 must be a number > 0 or 'auto'"),
         ("--run_steps", "0", "--run_steps must be >= 1"),
         ("--meta_init_widenings", "-1", "--meta_init_widenings must be >= 0"),
+        ("--early_meta_init_fraction", "0", "--early_meta_init_fraction must be in (0, 1]"),
+        ("--early_meta_init_fraction", "1.5", "--early_meta_init_fraction must be in (0, 1]"),
         ("--generation_metrics", "true", "needs a family whose trainer generates text"),
     ):
         cmd = [str(cli), "run", "--output_dir", str(tmp_path / "x"), flag, value]
@@ -545,3 +547,88 @@ def test_a_meta_init_that_learns_nothing_is_retrained_wider(tiny_graph, tmp_path
         args, tmp_path / "off")  # fmt: skip
     assert off.built == [4] and kept.hidden_size == 4 and info["widening"] is None
     assert not (tmp_path / "off" / WIDENING_FILE).exists()
+
+
+def test_early_training_args_take_a_fraction_of_the_epochs_or_the_steps():
+    """--early_meta_init_fraction: epochs scale as given; max_steps, when set, wins and rounds
+    to at least one step; the arguments passed in are left alone."""
+    from hf_tae import MultitaskTrainingArguments
+    from hf_tae.pipeline.stages import early_training_args
+
+    by_epochs = MultitaskTrainingArguments(output_dir="unused", num_train_epochs=60, report_to=[])
+    assert early_training_args(by_epochs, 0.5).num_train_epochs == 30
+    assert by_epochs.num_train_epochs == 60
+    by_steps = MultitaskTrainingArguments(output_dir="unused", max_steps=7, report_to=[])
+    assert early_training_args(by_steps, 0.5).max_steps == 4  # round(3.5)
+    assert early_training_args(by_steps, 0.01).max_steps == 1
+    assert by_steps.max_steps == 7
+
+
+def test_subsets_are_estimated_at_the_early_meta_init_and_overlaps_at_the_trained_one(
+        tiny_graph, tmp_path):  # fmt: skip
+    """The early θ0 is θ0 trained for half the epochs (the same weights as a θ0 trained that
+    long on its own); the subsets' regression fits on its gradients (against a direct
+    RegressionEstimator) while the clustered NTK overlap is the trained θ0's (against
+    gradient_affinity); an early θ0 no better than the baseline is not used."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_tae import MultitaskTrainingArguments, RegressionEstimator
+    from hf_tae.estimation.gradient_affinity import gradient_affinity
+    from hf_tae.families.graph.family import GraphArguments, GraphFamily
+    from hf_tae.pipeline.arguments import EstimationArguments, GradientArguments, PipelineArguments
+    from hf_tae.pipeline.stages import (
+        collect_member_gradients,
+        early_meta_init_store,
+        estimate_affinity,
+        train_meta_init,
+    )
+
+    class Baseline(GraphFamily):
+        level = -1.0  # every θ0 beats it
+
+        def baseline(self, tasks, split="test"):
+            return {name: self.level for name in tasks.task_names}
+
+    family, tasks, model_args = Baseline(), tiny_graph.task_set(3), GraphArguments()
+    grad_args = GradientArguments(projection_dim=16)
+    pipeline = PipelineArguments(early_meta_init_fraction=0.5)
+
+    def training(epochs):
+        return MultitaskTrainingArguments(output_dir=str(tmp_path), num_train_epochs=epochs,
+                                          disable_tqdm=True, report_to=[])  # fmt: skip
+
+    trainer, _ = train_meta_init(family, model_args, tasks, pipeline, training(4),
+                                 tmp_path / "run", save_data=False)  # fmt: skip
+    trained, _ = collect_member_gradients(trainer, family, model_args, grad_args,
+                                          tmp_path / "run", 0)  # fmt: skip
+    early, info = early_meta_init_store(family, model_args, tasks, pipeline, grad_args,
+                                        training(4), tmp_path / "run", 0)  # fmt: skip
+    assert info["used"] and info["fraction"] == 0.5 and early.path == tmp_path / "run/early/gradients"
+    reference, _ = train_meta_init(family, model_args, tasks, pipeline, training(2),
+                                   tmp_path / "two_epochs", save_data=False)  # fmt: skip
+    got = load_file(tmp_path / "run/early/meta_init/model.safetensors")
+    want = reference.model.state_dict()
+    full = trainer.model.state_dict()
+    assert all(torch.equal(got[k], want[k].cpu()) for k in got)
+    assert any(not torch.equal(got[k], full[k].cpu()) for k in got)
+
+    est = EstimationArguments(num_subsets=6, subset_size=2, num_meta_inits=1,
+                              estimator_l2="10", affinity_kind="ntk", affinity_metric="log_loss")  # fmt: skip
+    subsets, affinity, _, _ = estimate_affinity([trained], tasks, est, subset_stores=[early])
+    direct = RegressionEstimator(early, l2=10.0)
+    table = direct.evaluate(subsets, direct.fit(subsets), split="validation")
+    key = ["subset_id", "task"]
+    got_rows = affinity.results.sort_values(key).reset_index(drop=True)
+    want_rows = table.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_series_equal(got_rows["log_loss"], want_rows["log_loss"])
+    np.testing.assert_allclose(affinity.to_numpy(),
+                               gradient_affinity(trained, "ntk").to_numpy(), atol=1e-12)  # fmt: skip
+
+    family.level = 1.0  # an F1 no model reaches: the early θ0 learned no task
+    store, info = early_meta_init_store(family, model_args, tasks, pipeline, grad_args,
+                                        training(4), tmp_path / "fails", 0)  # fmt: skip
+    assert store is None and not info["used"] and info["baseline_avg"] == 1.0
+    assert not (tmp_path / "fails/early/gradients").exists()

@@ -138,6 +138,15 @@ def render_report(results: Mapping[str, Any]) -> str:
                 f"({flags(kept['capacity'])}) is used for the gradients and every "
                 "meta-initialization of the ensemble. Groups trained from scratch use your "
                 "model.", ""]  # fmt: skip
+    if meta.get("early"):  # --early_meta_init_fraction
+        early = meta["early"]
+        use = ("the subsets' regression (predicted payoffs, the comparison with real training) "
+               "fits on the early meta-initializations' gradients; the clustered overlap stays "
+               "at the trained ones" if early["used"] else "it learned no task (no better than "
+               "the baseline), so the subsets are estimated at the trained meta-initializations")  # fmt: skip
+        out += [f"Early meta-initialization (trained for {early['fraction']:g} of the epochs or "
+                f"steps, `--early_meta_init_fraction`): test average {sel} "
+                f"{format_number(early['test_avg'])}; {use}.", ""]  # fmt: skip
     if results.get("ensemble"):
         scores = ", ".join(f"{format_number(m['test_avg'])} (seed {m['seed']})" for m in results["ensemble"])
         out += [f"Other meta-initializations of the ensemble: test average {sel} {scores}.", ""]

@@ -153,6 +153,9 @@ def _run_pipeline(
     if not pipeline_args.meta_init_widenings >= 0:
         raise TaeError(f"--meta_init_widenings must be >= 0 (0: never widen), got "
                        f"{pipeline_args.meta_init_widenings}.")  # fmt: skip
+    if not 0 < pipeline_args.early_meta_init_fraction <= 1:
+        raise TaeError(f"--early_meta_init_fraction must be in (0, 1] (1: no early θ0), got "
+                       f"{pipeline_args.early_meta_init_fraction}.")  # fmt: skip
     if grouping_args.generation_metrics and not trainer_generates(family.trainer_class):
         raise TaeError(f"--generation_metrics needs a family whose trainer generates text (the "
                        f"text families); {family.name!r} does not. Drop the flag.")  # fmt: skip
@@ -212,6 +215,10 @@ def _run_pipeline(
 
     members = 1 if pipeline_args.meta_init or not est_args.estimate else est_args.num_meta_inits
     stores = []
+    # the subsets' regression fits on early θ0s (not for a given --meta_init: nothing to stop)
+    early = (est_args.estimate and not pipeline_args.meta_init
+             and pipeline_args.early_meta_init_fraction < 1)  # fmt: skip
+    early_stores = []
     meta_args = family_args  # the model of every θ0: the user's, or wider if that learned nothing
     for member in range(members):
         # the members other than 0 only feed the averaged affinity (ensembles)
@@ -252,12 +259,27 @@ def _run_pipeline(
                 "excluded": exclude,
             }
             save_results()
+        if early:
+            with _stage(timings, "early meta-initialization"):
+                store, early_meta = stages.early_meta_init_store(
+                    family, meta_args, tasks, pipeline_args, grad_args, member_args, run_dir,
+                    member, only_if_learned=member == 0)  # fmt: skip
+            if member == 0:
+                results["meta_init"]["early"] = early_meta
+                early = early_meta["used"]  # one that learned nothing: the trained θ0s, all
+            else:
+                results["ensemble"][-1]["early_test_avg"] = early_meta["test_avg"]
+            if store is not None:
+                early_stores.append(store)
+            save_results()
+    subset_stores = early_stores if early else stores
     if est_args.estimate:
         if is_main:  # cheap: one process estimates and clusters, the others wait
             with _stage(timings, "estimation + affinity"):
                 subsets, affinity, results["estimation"], member_matrices = stages.estimate_affinity(
-                    stores, tasks, est_args, planted, grouping_args
+                    stores, tasks, est_args, planted, grouping_args, subset_stores=subset_stores
                 )
+            results["estimation"]["subset_gradients"] = [str(s.path) for s in subset_stores]
             # --estimator_l2 auto is resolved once; the partition choice uses the same λ
             est_args = dataclasses.replace(
                 est_args, estimator_l2=results["estimation"]["estimator_l2"]
@@ -265,7 +287,8 @@ def _run_pipeline(
             estimates = affinity.results
             with _stage(timings, "grouping"):
                 results["grouping"] = stages.choose_groups(
-                    affinity, grouping_args, planted, stores, est_args, member_matrices
+                    affinity, grouping_args, planted, stores, est_args, member_matrices,
+                    subset_stores=subset_stores,
                 )
             order = [tasks.task_names.index(t) for g in results["grouping"]["groups"] for t in g]
             affinity.save(output_dir / "affinity", overwrite=True, group_order=order)

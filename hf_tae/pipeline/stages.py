@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "meta_init.fingerprint.json"
 WIDENING_FILE = "meta_init.widening.json"
+#: Where a member's early meta-initialization and its gradients live (``--early_meta_init_fraction``).
+EARLY_FOLDER = "early"
 
 
 def meta_init_fingerprint(family: TaskFamily, family_args: Any, tasks: TaskSet,
@@ -58,6 +60,7 @@ def train_meta_init(
     training_args: MultitaskTrainingArguments,
     output_dir: Path,
     save_data: bool = True,
+    name: str = "meta-initialization",
 ):
     """Stage 1: the multitask model on all tasks, its per-task metrics and the baseline.
 
@@ -103,7 +106,7 @@ def train_meta_init(
     baseline_avg = None if not baseline else float(np.mean(list(baseline.values())))
     below = None
     if baseline_avg is not None and test_avg <= baseline_avg:
-        below = (f"the meta-initialization (seed {training_args.seed}) scores test {selection} "
+        below = (f"the {name} (seed {training_args.seed}) scores test {selection} "
                  f"{test_avg:.3f}, no better than the label-frequency baseline's "
                  f"{baseline_avg:.3f}: it learned no task, so its gradients carry no task "
                  "structure and the estimated affinity is noise. Give it more capacity ("
@@ -207,6 +210,50 @@ def collect_member_gradients(trainer, family: TaskFamily, family_args: Any,
     return store, exclude
 
 
+def early_training_args(training_args: MultitaskTrainingArguments,
+                        fraction: float) -> MultitaskTrainingArguments:  # fmt: skip
+    """The training arguments of an early meta-initialization: ``fraction`` of
+    ``num_train_epochs``, or of ``max_steps`` when that is set (at least one step)."""
+    args = copy.deepcopy(training_args)
+    if args.max_steps > 0:
+        args.max_steps = max(1, round(fraction * args.max_steps))
+    else:
+        args.num_train_epochs = fraction * args.num_train_epochs
+    return args
+
+
+def early_meta_init_store(family: TaskFamily, family_args: Any, tasks: TaskSet,
+                          pipeline_args: PipelineArguments, grad_args: GradientArguments,
+                          training_args: MultitaskTrainingArguments, run_dir: Path, member: int,
+                          only_if_learned: bool = True) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """The early meta-initialization of one member and its projected gradients, which the
+    subsets' regression fits on (``--early_meta_init_fraction``).
+
+    It lives in ``run_dir/early`` (resumable like θ0) and trains like θ0 for the given
+    fraction of its length. Why: at a θ0 trained to convergence every task is fit, the tasks'
+    gradients are small residuals, and the regression's estimates track real training of the
+    subsets less well than at a θ0 stopped earlier (README: Scenarios, "An early θ0 for the
+    subsets"). With ``only_if_learned``, an early θ0 that scores no better than the
+    label-frequency baseline learned no task and is not used: no gradients, store ``None``.
+    Returns ``(store, info)``, ``info`` with ``fraction``, ``test_avg``, ``baseline_avg`` and
+    ``used``.
+    """
+    fraction = pipeline_args.early_meta_init_fraction
+    folder = run_dir / EARLY_FOLDER
+    trainer, meta = train_meta_init(family, family_args, tasks, pipeline_args,
+                                    early_training_args(training_args, fraction), folder,
+                                    save_data=False, name="early meta-initialization")  # fmt: skip
+    used = not (only_if_learned and meta["below_baseline"])
+    info = {"fraction": fraction, "test_avg": meta["test_avg"],
+            "baseline_avg": meta["baseline_avg"], "used": used}  # fmt: skip
+    if not used:
+        logger.warning("the early meta-initialization learned no task; the subsets are estimated "
+                       "at the fully trained meta-initializations instead.")  # fmt: skip
+        return None, info
+    store, _ = collect_member_gradients(trainer, family, family_args, grad_args, folder, member)
+    return store, info
+
+
 def planted_gap(matrix: np.ndarray, groups: Sequence[int]) -> float:
     """Mean within-group off-diagonal affinity minus mean cross-group affinity."""
     groups = np.asarray(groups)
@@ -225,12 +272,15 @@ AUTO_FALLBACK_L2 = 100.0
 
 def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
                       planted: np.ndarray | None = None,
-                      grouping_args: GroupingArguments | None = None):  # fmt: skip
+                      grouping_args: GroupingArguments | None = None,
+                      subset_stores: Sequence[Any] | None = None):  # fmt: skip
     """Stages 3–4: estimated per-(subset, task) scores on every store (one per
     meta-initialization) and their averaged affinity matrix. Returns ``(subsets, affinity,
     info, members)``, ``members`` the per-meta-initialization matrices that were averaged.
     ``--sampling adaptive`` draws the subsets round by round, re-clustering with
-    ``grouping_args`` (:mod:`hf_tae.pipeline.adaptive`)."""
+    ``grouping_args`` (:mod:`hf_tae.pipeline.adaptive`). The subsets' regression fits on
+    ``subset_stores`` (the early meta-initializations' stores) when given; the overlap
+    affinities (``ntk``, ``fisher``) are read off ``stores``."""
     from hf_tae.estimation.adaptive import pair_coverage
     from hf_tae.estimation.affinity import AffinityMatrix
     from hf_tae.estimation.compare import self_agreement
@@ -239,6 +289,7 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
     from hf_tae.estimation.subsets import sample_subsets
     from hf_tae.pipeline.arguments import fixed_l2
 
+    overlap_stores, stores = stores, list(subset_stores or stores)
     n = tasks.num_tasks
     if est_args.subset_size > n:
         raise TaeError(
@@ -300,7 +351,7 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
         from hf_tae.estimation.gradient_affinity import gradient_affinity
 
         members = [gradient_affinity(store, est_args.affinity_kind, est_args.scoring_split,
-                                     provenance) for store in stores]  # fmt: skip
+                                     provenance) for store in overlap_stores]  # fmt: skip
         subset_results = affinity.results
         affinity = AffinityMatrix.average(members)
         affinity.results = subset_results
@@ -337,7 +388,8 @@ def estimate_affinity(stores, tasks: TaskSet, est_args: EstimationArguments,
 
 def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarray | None = None,
                   stores: Sequence[Any] = (), est_args: EstimationArguments | None = None,
-                  members: Sequence[Any] | None = None) -> dict[str, Any]:  # fmt: skip
+                  members: Sequence[Any] | None = None,
+                  subset_stores: Sequence[Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Stage 5: the task groups, with k given or chosen.
 
     ``--partition_choice silhouette`` (default) takes the SDP grouping of the k with the best
@@ -352,7 +404,8 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
     :func:`~hf_tae.recommend_k` by gain, without the payoff. With two or more
     meta-initializations the sweep's groupings are also scored on each one's own matrix
     (``members``, as :func:`estimate_affinity` returns them; rebuilt by
-    :func:`member_affinities` when not given).
+    :func:`member_affinities` when not given). Payoffs are predicted on ``subset_stores``
+    (the early meta-initializations', ``--early_meta_init_fraction``) when given.
     """
     from hf_tae.clustering import (
         affinity_silhouette,
@@ -437,8 +490,8 @@ def choose_groups(affinity, grouping_args: GroupingArguments, planted: np.ndarra
                 raise TaeError("choose_groups needs the λ that estimation used; pass est_args "
                                "with estimator_l2 set to it (results['estimation']"
                                "['estimator_l2']).")  # fmt: skip
-            estimators = [RegressionEstimator(store, l2=l2,
-                                              mode=est_args.estimator_mode) for store in stores]  # fmt: skip
+            estimators = [RegressionEstimator(store, l2=l2, mode=est_args.estimator_mode)
+                          for store in subset_stores or stores]  # fmt: skip
             payoffs = partition_payoffs(
                 estimators,
                 {c: labels_to_groups(lab) for c, lab in options.items()},

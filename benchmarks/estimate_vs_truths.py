@@ -21,8 +21,8 @@ What it measures
     meta-initializations' under ``--early_meta_init_fraction`` < 1; and the NTK and Fisher
     overlaps the job can cluster instead of the subsets, read off the trained θ0s,
     ``--affinity_kind ntk`` (default) / ``fisher``): the observed Spearman of the estimate
-    averaged over the run's meta-initializations against the truth averaged over its repeats, the members' agreement
-    and the truth's (mean Spearman, and the reliability of their means), and the Spearman
+    averaged over the run's meta-initializations against the truth averaged over its repeats,
+    the members' agreement and the truth's (mean Spearman, and the reliability of their means), and the Spearman
     corrected for both sides' noise (``corrected_spearman``; it is unstable, even above 1,
     where a reliability is near 0). The λ the job chose (``--estimator_l2 auto``) is marked.
 

@@ -52,8 +52,9 @@ class PipelineArguments:
             "like θ0 for this fraction of --num_train_epochs (or --max_steps); the overlap "
             "affinity that is clustered stays at the fully trained θ0. At a converged θ0 the "
             "tasks' gradients are small residuals and the estimates track real training less "
-            "well (README: Scenarios). 1: one θ0 for both (default; the graph and image families: 0.75). An "
-            "early θ0 that scores no better than the label-frequency baseline is not used."
+            "well (README: Scenarios). 1: one θ0 for both (default; the graph and image "
+            "families: 0.75). An early θ0 that scores no better than the label-frequency "
+            "baseline is not used."
         },
     )
 

@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "meta_init.fingerprint.json"
 WIDENING_FILE = "meta_init.widening.json"
-#: Where a member's early meta-initialization and its gradients live (``--early_meta_init_fraction``).
+#: Where a member's early meta-initialization and its gradients live
+#: (``--early_meta_init_fraction``).
 EARLY_FOLDER = "early"
 
 

@@ -565,11 +565,14 @@ def test_early_training_args_take_a_fraction_of_the_epochs_or_the_steps():
 
 
 def test_subsets_are_estimated_at_the_early_meta_init_and_overlaps_at_the_trained_one(
-        tiny_graph, tmp_path):  # fmt: skip
+        tiny_graph, tmp_path, caplog):  # fmt: skip
     """The early θ0 is θ0 trained for half the epochs (the same weights as a θ0 trained that
     long on its own); the subsets' regression fits on its gradients (against a direct
     RegressionEstimator) while the clustered NTK overlap is the trained θ0's (against
-    gradient_affinity); an early θ0 no better than the baseline is not used."""
+    gradient_affinity); an early θ0 no better than the baseline is not used, and its warning
+    says what happens instead."""
+    import logging
+
     import numpy as np
     import pandas as pd
     import torch
@@ -628,7 +631,11 @@ def test_subsets_are_estimated_at_the_early_meta_init_and_overlaps_at_the_traine
                                gradient_affinity(trained, "ntk").to_numpy(), atol=1e-12)  # fmt: skip
 
     family.level = 1.0  # an F1 no model reaches: the early θ0 learned no task
-    store, info = early_meta_init_store(family, model_args, tasks, pipeline, grad_args,
-                                        training(4), tmp_path / "fails", 0)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="hf_tae.pipeline.stages"):
+        store, info = early_meta_init_store(family, model_args, tasks, pipeline, grad_args,
+                                            training(4), tmp_path / "fails", 0)  # fmt: skip
     assert store is None and not info["used"] and info["baseline_avg"] == 1.0
     assert not (tmp_path / "fails/early/gradients").exists()
+    assert "early meta-initialization (seed" in caplog.text
+    assert "fully trained meta-initializations instead" in caplog.text
+    assert "more capacity" not in caplog.text

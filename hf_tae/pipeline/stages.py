@@ -62,11 +62,14 @@ def train_meta_init(
     output_dir: Path,
     save_data: bool = True,
     name: str = "meta-initialization",
+    below_baseline_advice: str | None = None,
 ):
     """Stage 1: the multitask model on all tasks, its per-task metrics and the baseline.
 
     Reuses ``output_dir/meta_init`` when its fingerprint matches (resumed runs) or starts from
-    ``--meta_init``. Returns ``(trainer, info)``.
+    ``--meta_init``. ``below_baseline_advice`` ends the warning when it scores no better than
+    the label-frequency baseline (default: give it more capacity or training). Returns
+    ``(trainer, info)``.
     """
     from transformers import set_seed
 
@@ -107,12 +110,14 @@ def train_meta_init(
     baseline_avg = None if not baseline else float(np.mean(list(baseline.values())))
     below = None
     if baseline_avg is not None and test_avg <= baseline_avg:
+        advice = below_baseline_advice or (
+            "Give it more capacity ("
+            f"{' or '.join(family.capacity_options) or 'the family model options'}) or "
+            "training (--num_train_epochs, --learning_rate).")  # fmt: skip
         below = (f"the {name} (seed {training_args.seed}) scores test {selection} "
                  f"{test_avg:.3f}, no better than the label-frequency baseline's "
                  f"{baseline_avg:.3f}: it learned no task, so its gradients carry no task "
-                 "structure and the estimated affinity is noise. Give it more capacity ("
-                 f"{' or '.join(family.capacity_options) or 'the family model options'}) or "
-                 "training (--num_train_epochs, --learning_rate).")  # fmt: skip
+                 f"structure and the estimated affinity is noise. {advice}")  # fmt: skip
         logger.warning(below)
     return trainer, {
         "reused": bool(reuse),
@@ -241,15 +246,17 @@ def early_meta_init_store(family: TaskFamily, family_args: Any, tasks: TaskSet,
     """
     fraction = pipeline_args.early_meta_init_fraction
     folder = run_dir / EARLY_FOLDER
+    advice = ("The subsets are estimated at the fully trained meta-initializations instead; a "
+              "larger --early_meta_init_fraction (1 turns it off) gives an early one that learns."
+              if only_if_learned else "The guard decided on member 0, whose early one learned.")  # fmt: skip
     trainer, meta = train_meta_init(family, family_args, tasks, pipeline_args,
                                     early_training_args(training_args, fraction), folder,
-                                    save_data=False, name="early meta-initialization")  # fmt: skip
+                                    save_data=False, name="early meta-initialization",
+                                    below_baseline_advice=advice)  # fmt: skip
     used = not (only_if_learned and meta["below_baseline"])
     info = {"fraction": fraction, "test_avg": meta["test_avg"],
             "baseline_avg": meta["baseline_avg"], "used": used}  # fmt: skip
     if not used:
-        logger.warning("the early meta-initialization learned no task; the subsets are estimated "
-                       "at the fully trained meta-initializations instead.")  # fmt: skip
         return None, info
     store, _ = collect_member_gradients(trainer, family, family_args, grad_args, folder, member)
     return store, info

@@ -64,18 +64,18 @@ def planted_partition(run: Path, names: list[str]):
 def load_run(run: Path) -> dict:
     """What stage 5 needs from a finished run, read once: its results, saved affinity,
     every meta-initialization's gradient store and the estimation arguments it used."""
-    from hf_tae import AffinityMatrix, GradientStore
+    from estimate_vs_truths import member_stores  # this folder (the script's) is on sys.path
+
+    from hf_tae import AffinityMatrix
     from hf_tae.pipeline.arguments import EstimationArguments
 
     results = json.loads((run / "results.json").read_text())
-    paths = [run / "gradients", *sorted(run.glob("ensemble/member_*/gradients"))]
-    subset_paths = results["estimation"].get("subset_gradients", paths)
     return {
         "results": results,
         "affinity": AffinityMatrix.load(run / "affinity"),
-        "stores": [GradientStore.load(p) for p in paths],
+        "stores": member_stores(run, overlap=True),
         # the payoffs: the stores the run estimated its subsets on (early θ0s, if any)
-        "subset_stores": [GradientStore.load(p) for p in subset_paths],
+        "subset_stores": member_stores(run),
         "est": EstimationArguments(
             estimator_l2=str(results["estimation"]["estimator_l2"]),
             affinity_metric=results["metrics"]["affinity"],
